@@ -1,0 +1,111 @@
+"""Edit requests and their teacher-forced tokenization (method page, "Tokenization of one request").
+
+    input  = tokens(prompt) ++ tokens(" " + target)[:-1]
+    labels = [-100] * (len(tokens(prompt)) - 1) ++ tokens(" " + target)
+
+Label position ``i`` is the token the logits at position ``i`` must predict (no further shift), and
+only target tokens carry a label. Minibatches are right-padded (labels with -100, mask with 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+IGNORE = -100
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+class EditError(ValueError):
+    """Raised for invalid edits; the model and the editor state are left as they were."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write into the model.
+
+    Attributes:
+        prompt: text the model continues, e.g. ``"The capital of France is"``.
+        target: the new answer, e.g. ``"Lyon"`` (tokenized with a leading space).
+        rephrases: other wordings of the prompt (scored for generalization, not edited).
+        locality: ``(prompt, answer)`` pairs unrelated to the edit (scored for specificity).
+        id: optional identifier carried into logs and reports.
+    """
+
+    prompt: str
+    target: str
+    rephrases: tuple[str, ...] = ()
+    locality: tuple[tuple[str, str], ...] = ()
+    id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+def tokenize_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Teacher-forced ``(input_ids, labels)`` for one prompt/answer pair (equal lengths).
+
+    The prompt is tokenized with the tokenizer's special tokens (e.g. BOS), the answer as
+    ``" " + answer`` without them. Raises :class:`EditError` if either is empty.
+    """
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    answer_ids = list(tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
+    if not prompt_ids:
+        raise EditError(f"prompt {prompt!r} tokenizes to no tokens")
+    if not answer_ids:
+        raise EditError(f"target {answer!r} tokenizes to no tokens")
+    input_ids = prompt_ids + answer_ids[:-1]
+    labels = [IGNORE] * (len(prompt_ids) - 1) + answer_ids
+    return input_ids, labels
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def collate(
+    examples: Sequence[tuple[list[int], list[int]]], pad_id: int, length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad ``(input_ids, labels)`` examples into one minibatch dict of ``(B, L)`` tensors."""
+    length = length or max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[row, : len(labs)] = torch.tensor(labs, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def minibatches(
+    tokenizer: Any, requests: Sequence[EditRequest], batch_size: int
+) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """Tokenize a turn's requests and cut them into minibatches the authors' way.
+
+    Requests are sorted by tokenized length (prompt + target tokens), longest first (stable for
+    ties), then cut into minibatches of ``batch_size`` in that order.
+
+    Returns:
+        ``(batches, order)`` where ``order[i]`` is the index into ``requests`` of the i-th
+        sequence across the batches.
+    """
+    encoded = []
+    for index, request in enumerate(requests):
+        if not isinstance(request, EditRequest):
+            raise EditError(f"request {index}: expected an EditRequest, got {type(request).__name__}")
+        try:
+            encoded.append(tokenize_pair(tokenizer, request.prompt, request.target))
+        except EditError as err:
+            raise EditError(f"request {index} (id={request.id!r}): {err}") from None
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + 1, reverse=True)
+    pad = pad_id_of(tokenizer)
+    batches = [
+        collate([encoded[i] for i in order[start : start + batch_size]], pad)
+        for start in range(0, len(order), batch_size)
+    ]
+    return batches, order

@@ -1,0 +1,213 @@
+"""Capture of keys and output gradients at target positions (method page, steps 1-2).
+
+For each minibatch the loss is the mean cross-entropy over its target tokens (``labels != -100``).
+For every edit module we record, at the target positions only,
+
+* keys  ``K``: the module's input, rows of width ``d_in``;
+* grads ``G``: the gradient of the loss w.r.t. the module's output, rows of width ``d_out``.
+
+How it is done without waste:
+
+* No parameter needs a gradient. A forward hook replaces each edit module's output by a detached
+  copy that requires grad when it does not already, so the lowest edited module's output is the
+  only leaf of the graph: nothing below it is recorded, nothing below it is back-propagated, and
+  ``torch.autograd.grad`` asks only for the module outputs (no ``.grad`` is ever written).
+* The output embedding (LM head) sees only the hidden states at target positions, so the
+  vocabulary projection is computed for the tokens the loss needs and no others.
+* Several minibatches may share one padded forward/backward. The loss is then the SUM of each
+  minibatch's mean loss, so every target token's gradient is exactly what the per-minibatch
+  computation gives, and rows are returned per minibatch, in order.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batching import IGNORE, collate
+
+
+@dataclass
+class MinibatchCapture:
+    """Rows captured for one minibatch: ``keys[name]`` is ``(rows, d_in)``, ``grads[name]`` ``(rows, d_out)``."""
+
+    keys: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor]
+    rows: int
+    loss: float
+
+
+def _merge(batches: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Concatenate right-padded minibatches along the batch dimension, padding to the longest."""
+    if len(batches) == 1:
+        return batches[0]
+    length = max(b["input_ids"].shape[1] for b in batches)
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(t, (0, length - t.shape[1]), value=value)
+
+    return {
+        "input_ids": torch.cat([pad(b["input_ids"], pad_id) for b in batches]),
+        "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]),
+        "labels": torch.cat([pad(b["labels"], IGNORE) for b in batches]),
+    }
+
+
+def group_minibatches(
+    batches: Sequence[dict[str, torch.Tensor]], forward_batch_size: int | None
+) -> list[list[int]]:
+    """Indices of consecutive minibatches that share a forward pass (at most ``forward_batch_size`` sequences each)."""
+    groups: list[list[int]] = []
+    size = 0
+    for index, batch in enumerate(batches):
+        rows = batch["input_ids"].shape[0]
+        if groups and (forward_batch_size is None or size + rows <= forward_batch_size):
+            groups[-1].append(index)
+            size += rows
+        else:
+            groups.append([index])
+            size = rows
+    return groups
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Every parameter ``requires_grad=False`` and eval mode (no dropout) for the duration."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+class _Hooks:
+    """Forward hooks that record keys at target positions and expose module outputs as grad leaves."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module]) -> None:
+        self.model = model
+        self.modules = modules
+        self.mask: torch.Tensor | None = None
+        self.keys: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "_Hooks":
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(self._module_hook(name)))
+        head = self.model.get_output_embeddings()
+        if head is not None:
+            self.handles.append(head.register_forward_pre_hook(self._head_hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.keys.clear()
+        self.outputs.clear()
+
+    def _module_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if name in self.outputs:
+                raise RuntimeError(f"edit module {name!r} ran twice in one forward pass; shared modules cannot be edited")
+            self.keys[name] = args[0][self.mask].detach().float()
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            self.outputs[name] = output
+            return output
+
+        return hook
+
+    def _head_hook(self, module: nn.Module, args: tuple):
+        hidden = args[0]
+        if hidden.ndim == 3 and hidden.shape[:2] == self.mask.shape:
+            return (hidden[self.mask],) + tuple(args[1:])
+        return None
+
+    def reset(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.keys.clear()
+        self.outputs.clear()
+
+
+def _target_logits(model: nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    if logits.ndim == 3:  # the model bypassed the head hook: select target positions here
+        logits = logits[mask]
+    if logits.shape[0] != int(mask.sum()):
+        raise RuntimeError(f"unexpected logits shape {tuple(logits.shape)} for {int(mask.sum())} target tokens")
+    return logits.float()
+
+
+def capture(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Sequence[dict[str, torch.Tensor]],
+    *,
+    forward_batch_size: int | None = None,
+) -> list[MinibatchCapture]:
+    """Run the turn's minibatches through the model and return keys/grads per minibatch, in order.
+
+    Args:
+        model: a Hugging Face causal LM (its weights are not changed; every parameter's
+            ``requires_grad`` and the train/eval mode are restored on return).
+        modules: edit modules by dotted name (``nn.Linear`` or GPT-2 ``Conv1D``).
+        batches: minibatches of ``(B, L)`` ``input_ids``/``attention_mask``/``labels`` on the
+            model's device, right-padded.
+        forward_batch_size: most sequences per forward/backward; ``None`` puts all in one.
+
+    Returns:
+        One :class:`MinibatchCapture` per input minibatch; keys and grads in float32.
+    """
+    names = list(modules)
+    results: list[MinibatchCapture] = []
+    with _frozen(model), torch.enable_grad(), _Hooks(model, modules) as hooks:
+        for group in group_minibatches(batches, forward_batch_size):
+            merged = _merge([batches[i] for i in group])
+            mask = merged["labels"] != IGNORE
+            hooks.reset(mask)
+            logits = _target_logits(model, merged, mask)
+            missing = [n for n in names if n not in hooks.outputs]
+            if missing:
+                raise RuntimeError(f"edit modules {missing} did not run in the forward pass")
+            # Per-token weight 1/t_j makes sum(weights * ce) the sum of per-minibatch mean losses.
+            sizes = [batches[i]["input_ids"].shape[0] for i in group]
+            tokens_per_row = mask.sum(1)
+            tokens = [int(t.sum()) for t in torch.split(tokens_per_row, sizes)]
+            weight_rows = torch.cat(
+                [torch.full((s,), 1.0 / t, device=mask.device) for s, t in zip(sizes, tokens)]
+            )
+            weights = weight_rows.repeat_interleave(tokens_per_row)
+            ce = F.cross_entropy(logits, merged["labels"][mask], reduction="none")
+            loss = (ce * weights).sum()
+            grads = torch.autograd.grad(
+                loss, [hooks.outputs[n] for n in names], allow_unused=True, materialize_grads=True
+            )
+            losses = torch.split(ce.detach() * weights, tokens)
+            keys = {n: torch.split(hooks.keys[n], tokens) for n in names}
+            out_grads = {n: torch.split(g[mask].float(), tokens) for n, g in zip(names, grads)}
+            for j, t in enumerate(tokens):
+                results.append(
+                    MinibatchCapture(
+                        keys={n: keys[n][j] for n in names},
+                        grads={n: out_grads[n][j] for n in names},
+                        rows=t,
+                        loss=float(losses[j].sum()),
+                    )
+                )
+            del logits, loss, grads, ce
+    return results
+
+
+__all__ = ["MinibatchCapture", "capture", "collate", "group_minibatches"]

@@ -1,0 +1,352 @@
+"""The UltraEdit editor: one turn = capture, lifelong normalization, closed-form solve, apply.
+
+Reads like the method page (``ultraedit-method.md``)::
+
+    for each minibatch of the turn:                       # steps 1-3
+        K_m, G_m = keys and output gradients at target positions, for every edit module m
+        normalizer[shape(m)].update([K_m, G_m])
+    for every edit module m, with all rows of the turn:   # steps 4-7
+        V  = -lr * ||K_hat||^2 * G_hat
+        dW = (K^T K + lambda I)^-1 K^T V
+        W += dW^T   (nn.Linear; GPT-2 Conv1D: W += dW)
+
+A turn is atomic: every shift is computed (and checked finite) on copies of the normalizers before
+any weight or statistic changes; on any error the model and the editor are exactly as before.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .batching import BATCH_KEYS, IGNORE, EditError, EditRequest, minibatches
+from .capture import MinibatchCapture, capture
+from .normalizer import LifelongNormalizer
+from .presets import resolve_modules
+from .solver import ridge_solve, target_values
+
+try:  # GPT-2 style layers store the weight as (d_in, d_out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()  # type: ignore[assignment]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class EditConfig:
+    """Hyperparameters of UltraEdit (defaults: the authors' configs).
+
+    Attributes:
+        modules: dotted names of the linear layers to edit; ``None`` uses ``preset``.
+        preset: a name from :data:`ultraedit.presets.PRESETS`; ``None`` picks the default for
+            the model's ``config.model_type``. Ignored when ``modules`` is given.
+        lr: step size of the target values ``V = -lr * ||K_hat||^2 * G_hat``.
+        ridge: ``lambda`` of the ridge solve (> 0).
+        capture_batch_size: requests per minibatch; each minibatch's loss is a mean over its
+            target tokens and feeds the normalizer as one block, so this changes results.
+        forward_batch_size: most requests run in one forward/backward pass (several minibatches
+            share it, with results identical to one pass per minibatch); ``None`` = whole turn.
+            A speed/memory knob only.
+        normalizer: ``"paper"`` (the authors' running-variance formula) or ``"welford"``.
+        dtype: dtype of statistics and solves, ``"float32"`` or ``"float64"``.
+        solver: ``"auto"`` (dual form when rows < d_in), ``"dual"`` or ``"primal"``.
+    """
+
+    modules: list[str] | None = None
+    preset: str | None = None
+    lr: float = 1e-6
+    ridge: float = 1.0
+    capture_batch_size: int = 10
+    forward_batch_size: int | None = 100
+    normalizer: str = "paper"
+    dtype: str = "float32"
+    solver: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.modules is not None:
+            self.modules = list(self.modules)
+            if not self.modules or not all(isinstance(m, str) and m for m in self.modules):
+                raise ValueError("EditConfig.modules must be a non-empty list of module names")
+            if len(set(self.modules)) != len(self.modules):
+                raise ValueError(f"EditConfig.modules has duplicates: {self.modules}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"EditConfig.lr must be a positive finite number, got {self.lr}")
+        if not (math.isfinite(self.ridge) and self.ridge > 0):
+            raise ValueError(f"EditConfig.ridge must be a positive finite number, got {self.ridge}")
+        if not (isinstance(self.capture_batch_size, int) and self.capture_batch_size >= 1):
+            raise ValueError(f"EditConfig.capture_batch_size must be a positive int, got {self.capture_batch_size}")
+        if self.forward_batch_size is not None and not (
+            isinstance(self.forward_batch_size, int) and self.forward_batch_size >= 1
+        ):
+            raise ValueError(f"EditConfig.forward_batch_size must be a positive int or None, got {self.forward_batch_size}")
+        if self.normalizer not in ("paper", "welford"):
+            raise ValueError(f"EditConfig.normalizer must be 'paper' or 'welford', got {self.normalizer!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"EditConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.solver not in ("auto", "dual", "primal"):
+            raise ValueError(f"EditConfig.solver must be 'auto', 'dual' or 'primal', got {self.solver!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EditConfig":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown EditConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class TurnReport:
+    """What one turn did.
+
+    Attributes:
+        turn: 1-based number of this turn in the editor's lifetime.
+        requests: sequences (edit requests) in the turn.
+        rows: target-token rows captured per module (equal for all modules).
+        shift_norms: Frobenius norm of each module's weight shift ``dW``.
+        loss: mean over minibatches of the pre-edit loss (mean CE over target tokens).
+        seconds: wall-clock time of the turn; ``capture_seconds`` and ``solve_seconds`` split it.
+    """
+
+    turn: int
+    requests: int
+    rows: dict[str, int]
+    shift_norms: dict[str, float]
+    loss: float
+    seconds: float
+    capture_seconds: float = 0.0
+    solve_seconds: float = 0.0
+    order: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PendingTurn:
+    """Everything a turn will change, computed but not yet applied."""
+
+    shifts: dict[str, torch.Tensor]  # name -> dW (d_in, d_out), statistics dtype
+    normalizers: dict[tuple[int, int], LifelongNormalizer]
+    report: TurnReport
+
+
+def module_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or GPT-2 ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise TypeError(f"cannot edit a {type(module).__name__}: only nn.Linear and Conv1D layers")
+
+
+def apply_shift(module: nn.Module, shift: torch.Tensor, alpha: float = 1.0) -> None:
+    """Add ``alpha * dW`` (``(d_in, d_out)``) to the module's weight, in its dtype and on its device."""
+    weight = module.weight
+    delta = shift if (Conv1D and isinstance(module, Conv1D)) else shift.T
+    with torch.no_grad():
+        weight.add_(delta.to(device=weight.device, dtype=weight.dtype), alpha=alpha)
+
+
+class UltraEditor:
+    """Lifelong UltraEdit editor wrapped around a Hugging Face causal LM.
+
+    Args:
+        model: the causal LM to edit in place (CPU or CUDA, any float dtype).
+        config: hyperparameters; default :class:`EditConfig` with the model family's preset.
+        tokenizer: needed by :meth:`edit` (text requests), not by :meth:`edit_tokens`.
+
+    Attributes:
+        modules: edit modules by dotted name, in config order.
+        normalizers: one :class:`LifelongNormalizer` per module shape ``(d_in, d_out)``, of width
+            ``d_in + d_out``.
+        turns, edits: counters over the editor's lifetime.
+    """
+
+    def __init__(self, model: nn.Module, config: EditConfig | None = None, tokenizer: Any = None) -> None:
+        self.model = model
+        self.config = config = config or EditConfig()
+        self.tokenizer = tokenizer
+        names = config.modules if config.modules is not None else resolve_modules(model, config.preset)
+        available = dict(model.named_modules())
+        self.modules: dict[str, nn.Module] = {}
+        for name in names:
+            if name not in available:
+                close = [n for n in available if n.endswith(name.split(".")[-1])][:3]
+                hint = f"; modules with that suffix include {close}" if close else ""
+                raise EditError(f"edit module {name!r} does not exist in {type(model).__name__}{hint}")
+            try:
+                module_shape(available[name])
+            except TypeError as err:
+                raise EditError(f"edit module {name!r}: {err}") from None
+            self.modules[name] = available[name]
+        self.normalizers: dict[tuple[int, int], LifelongNormalizer] = {}
+        for name, module in self.modules.items():
+            shape = module_shape(module)
+            if shape not in self.normalizers:
+                self.normalizers[shape] = LifelongNormalizer(
+                    sum(shape), formula=config.normalizer, dtype=config.torch_dtype, device=module.weight.device
+                )
+        self.turns = 0
+        self.edits = 0
+
+    # ------------------------------------------------------------------ public API
+    def edit(self, requests: Sequence[EditRequest]) -> TurnReport:
+        """Apply one turn of text edit requests.
+
+        Requests are tokenized with teacher forcing, sorted by length (longest first) and cut
+        into minibatches of ``config.capture_batch_size``, as the authors do.
+        """
+        if self.tokenizer is None:
+            raise EditError("UltraEditor.edit needs a tokenizer: UltraEditor(model, config, tokenizer=...)")
+        if not requests:
+            raise EditError("a turn needs at least one edit request")
+        batches, order = minibatches(self.tokenizer, requests, self.config.capture_batch_size)
+        pending = self.prepare(batches, order=order)
+        self.commit(pending)
+        return pending.report
+
+    def edit_tokens(self, batches: Sequence[dict[str, torch.Tensor]]) -> TurnReport:
+        """Apply one turn given pre-tokenized minibatches.
+
+        Args:
+            batches: minibatches, each a dict of ``(B, L)`` integer tensors ``input_ids``,
+                ``attention_mask`` and ``labels`` (-100 outside target tokens; ``labels[i]`` is
+                the token the logits at position ``i`` predict). The normalizer is updated once
+                per minibatch, in the order given; the solve uses all rows of the turn.
+        """
+        pending = self.prepare(batches)
+        self.commit(pending)
+        return pending.report
+
+    def prepare(
+        self, batches: Sequence[dict[str, torch.Tensor]], order: Sequence[int] | None = None
+    ) -> PendingTurn:
+        """Compute a turn's shifts and updated statistics without changing anything."""
+        start = time.perf_counter()
+        batches = self._validate(batches, order)
+        captures = capture(self.model, self.modules, batches, forward_batch_size=self.config.forward_batch_size)
+        self._check_finite(captures, order, [b["input_ids"].shape[0] for b in batches])
+        captured = time.perf_counter()
+
+        # Step 3: lifelong normalizer, fed one minibatch at a time, modules in config order.
+        normalizers = {shape: norm.clone() for shape, norm in self.normalizers.items()}
+        for mb in captures:
+            for name, module in self.modules.items():
+                normalizers[module_shape(module)].update(torch.cat((mb.keys[name], mb.grads[name]), -1))
+
+        # Steps 4-6, batched over modules of equal shape (they have the same rows).
+        shifts: dict[str, torch.Tensor] = {}
+        dtype = self.config.torch_dtype
+        for shape, norm in normalizers.items():
+            group = [n for n, m in self.modules.items() if module_shape(m) == shape]
+            keys = torch.stack([torch.cat([mb.keys[n] for mb in captures]) for n in group]).to(norm.device, dtype)
+            grads = torch.stack([torch.cat([mb.grads[n] for mb in captures]) for n in group]).to(norm.device, dtype)
+            values = target_values(keys, grads, norm, self.config.lr)
+            for name, shift in zip(group, ridge_solve(keys, values, self.config.ridge, self.config.solver)):
+                shifts[name] = shift
+        bad = [n for n in self.modules if not bool(torch.isfinite(shifts[n]).all())]
+        if bad:
+            raise EditError(f"the weight shift of {bad} is not finite; nothing was applied")
+        done = time.perf_counter()
+        rows = sum(mb.rows for mb in captures)
+        report = TurnReport(
+            turn=self.turns + 1,
+            requests=sum(b["input_ids"].shape[0] for b in batches),
+            rows={n: rows for n in self.modules},
+            shift_norms={n: float(shifts[n].norm()) for n in self.modules},
+            loss=sum(mb.loss for mb in captures) / len(captures),
+            seconds=done - start,
+            capture_seconds=captured - start,
+            solve_seconds=done - captured,
+            order=list(order) if order is not None else list(range(sum(b["input_ids"].shape[0] for b in batches))),
+        )
+        return PendingTurn(shifts=shifts, normalizers=normalizers, report=report)
+
+    def commit(self, pending: PendingTurn) -> None:
+        """Apply a prepared turn: add every shift to its weight and adopt the new statistics."""
+        for name, module in self.modules.items():
+            apply_shift(module, pending.shifts[name])
+        self.normalizers = pending.normalizers
+        self.turns += 1
+        self.edits += pending.report.requests
+
+    # ------------------------------------------------------------------ checks
+    def _device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def _validate(
+        self, batches: Sequence[dict[str, torch.Tensor]], order: Sequence[int] | None
+    ) -> list[dict[str, torch.Tensor]]:
+        if not batches:
+            raise EditError("a turn needs at least one minibatch")
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        device = self._device()
+        out = []
+        seq = 0
+        for b, batch in enumerate(batches):
+            if not isinstance(batch, dict):
+                raise EditError(f"minibatch {b}: expected a dict with keys {BATCH_KEYS}, got {type(batch).__name__}")
+            missing = [k for k in BATCH_KEYS if k not in batch]
+            extra = [k for k in batch if k not in BATCH_KEYS]
+            if missing or extra:
+                raise EditError(
+                    f"minibatch {b}: keys must be exactly {list(BATCH_KEYS)}; missing {missing}, unexpected {extra}"
+                )
+            tensors = {k: torch.as_tensor(batch[k]) for k in BATCH_KEYS}
+            shape = tensors["input_ids"].shape
+            for k, t in tensors.items():
+                if t.ndim != 2 or t.shape != shape:
+                    raise EditError(
+                        f"minibatch {b}: '{k}' has shape {tuple(t.shape)}, expected 2-D {tuple(shape)} like 'input_ids'"
+                    )
+                if t.is_floating_point() or t.is_complex():
+                    raise EditError(f"minibatch {b}: '{k}' must be an integer tensor, got {t.dtype}")
+            ids, mask, labels = tensors["input_ids"], tensors["attention_mask"], tensors["labels"]
+            if shape[0] == 0 or shape[1] == 0:
+                raise EditError(f"minibatch {b}: 'input_ids' is empty, shape {tuple(shape)}")
+            if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+                raise EditError(f"minibatch {b}: 'input_ids' has ids outside the vocabulary [0, {vocab})")
+            targets = labels != IGNORE
+            if bool((targets & (mask == 0)).any()):
+                raise EditError(f"minibatch {b}: 'labels' has targets at padded positions (attention_mask 0)")
+            if bool(((labels < 0) & targets).any()) or int(labels.max()) >= vocab:
+                raise EditError(f"minibatch {b}: 'labels' must be -100 or token ids in [0, {vocab})")
+            for row in range(shape[0]):
+                if not bool(targets[row].any()):
+                    who = f"request {order[seq + row]}" if order is not None else f"row {row}"
+                    raise EditError(f"minibatch {b}, {who}: empty target (no label other than -100)")
+            seq += shape[0]
+            out.append({k: t.to(device=device, dtype=torch.long) for k, t in tensors.items()})
+        return out
+
+    def _check_finite(
+        self, captures: list[MinibatchCapture], order: Sequence[int] | None, sizes: list[int]
+    ) -> None:
+        first = 0
+        for b, (mb, size) in enumerate(zip(captures, sizes)):
+            for name in self.modules:
+                for kind, rows in (("keys", mb.keys[name]), ("gradients", mb.grads[name])):
+                    if not bool(torch.isfinite(rows).all()):
+                        who = (
+                            f"requests {sorted(order[first : first + size])}" if order is not None else f"rows 0..{size - 1}"
+                        )
+                        raise EditError(
+                            f"non-finite {kind} at module {name!r} in minibatch {b} ({who}); nothing was applied"
+                        )
+            first += size
+
+    def __repr__(self) -> str:
+        return (
+            f"UltraEditor({type(self.model).__name__}, modules={len(self.modules)}, "
+            f"turns={self.turns}, edits={self.edits}, lr={self.config.lr})"
+        )

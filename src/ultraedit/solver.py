@@ -1,0 +1,71 @@
+"""The closed-form ridge solve of UltraEdit (method page, steps 4-6).
+
+Given the raw keys ``K`` (n x d_in) and gradients ``G`` (n x d_out) of one edit module for a whole
+turn, and the lifelong normalizer of its shape:
+
+    z_hat = normalize([K, G]);  (K_hat, G_hat) = split(z_hat)
+    V     = -lr * ||K_hat_row||^2 * G_hat                      (n x d_out)
+    dW    = (K^T K + lambda I)^-1 K^T V                        (d_in x d_out, primal)
+          = K^T (K K^T + lambda I)^-1 V                        (dual, cheaper when n < d_in)
+
+Everything here runs in float32 (or float64), batched over a leading module dimension so that
+modules of equal shape are solved in one call.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .normalizer import LifelongNormalizer
+
+SolveMethod = Literal["auto", "dual", "primal"]
+
+
+def target_values(
+    keys: torch.Tensor, grads: torch.Tensor, normalizer: LifelongNormalizer, lr: float
+) -> torch.Tensor:
+    """Step 4-5: ``V = -lr * ||K_hat||^2 * G_hat`` for keys ``(..., n, d_in)`` and grads ``(..., n, d_out)``."""
+    d_in = keys.shape[-1]
+    z_hat = normalizer.normalize(torch.cat((keys, grads), dim=-1))
+    k_hat, g_hat = z_hat[..., :d_in], z_hat[..., d_in:]
+    return (-lr) * k_hat.square().sum(-1, keepdim=True) * g_hat
+
+
+def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve ``a x = b`` for symmetric positive-definite ``a`` (batched); Cholesky, LU as fallback."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(b, chol)
+    return torch.linalg.solve(a, b)
+
+
+def ridge_solve(
+    keys: torch.Tensor, values: torch.Tensor, ridge: float, method: SolveMethod = "auto"
+) -> torch.Tensor:
+    """Step 6: ``dW = (K^T K + ridge I)^-1 K^T V``.
+
+    Args:
+        keys: ``(..., n, d_in)`` raw (un-normalized) keys.
+        values: ``(..., n, d_out)`` target values ``V``.
+        ridge: the ``lambda`` of the method (> 0 keeps the system positive definite).
+        method: ``"dual"`` solves the ``n x n`` system, ``"primal"`` the ``d_in x d_in`` one,
+            ``"auto"`` picks dual when ``n < d_in``. Both give the same ``dW`` up to rounding.
+
+    Returns:
+        ``dW`` of shape ``(..., d_in, d_out)`` in the dtype of ``keys``.
+    """
+    n, d_in = keys.shape[-2], keys.shape[-1]
+    if method == "auto":
+        method = "dual" if n < d_in else "primal"
+    kt = keys.transpose(-1, -2)
+    if method == "dual":
+        gram = keys @ kt
+        gram.diagonal(dim1=-2, dim2=-1).add_(ridge)
+        return kt @ _spd_solve(gram, values)
+    if method == "primal":
+        gram = kt @ keys
+        gram.diagonal(dim1=-2, dim2=-1).add_(ridge)
+        return _spd_solve(gram, kt @ values)
+    raise ValueError(f"solve method must be 'auto', 'dual' or 'primal', got {method!r}")

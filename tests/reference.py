@@ -1,0 +1,100 @@
+"""An independent, deliberately plain implementation of the method page, for equivalence tests.
+
+Written from ultraedit-method.md alone: full autograd WITH weight gradients, one forward/backward
+per minibatch with the model's own full logits, per-row loops for the normalizer statistics in
+float64, and the primal solve with torch.linalg.solve. It shares no code with the package.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class RefNormalizer:
+    def __init__(self, dim: int, formula: str = "paper"):
+        self.formula = formula
+        self.n = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.var = torch.zeros(dim, dtype=torch.float64)
+        self.std = torch.zeros(dim, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double()
+        m = x.shape[0]
+        n_new = self.n + m
+        block_mean = sum(x[i] for i in range(m)) / m
+        if m > 1:
+            block_var = sum((x[i] - block_mean) ** 2 for i in range(m)) / (m - 1)
+        else:
+            block_var = torch.zeros_like(block_mean)
+        delta = block_mean - self.mean
+        self.mean = self.mean + m * delta / n_new
+        factor = m if self.formula == "paper" else m - 1
+        self.var = self.var + factor * block_var + self.n * m * delta**2 / n_new
+        self.std = torch.sqrt(self.var / (n_new - 1 + torch.finfo(torch.float32).eps))
+        self.n = n_new
+
+
+def shape_of(module) -> tuple[int, int]:
+    if isinstance(module, torch.nn.Linear):
+        return (module.in_features, module.out_features)
+    return (module.weight.shape[0], module.weight.shape[1])  # Conv1D
+
+
+def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper"):
+    """Apply one turn to ``model`` in place; ``normalizers`` (shape -> RefNormalizer) is updated."""
+    modules = {n: model.get_submodule(n) for n in names}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    inputs, outputs = {}, {}
+
+    def make_hook(name):
+        def hook(mod, args, out):
+            inputs[name] = args[0]
+            out.retain_grad()
+            outputs[name] = out
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    keys = {n: [] for n in names}
+    grads = {n: [] for n in names}
+    for batch in batches:
+        model.zero_grad()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mask = batch["labels"] != -100
+        loss = F.cross_entropy(logits[mask].float(), batch["labels"][mask])
+        loss.backward()
+        for n in names:
+            k = inputs[n][mask].detach().double()
+            g = outputs[n].grad[mask].detach().double()
+            shape = shape_of(modules[n])
+            if shape not in normalizers:
+                normalizers[shape] = RefNormalizer(sum(shape), formula)
+            normalizers[shape].update(torch.cat([k, g], 1))
+            keys[n].append(k)
+            grads[n].append(g)
+    for h in handles:
+        h.remove()
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    shifts = {}
+    for n in names:
+        K = torch.cat(keys[n])
+        G = torch.cat(grads[n])
+        norm = normalizers[shape_of(modules[n])]
+        z = (torch.cat([K, G], 1) - norm.mean) / (norm.std + torch.finfo(torch.float32).eps)
+        K_hat, G_hat = z[:, : K.shape[1]], z[:, K.shape[1] :]
+        V = -lr * (K_hat**2).sum(1, keepdim=True) * G_hat
+        A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)
+        shifts[n] = torch.linalg.solve(A, K.T @ V)
+    with torch.no_grad():
+        for n, m in modules.items():
+            if isinstance(m, torch.nn.Linear):
+                m.weight += shifts[n].T.to(m.weight.dtype)
+            else:
+                m.weight += shifts[n].to(m.weight.dtype)
+    return shifts

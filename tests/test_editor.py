@@ -1,0 +1,211 @@
+import copy
+
+import pytest
+import torch
+
+import ultraedit
+from ultraedit import EditConfig, EditError, UltraEditor
+from ultraedit.presets import resolve_modules
+
+from reference import RefNormalizer, reference_turn
+from tiny import ARCHS, random_turn, tiny_model
+
+LR = 1e-3  # larger than the authors' 1e-6 so that shifts feed back into later turns visibly
+
+EXTRA_MODULES = {"phi3": ["model.layers.2.mlp.gate_up_proj", "model.layers.3.mlp.down_proj"]}
+
+
+def edit_modules(model, arch):
+    return EXTRA_MODULES.get(arch) or resolve_modules(model)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model, before):
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_reference_after_five_turns(arch):
+    model = tiny_model(arch)
+    ref_model = copy.deepcopy(model)
+    names = edit_modules(model, arch)
+    base = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    editor = UltraEditor(model, EditConfig(modules=names, lr=LR))
+    ref_norms = {}
+    for turn in range(5):
+        batches = random_turn(100 + turn)
+        editor.edit_tokens(batches)
+        reference_turn(ref_model, names, batches, ref_norms, lr=LR)
+    for n in names:
+        ours = model.get_submodule(n).weight.detach() - base[n]
+        ref = ref_model.get_submodule(n).weight.detach() - base[n]
+        rel = float((ours - ref).norm() / ref.norm())
+        assert ref.norm() > 0
+        print(f"{arch} {n} rel={rel:.2e} shift={float(ref.norm()):.3e} w={float(base[n].norm()):.3e}")
+        assert rel <= 1e-4, f"{arch} {n}: relative error {rel:.2e}"
+    for shape, norm in editor.normalizers.items():
+        ref = ref_norms[shape]
+        assert norm.n == ref.n
+        torch.testing.assert_close(norm.mean.double(), ref.mean, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(norm.std.double(), ref.std, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_runs_and_stays_finite(arch):
+    model = tiny_model(arch, dtype=torch.bfloat16)
+    names = edit_modules(model, arch)
+    before = weights(model)
+    editor = UltraEditor(model, EditConfig(modules=names, lr=LR))
+    for turn in range(2):
+        report = editor.edit_tokens(random_turn(turn))
+        assert all(torch.isfinite(torch.tensor(v)) for v in report.shift_norms.values())
+    for n in names:
+        w = model.get_submodule(n).weight
+        assert w.dtype == torch.bfloat16 and torch.isfinite(w).all()
+        assert not torch.equal(w, before[n + ".weight"])
+    assert all(norm.dtype == torch.float32 for norm in editor.normalizers.values())
+
+
+def test_merged_forward_equals_one_forward_per_minibatch():
+    model = tiny_model("llama")
+    other = copy.deepcopy(model)
+    names = resolve_modules(model)
+    merged = UltraEditor(model, EditConfig(modules=names, lr=LR, forward_batch_size=None))
+    single = UltraEditor(other, EditConfig(modules=names, lr=LR, forward_batch_size=10))
+    for turn in range(3):
+        batches = random_turn(turn, requests=30)
+        merged.edit_tokens(batches)
+        single.edit_tokens(batches)
+    for n in names:
+        torch.testing.assert_close(model.get_submodule(n).weight, other.get_submodule(n).weight, rtol=1e-5, atol=1e-7)
+
+
+def test_no_hooks_grads_or_requires_grad_left_behind():
+    model = tiny_model("llama")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.train()
+    editor = UltraEditor(model, EditConfig(lr=LR))
+    editor.edit_tokens(random_turn(0))
+    assert model.training
+    for name, p in model.named_parameters():
+        assert p.grad is None, name
+        assert p.requires_grad == flags[name]
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks and not module._backward_hooks
+
+
+def test_requires_grad_false_during_capture():
+    model = tiny_model("llama")
+    seen = []
+    handle = model.model.layers[0].register_forward_hook(
+        lambda m, a, o: seen.append(any(p.requires_grad for p in model.parameters()))
+    )
+    UltraEditor(model, EditConfig(lr=LR)).edit_tokens(random_turn(0))
+    handle.remove()
+    assert seen and not any(seen)
+
+
+def test_edit_raises_target_probability():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the capital of france is paris lyon berlin germany city who".split()
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[UNK]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    model = tiny_model("llama", hidden=64)
+    request = ultraedit.EditRequest("the capital of france is", "lyon")
+    before = ultraedit.score_pairs(model, tokenizer, [(request.prompt, request.target)])["logprob"][0]
+    editor = UltraEditor(model, EditConfig(lr=1e-2), tokenizer=tokenizer)
+    report = editor.edit([request])
+    after = ultraedit.score_pairs(model, tokenizer, [(request.prompt, request.target)])["logprob"][0]
+    assert report.requests == 1 and after > before + 0.1, (before, after)
+    assert editor.turns == 1 and editor.edits == 1
+
+
+# ---------------------------------------------------------------- errors leave the model untouched
+
+def test_unknown_module_is_a_clear_error():
+    model = tiny_model("llama")
+    with pytest.raises(EditError, match="model.layers.9.mlp.up_proj.*does not exist"):
+        UltraEditor(model, EditConfig(modules=["model.layers.9.mlp.up_proj"]))
+    with pytest.raises(EditError, match="only nn.Linear"):
+        UltraEditor(model, EditConfig(modules=["model.layers.1.mlp"]))
+
+
+def test_empty_target_names_the_request():
+    model = tiny_model("llama")
+    before = weights(model)
+    editor = UltraEditor(model, EditConfig(lr=LR))
+    batches = random_turn(0)
+    batches[1]["labels"][3] = -100
+    with pytest.raises(EditError, match="minibatch 1, row 3: empty target"):
+        editor.edit_tokens(batches)
+    assert_untouched(model, before)
+    assert editor.turns == 0 and all(n.n == 0 for n in editor.normalizers.values())
+
+
+def test_mismatched_batch_keys():
+    model = tiny_model("llama")
+    before = weights(model)
+    editor = UltraEditor(model, EditConfig(lr=LR))
+    batches = random_turn(0)
+    batches[1]["label"] = batches[1].pop("labels")
+    with pytest.raises(EditError, match=r"minibatch 1: keys must be exactly.*missing \['labels'\].*unexpected \['label'\]"):
+        editor.edit_tokens(batches)
+    batches = random_turn(0)
+    batches[0]["attention_mask"] = batches[0]["attention_mask"][:, :-1]
+    with pytest.raises(EditError, match="minibatch 0: 'attention_mask' has shape"):
+        editor.edit_tokens(batches)
+    assert_untouched(model, before)
+
+
+def test_nan_gradients_leave_model_and_statistics_untouched():
+    model = tiny_model("llama")
+    editor = UltraEditor(model, EditConfig(lr=LR))
+    editor.edit_tokens(random_turn(0))
+    before = weights(model)
+    stats = {s: n.clone() for s, n in editor.normalizers.items()}
+    names = list(editor.modules)
+    # Poison the top edited layer's output so the loss (and every gradient) becomes NaN.
+    top = model.get_submodule(names[-1])
+    handle = top.register_forward_hook(lambda m, a, o: o * float("nan"))
+    with pytest.raises(EditError, match="non-finite .* at module"):
+        editor.edit_tokens(random_turn(1))
+    handle.remove()
+    assert_untouched(model, before)
+    assert editor.turns == 1
+    for s, n in editor.normalizers.items():
+        assert n.n == stats[s].n and torch.equal(n.mean, stats[s].mean) and torch.equal(n.var, stats[s].var)
+
+
+def test_text_request_with_empty_target():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "a": 1, "b": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]")
+    model = tiny_model("llama")
+    before = weights(model)
+    editor = UltraEditor(model, EditConfig(lr=LR), tokenizer=tokenizer)
+    reqs = [ultraedit.EditRequest("a b", "a"), ultraedit.EditRequest("a", "   ", id="r2")]
+    with pytest.raises(EditError, match=r"request 1 \(id='r2'\).*tokenizes to no tokens"):
+        editor.edit(reqs)
+    assert_untouched(model, before)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="lr"):
+        EditConfig(lr=0)
+    with pytest.raises(ValueError, match="normalizer"):
+        EditConfig(normalizer="chan")
+    with pytest.raises(ValueError, match="ridge"):
+        EditConfig(ridge=-1)
+    assert EditConfig.from_dict(EditConfig(lr=2e-6).to_dict()).lr == 2e-6
