@@ -17,9 +17,11 @@ any weight or statistic changes; on any error the model and the editor are exact
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +31,9 @@ from .capture import MinibatchCapture, capture
 from .normalizer import LifelongNormalizer
 from .presets import resolve_modules
 from .solver import ridge_solve, target_values
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .state import RevertReport
 
 try:  # GPT-2 style layers store the weight as (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -138,6 +143,7 @@ class PendingTurn:
     shifts: dict[str, torch.Tensor]  # name -> dW (d_in, d_out), statistics dtype
     normalizers: dict[tuple[int, int], LifelongNormalizer]
     report: TurnReport
+    requests: Sequence[EditRequest] | None = None  # text requests (set by edit), for the edit log
 
 
 def module_shape(module: nn.Module) -> tuple[int, int]:
@@ -164,6 +170,8 @@ class UltraEditor:
         model: the causal LM to edit in place (CPU or CUDA, any float dtype).
         config: hyperparameters; default :class:`EditConfig` with the model family's preset.
         tokenizer: needed by :meth:`edit` (text requests), not by :meth:`edit_tokens`.
+        keep_turn_deltas: how many recent turns :meth:`revert_last` can undo (0 = none); each
+            kept turn costs one CPU copy of the edit modules' weights in the model dtype.
 
     Attributes:
         modules: edit modules by dotted name, in config order.
@@ -172,7 +180,9 @@ class UltraEditor:
         turns, edits: counters over the editor's lifetime.
     """
 
-    def __init__(self, model: nn.Module, config: EditConfig | None = None, tokenizer: Any = None) -> None:
+    def __init__(
+        self, model: nn.Module, config: EditConfig | None = None, tokenizer: Any = None, *, keep_turn_deltas: int = 0
+    ) -> None:
         self.model = model
         self.config = config = config or EditConfig()
         self.tokenizer = tokenizer
@@ -198,6 +208,9 @@ class UltraEditor:
                 )
         self.turns = 0
         self.edits = 0
+        from .state import EditSession  # saved state, edit log and undo (state.py)
+
+        self.session = EditSession(self, keep_turn_deltas=keep_turn_deltas)
 
     # ------------------------------------------------------------------ public API
     def edit(self, requests: Sequence[EditRequest]) -> TurnReport:
@@ -212,6 +225,7 @@ class UltraEditor:
             raise EditError("a turn needs at least one edit request")
         batches, order = minibatches(self.tokenizer, requests, self.config.capture_batch_size)
         pending = self.prepare(batches, order=order)
+        pending.requests = requests
         self.commit(pending)
         return pending.report
 
@@ -274,11 +288,35 @@ class UltraEditor:
 
     def commit(self, pending: PendingTurn) -> None:
         """Apply a prepared turn: add every shift to its weight and adopt the new statistics."""
+        undo = self.session.before_commit()
         for name, module in self.modules.items():
             apply_shift(module, pending.shifts[name])
         self.normalizers = pending.normalizers
         self.turns += 1
         self.edits += pending.report.requests
+        self.session.after_commit(pending, undo)
+
+    # ------------------------------------------------------------------ saved state (state.py)
+    def save(self, directory: str | os.PathLike[str], *, delta_dtype: str = "float32") -> Path:
+        """Save the session atomically to ``directory`` (see :func:`ultraedit.state.save`)."""
+        from .state import save
+
+        return save(self, directory, delta_dtype=delta_dtype)
+
+    @classmethod
+    def load(
+        cls, model: nn.Module, directory: str | os.PathLike[str], tokenizer: Any = None, *, keep_turn_deltas: int | None = None
+    ) -> "UltraEditor":
+        """Resume a saved session on a freshly loaded base ``model`` (see :func:`ultraedit.state.load`)."""
+        from .state import load
+
+        return load(model, directory, tokenizer, keep_turn_deltas=keep_turn_deltas)
+
+    def revert_last(self, k: int = 1) -> "RevertReport":
+        """Undo the last ``k`` turns exactly (see :func:`ultraedit.state.revert_last`)."""
+        from .state import revert_last
+
+        return revert_last(self, k)
 
     # ------------------------------------------------------------------ checks
     def _device(self) -> torch.device:

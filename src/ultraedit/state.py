@@ -1,0 +1,903 @@
+"""Saved editing sessions: atomic state on disk, resume, compact deltas, merge, undo, edit log.
+
+A lifelong editing session is a directory::
+
+    STATE/
+      CURRENT              name of the complete version below (replaced atomically)
+      v00000007/           one complete saved state, never modified after it is named
+        state.json         config, counters, base-model fingerprint, pending edit-log records
+        delta.safetensors  CUMULATIVE weight shift of every edit module (W_now - W_base), in the
+                           layout of ``module.weight`` (nn.Linear: (d_out, d_in); Conv1D:
+                           (d_in, d_out)), float32 (float64 models: float64) or the model dtype
+        exact.safetensors  (rare, float32 models only) "<module>/index" (flat int64) and
+                           "<module>/value": elements where W_base + delta misses W_now by an ulp
+        normalizers.safetensors   lifelong statistics per module shape: "<d_in>x<d_out>.{n,mean,var,std}"
+        undo.safetensors   (only with keep_turn_deltas) edit-module weights and statistics from
+                           before each of the last turns, model dtype, for exact revert
+      edits.jsonl          append-only edit log, one JSON object per line (``seq`` increasing)
+
+Atomicity: a save writes a whole new version into ``.tmp-*``, fsyncs every file and the directory,
+renames it to ``vNNNNNNNN``, then replaces ``CURRENT`` (write temp file, fsync, ``os.replace``,
+fsync the directory). A reader follows ``CURRENT`` only, so a crash at any instant leaves either
+the old or the new state, complete. Older versions and stale temp directories are removed after
+the switch (and again at the next save).
+
+Edit log: records reach ``edits.jsonl`` only after the state that contains them is current, and a
+record's ``seq`` is appended only if it is larger than the last one in the file; the records not
+yet known to be in the file travel inside ``state.json`` (``log_tail``) and are appended by the next
+save. So no turn is ever logged twice, and a torn last line (crash mid-append) is cut off.
+
+Resume is exact: the state stores ``W_now - W_base`` (not a sum of per-turn shifts), so loading it
+onto the base weights reproduces the live model bit for bit (bf16/fp16 weights: a float32 delta is
+always exact; float32 weights: with the few corrections in ``exact.safetensors``), and the
+statistics are stored bit-exactly; later turns then compute exactly what an uninterrupted run does.
+With ``delta_dtype="model"`` the delta is rounded to the model dtype and resume is approximate.
+
+Memory: the editor keeps a CPU copy of the ORIGINAL weights of its edit modules (model dtype; a
+7-8B model with 12 edited MLP matrices: ~1.4 GB in bf16); it is what the fingerprint hashes and
+what deltas are taken against. ``keep_turn_deltas=k`` keeps k more such copies (weights before each
+of the last k turns) so that :func:`revert_last` restores them exactly; they are saved too.
+Writing streams one module at a time, so a save needs one float32 module of extra memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .editor import PendingTurn, UltraEditor
+
+FORMAT = "ultraedit-state"
+FORMAT_VERSION = 1
+CURRENT = "CURRENT"
+LOG = "edits.jsonl"
+STATE_JSON = "state.json"
+DELTA = "delta.safetensors"
+NORMALIZERS = "normalizers.safetensors"
+UNDO = "undo.safetensors"
+EXACT = "exact.safetensors"
+LOCK = ".lock"
+
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+}
+
+
+class StateError(ValueError):
+    """A saved state is missing, unreadable, or cannot be used as asked."""
+
+
+class FingerprintError(StateError):
+    """A saved state was made on a different base model than the one it is loaded onto."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Test hook: ULTRAEDIT_SAVE_PAUSE=<stage> makes a save announce the stage on stderr and sleep
+# there (ULTRAEDIT_SAVE_PAUSE_SECONDS, default 60), so a test can kill the process mid-save.
+SAVE_STAGES = ("delta", "rename", "current", "log", "cleanup")
+
+
+def _checkpoint(stage: str) -> None:
+    if os.environ.get("ULTRAEDIT_SAVE_PAUSE") == stage:
+        sys.stderr.write(f"ultraedit-save-paused {stage}\n")
+        sys.stderr.flush()
+        time.sleep(float(os.environ.get("ULTRAEDIT_SAVE_PAUSE_SECONDS", "60")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Session bookkeeping attached to every editor (editor.session)
+
+
+@dataclass
+class TurnSnapshot:
+    """What :func:`revert_last` needs to undo one turn exactly.
+
+    Attributes:
+        turn: 1-based number of the turn this snapshot undoes.
+        requests: requests of that turn.
+        weights: edit-module weights BEFORE the turn, name -> CPU tensor (model dtype, weight layout).
+        normalizers: statistics before the turn, ``(d_in, d_out)`` -> CPU state dict.
+    """
+
+    turn: int
+    requests: int
+    weights: dict[str, torch.Tensor]
+    normalizers: dict[tuple[int, int], dict[str, torch.Tensor]]
+
+
+@dataclass
+class RevertReport:
+    """What :func:`revert_last` did.
+
+    Attributes:
+        reverted_turns: the undone turn numbers, in increasing order.
+        edits_removed: requests those turns had applied.
+        turns, edits: the editor's counters after the revert.
+        note: what the revert means (exact for weights and statistics; see the text).
+    """
+
+    reverted_turns: list[int]
+    edits_removed: int
+    turns: int
+    edits: int
+    note: str
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+class EditSession:
+    """Saved-state bookkeeping of one :class:`~ultraedit.editor.UltraEditor` (``editor.session``).
+
+    Attributes:
+        base: ORIGINAL weights of the edit modules, name -> CPU tensor (model dtype, the layout of
+            ``module.weight``), copied when the editor is built.
+        keep_turn_deltas: how many recent turns can be reverted (0 = none).
+        undo: snapshots of the last ``keep_turn_deltas`` turns, oldest first.
+        log_seq: edit-log records created over the session's whole life (saved with the state).
+        pending_log: records not yet known to be in ``edits.jsonl`` (written by the next save).
+        extra: JSON-serializable data saved with the state (the CLI keeps its input progress here).
+    """
+
+    def __init__(self, editor: "UltraEditor", keep_turn_deltas: int = 0) -> None:
+        if not (isinstance(keep_turn_deltas, int) and keep_turn_deltas >= 0):
+            raise ValueError(f"keep_turn_deltas must be a non-negative int, got {keep_turn_deltas!r}")
+        self.editor = editor
+        self.base: dict[str, torch.Tensor] = {n: _cpu_copy(m.weight) for n, m in editor.modules.items()}
+        self.keep_turn_deltas = keep_turn_deltas
+        self.undo: deque[TurnSnapshot] = deque()
+        self.log_seq = 0
+        self.pending_log: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}
+        self._fingerprint: dict[str, Any] | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Fingerprint of the base model this session edits (see :func:`fingerprint`)."""
+        if self._fingerprint is None:
+            self._fingerprint = _fingerprint_of(self.editor.model, self.base)
+        return self._fingerprint
+
+    # hooks called by UltraEditor.commit ------------------------------------------------------
+    def before_commit(self) -> TurnSnapshot | None:
+        if self.keep_turn_deltas <= 0:
+            return None
+        ed = self.editor
+        return TurnSnapshot(
+            turn=ed.turns + 1,
+            requests=0,
+            weights={n: _cpu_copy(m.weight) for n, m in ed.modules.items()},
+            normalizers={s: {k: _cpu_copy(v) for k, v in nm.state_dict().items()} for s, nm in ed.normalizers.items()},
+        )
+
+    def after_commit(self, pending: "PendingTurn", snapshot: TurnSnapshot | None) -> None:
+        report = pending.report
+        if snapshot is not None:
+            snapshot.requests = report.requests
+            self.undo.append(snapshot)
+            while len(self.undo) > self.keep_turn_deltas:
+                self.undo.popleft()
+        record: dict[str, Any] = {
+            "event": "turn",
+            "turn": self.editor.turns,
+            "requests": report.requests,
+            "edits_total": self.editor.edits,
+        }
+        if pending.requests is not None:
+            record["edits"] = [
+                {"id": r.id, "prompt": r.prompt, "target": r.target} for r in pending.requests
+            ]
+        record.update(
+            shift_norms=report.shift_norms, loss=report.loss, seconds=round(report.seconds, 6)
+        )
+        self.log(record)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Queue one edit-log record (given ``seq`` and ``time``); saved by the next :func:`save`."""
+        self.log_seq += 1
+        self.pending_log.append({"seq": self.log_seq, "time": _now(), **record})
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fingerprint_of(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    modules = {}
+    for name, w in weights.items():
+        modules[name] = {"shape": list(w.shape), "dtype": _dtype_name(w.dtype)}
+        digest.update(f"{name}|{_dtype_name(w.dtype)}|{list(w.shape)}|".encode())
+        digest.update(_tensor_bytes(w))
+    config = getattr(model, "config", None)
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "architecture": type(model).__name__,
+        "modules": modules,
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def fingerprint(model: nn.Module, modules: Sequence[str]) -> dict[str, Any]:
+    """Fingerprint of ``model`` as seen through the edit ``modules`` (their CURRENT weights).
+
+    Returns:
+        ``{"model_type", "architecture", "modules": {name: {"shape", "dtype"}}, "weights_sha256"}``
+        where the hash is SHA-256 over each module's name, dtype, shape and raw weight bytes.
+    """
+    available = dict(model.named_modules())
+    missing = [n for n in modules if n not in available]
+    if missing:
+        raise FingerprintError(f"{type(model).__name__} has no module(s) {missing}")
+    return _fingerprint_of(model, {n: available[n].weight for n in modules})
+
+
+def _structure_diffs(expected: Mapping[str, Any], model: nn.Module) -> list[str]:
+    """Differences in architecture, module names, shapes and dtypes (no hashing)."""
+    diffs = []
+    config = getattr(model, "config", None)
+    actual_arch = {"model_type": getattr(config, "model_type", None), "architecture": type(model).__name__}
+    for key, value in actual_arch.items():
+        if expected.get(key) != value:
+            diffs.append(f"{key}: state has {expected.get(key)!r}, model is {value!r}")
+    available = dict(model.named_modules())
+    for name, spec in expected["modules"].items():
+        module = available.get(name)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            diffs.append(f"module {name!r}: missing from the model")
+            continue
+        if list(weight.shape) != list(spec["shape"]):
+            diffs.append(f"module {name!r}: shape {list(weight.shape)}, state has {spec['shape']}")
+        if _dtype_name(weight.dtype) != spec["dtype"]:
+            diffs.append(
+                f"module {name!r}: dtype {_dtype_name(weight.dtype)}, state has {spec['dtype']} "
+                f"(load the model with dtype={spec['dtype']})"
+            )
+    return diffs
+
+
+def _refuse(directory: Path, diffs: list[str]) -> None:
+    if diffs:
+        lines = "\n  - ".join(diffs)
+        raise FingerprintError(f"the state in {directory} was made on a different base model:\n  - {lines}")
+
+
+def _hash_diff(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    if expected["weights_sha256"] != actual["weights_sha256"]:
+        return [
+            "the original weights of the edit modules differ (sha256 "
+            f"{expected['weights_sha256'][:16]}... in the state, {actual['weights_sha256'][:16]}... in the model): "
+            "another checkpoint, or a model that was already edited"
+        ]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-level durable writes
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_safetensors(
+    path: Path,
+    entries: Sequence[tuple[str, torch.dtype, Sequence[int], Callable[[], torch.Tensor]]],
+    metadata: Mapping[str, str],
+    stage: str | None = None,
+) -> int:
+    """Write a safetensors file tensor by tensor (one tensor in memory at a time) and fsync it.
+
+    ``entries`` are ``(name, dtype, shape, make)``; ``make()`` produces the tensor when its turn
+    comes. Returns the file size in bytes.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, dtype, shape, _ in entries:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for i, (name, dtype, shape, make) in enumerate(entries):
+            tensor = make()
+            if tensor.dtype != dtype or list(tensor.shape) != list(shape):
+                raise RuntimeError(f"{name}: produced {tensor.dtype} {list(tensor.shape)}, announced {dtype} {list(shape)}")
+            f.write(_tensor_bytes(tensor))
+            if i == 0 and stage:
+                f.flush()
+                _checkpoint(stage)
+        f.flush()
+        os.fsync(f.fileno())
+    return 8 + len(raw) + offset
+
+
+def _read_safetensors(path: Path) -> tuple[Any, dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise StateError(f"cannot read {path}: {err}") from None
+    return handle, dict(handle.metadata() or {})
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``directory/.lock``: one writer per state directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StateError(f"another process is writing the state in {directory}") from None
+            raise
+        yield
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edit log
+
+
+def _repair_log(path: Path) -> int:
+    """Cut a torn last line (no newline) off the log; return the last complete record's ``seq``."""
+    if not path.exists():
+        return 0
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        end = _last_newline(f, size)
+        if end != size - 1:  # torn tail from a crash mid-append
+            f.truncate(end + 1)
+            f.flush()
+            os.fsync(f.fileno())
+        if end < 0:
+            return 0
+        start = _last_newline(f, end) + 1
+        f.seek(start)
+        line = f.read(end - start)
+    try:
+        return int(json.loads(line)["seq"])
+    except (ValueError, KeyError, TypeError):
+        raise StateError(f"{path}: the last line is not an edit-log record: {line[:200]!r}") from None
+
+
+def _last_newline(f: Any, before: int) -> int:
+    """Offset of the last b"\\n" strictly before ``before`` (-1 if none)."""
+    pos = before
+    while pos > 0:
+        step = min(1 << 16, pos)
+        f.seek(pos - step)
+        chunk = f.read(step)
+        i = chunk.rfind(b"\n")
+        if i >= 0:
+            return pos - step + i
+        pos -= step
+    return -1
+
+
+def _append_log(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    last = _repair_log(path)
+    new = [r for r in records if r["seq"] > last]
+    if not new:
+        return
+    created = not path.exists()
+    with open(path, "ab") as f:
+        f.write(b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in new))
+        f.flush()
+        os.fsync(f.fileno())
+    if created:
+        _fsync_dir(path.parent)
+
+
+def read_log(directory: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The edit log of a state directory, record by record (a torn last line is skipped).
+
+    Records: ``{"seq", "time", "event": "turn", "turn", "requests", "edits_total", "edits":
+    [{"id", "prompt", "target"}], "shift_norms": {module: Frobenius norm}, "loss", "seconds"}`` or
+    ``{"seq", "time", "event": "revert", "turns": [...], ...}``. Records of a saved state that
+    have not reached the file yet (crash right after the switch) are in its ``log_tail``.
+    """
+    path = Path(directory) / LOG
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                return
+            try:
+                yield json.loads(line)
+            except ValueError:
+                raise StateError(f"{path}, line {number}: not JSON") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+def _version_dirs(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("v[0-9]*") if p.is_dir())
+
+
+def _current_dir(directory: Path) -> Path | None:
+    pointer = directory / CURRENT
+    if not pointer.exists():
+        return None
+    name = pointer.read_text().strip()
+    if not name or "/" in name or name.startswith("."):
+        raise StateError(f"{pointer}: malformed ({name!r})")
+    path = directory / name
+    if not path.is_dir():
+        raise StateError(f"{pointer} names {name!r}, which does not exist")
+    return path
+
+
+def has_state(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` holds a complete saved state."""
+    return (Path(directory) / CURRENT).exists()
+
+
+def _cleanup(directory: Path, keep: Path | None) -> None:
+    for path in list(directory.glob(".tmp-*")) + _version_dirs(directory):
+        if keep is not None and path.name == keep.name:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _norm_key(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+def _parse_norm_key(key: str) -> tuple[int, int]:
+    a, b = key.split("x")
+    return int(a), int(b)
+
+
+def save(editor: "UltraEditor", directory: str | os.PathLike[str], *, delta_dtype: str = "float32") -> Path:
+    """Save the editor's session into ``directory`` atomically; return the new version's path.
+
+    Args:
+        editor: the editor to save.
+        directory: the state directory (created if needed).
+        delta_dtype: ``"float32"`` (default; float64 models keep float64) or ``"model"`` (the
+            model's dtype: half the size for bf16, but a bf16 delta no longer reproduces the
+            weights exactly).
+    """
+    if delta_dtype not in ("float32", "model"):
+        raise ValueError(f"delta_dtype must be 'float32' or 'model', got {delta_dtype!r}")
+    directory = Path(directory)
+    session = editor.session
+    with _locked(directory):
+        old = _current_dir(directory)
+        _cleanup(directory, old)
+        number = int(old.name[1:]) + 1 if old is not None else 1
+        final = directory / f"v{number:08d}"
+        tmp = directory / f".tmp-{final.name}-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            meta = _write_version(editor, tmp, delta_dtype)
+            _fsync_dir(tmp)
+            _checkpoint("rename")
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(directory)
+        _checkpoint("current")
+        pointer_tmp = directory / f".tmp-{CURRENT}-{os.getpid()}"
+        _write_file(pointer_tmp, (final.name + "\n").encode())
+        os.replace(pointer_tmp, directory / CURRENT)
+        _fsync_dir(directory)
+        _checkpoint("log")
+        _append_log(directory / LOG, meta["log_tail"])
+        session.pending_log.clear()
+        _checkpoint("cleanup")
+        _cleanup(directory, final)
+    return final
+
+
+def _wide(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _exact_delta(
+    weight: torch.Tensor, base: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(delta, fix_index, fix_value)``: ``weight - base`` in ``dtype`` such that ``base + delta``
+    (computed as :func:`_add_delta` does) reproduces ``weight`` bit for bit.
+
+    For bf16/fp16 weights a float32 difference is always enough. For float32 weights the
+    difference can be one rounding off; a few ``nextafter`` steps fix most such elements, and the
+    rest (where the shift is larger than the weight, so no float32 delta can land exactly) are
+    returned as flat indices and exact values (model dtype). A ``dtype`` narrower than float32
+    (``delta_dtype="model"``) is returned as is, without fixes: approximate by choice.
+    """
+    wide = _wide(dtype, weight.dtype)
+    delta = (weight.to(wide) - base.to(wide)).to(dtype)
+    if dtype not in (torch.float32, torch.float64):
+        return delta, None, None
+    target = weight.to(wide)
+    for _ in range(4):
+        rebuilt = (base.to(wide) + delta.to(wide)).to(weight.dtype).to(wide)
+        bad = rebuilt != target
+        if not bool(bad.any()):
+            return delta, None, None
+        direction = torch.where(rebuilt < target, math.inf, -math.inf).to(dtype)
+        delta = torch.where(bad, torch.nextafter(delta, direction), delta)
+    rebuilt = (base.to(wide) + delta.to(wide)).to(weight.dtype)
+    index = (rebuilt != weight).reshape(-1).nonzero().squeeze(1)
+    if index.numel() == 0:
+        return delta, None, None
+    return delta, index, weight.reshape(-1)[index].clone()
+
+
+def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str) -> dict[str, Any]:
+    session = editor.session
+    fp = session.fingerprint()
+    sizes = {}
+    specs = []
+    for name, module in editor.modules.items():
+        weight = module.weight
+        base = session.base[name]
+        if delta_dtype == "model":
+            dtype = weight.dtype
+        else:
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+        def make(w: torch.Tensor = weight, b: torch.Tensor = base, dt: torch.dtype = dtype, n: str = name) -> torch.Tensor:
+            delta, index, value = _exact_delta(w.detach().to("cpu"), b, dt)
+            if index is not None and value is not None:
+                fixes[f"{n}/index"], fixes[f"{n}/value"] = index, value
+            return delta
+
+        specs.append((name, dtype, tuple(weight.shape), make))
+    fixes: dict[str, torch.Tensor] = {}
+    sizes[DELTA] = _write_safetensors(path / DELTA, specs, {"format": FORMAT, "content": "delta"}, stage="delta")
+    if fixes:  # the few float32 elements no float32 delta reproduces exactly (see _exact_delta)
+        fix_specs = [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in fixes.items()]
+        sizes[EXACT] = _write_safetensors(path / EXACT, fix_specs, {"format": FORMAT, "content": "exact"})
+
+    norm_specs = []
+    for shape, norm in editor.normalizers.items():
+        for key, value in norm.state_dict().items():
+            norm_specs.append((f"{_norm_key(shape)}.{key}", value.dtype, tuple(value.shape), lambda v=value: v))
+    sizes[NORMALIZERS] = _write_safetensors(path / NORMALIZERS, norm_specs, {"format": FORMAT, "content": "normalizers"})
+
+    undo_meta = []
+    if session.undo:
+        undo_specs = []
+        for snap in session.undo:
+            undo_meta.append({"turn": snap.turn, "requests": snap.requests})
+            for name, w in snap.weights.items():
+                undo_specs.append((f"t{snap.turn}/w/{name}", w.dtype, tuple(w.shape), lambda w=w: w))
+            for shape, sd in snap.normalizers.items():
+                for key, value in sd.items():
+                    undo_specs.append(
+                        (f"t{snap.turn}/n/{_norm_key(shape)}.{key}", value.dtype, tuple(value.shape), lambda v=value: v)
+                    )
+        sizes[UNDO] = _write_safetensors(path / UNDO, undo_specs, {"format": FORMAT, "content": "undo"})
+
+    config = editor.config.to_dict()
+    config["modules"] = list(editor.modules)  # resolved names, independent of preset changes
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "saved_at": _now(),
+        "config": config,
+        "turns": editor.turns,
+        "edits": editor.edits,
+        "fingerprint": fp,
+        "delta_dtype": delta_dtype,
+        "normalizer_shapes": [list(s) for s in editor.normalizers],
+        "keep_turn_deltas": session.keep_turn_deltas,
+        "undo": undo_meta,
+        "log_seq": session.log_seq,
+        "log_tail": list(session.pending_log),
+        "extra": session.extra,
+        "sizes": sizes,
+    }
+    _write_file(path / STATE_JSON, json.dumps(meta, indent=1, ensure_ascii=False).encode())
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Load, apply, merge, info
+
+
+def read_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
+    """``(meta, version_dir)`` of the current saved state (``state.json`` as a dict)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StateError(f"no state directory {directory}")
+    version = _current_dir(directory)
+    if version is None:
+        raise StateError(f"no saved state in {directory} (no {CURRENT} file)")
+    try:
+        meta = json.loads((version / STATE_JSON).read_text())
+    except (OSError, ValueError) as err:
+        raise StateError(f"cannot read {version / STATE_JSON}: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise StateError(f"{version / STATE_JSON} is not an ultraedit state")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise StateError(
+            f"{version} has state format {meta['format_version']}; this ultraedit reads up to {FORMAT_VERSION}"
+        )
+    return meta, version
+
+
+def load(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    tokenizer: Any = None,
+    *,
+    keep_turn_deltas: int | None = None,
+) -> "UltraEditor":
+    """Resume a saved session on ``model``, a freshly loaded copy of the SAME base model.
+
+    The model's edit modules must have the fingerprint stored in the state (architecture, names,
+    shapes, dtypes, SHA-256 of the original weights); otherwise :class:`FingerprintError` says
+    what differs. The model is edited in place (``W = W_base + delta``) and the returned editor
+    carries the statistics, counters, undo snapshots and edit-log position of the saved session.
+
+    Args:
+        keep_turn_deltas: override the saved setting (None keeps it; smaller drops old snapshots).
+    """
+    from .editor import EditConfig, UltraEditor
+
+    meta, version = read_state(directory)
+    directory = Path(directory)
+    _refuse(directory, _structure_diffs(meta["fingerprint"], model))
+    config = EditConfig.from_dict(meta["config"])
+    keep = meta.get("keep_turn_deltas", 0) if keep_turn_deltas is None else keep_turn_deltas
+    editor = UltraEditor(model, config, tokenizer, keep_turn_deltas=keep)
+    session = editor.session
+    _refuse(directory, _hash_diff(meta["fingerprint"], session.fingerprint()))
+
+    expected_shapes = sorted(tuple(s) for s in meta["normalizer_shapes"])
+    if sorted(editor.normalizers) != expected_shapes:
+        raise StateError(f"{version}: normalizer shapes {expected_shapes} do not match the edit modules")
+    handle, _ = _read_safetensors(version / NORMALIZERS)
+    for shape, norm in editor.normalizers.items():
+        key = _norm_key(shape)
+        norm.load_state_dict({k: handle.get_tensor(f"{key}.{k}") for k in ("n", "mean", "var", "std")})
+
+    _add_delta(editor.modules, session.base, version / DELTA)
+    editor.turns = int(meta["turns"])
+    editor.edits = int(meta["edits"])
+    session.log_seq = int(meta["log_seq"])
+    session.pending_log = list(meta["log_tail"])
+    session.extra = dict(meta.get("extra") or {})
+
+    if meta.get("undo") and keep > 0:
+        handle, _ = _read_safetensors(version / UNDO)
+        for item in meta["undo"][-keep:]:
+            t = item["turn"]
+            session.undo.append(
+                TurnSnapshot(
+                    turn=t,
+                    requests=int(item["requests"]),
+                    weights={n: handle.get_tensor(f"t{t}/w/{n}") for n in editor.modules},
+                    normalizers={
+                        s: {k: handle.get_tensor(f"t{t}/n/{_norm_key(s)}.{k}") for k in ("n", "mean", "var", "std")}
+                        for s in editor.normalizers
+                    },
+                )
+            )
+    return editor
+
+
+def _add_delta(modules: Mapping[str, nn.Module], base: Mapping[str, torch.Tensor] | None, path: Path) -> None:
+    """``W = base + delta`` per module (``base`` None: the module's current weight), one at a time."""
+    handle, _ = _read_safetensors(path)
+    names = set(handle.keys())
+    if names != set(modules):
+        raise StateError(f"{path}: holds shifts for {sorted(names)}, expected {sorted(modules)}")
+    exact_path = path.parent / EXACT
+    fixes, _ = _read_safetensors(exact_path) if exact_path.exists() else (None, None)
+    fix_keys = set(fixes.keys()) if fixes is not None else set()
+    with torch.no_grad():
+        for name, module in modules.items():
+            weight = module.weight
+            delta = handle.get_tensor(name)
+            if tuple(delta.shape) != tuple(weight.shape):
+                raise StateError(f"{path}: shift of {name!r} has shape {tuple(delta.shape)}, weight {tuple(weight.shape)}")
+            wide = _wide(delta.dtype, weight.dtype)
+            origin = base[name] if base is not None else weight
+            new = (origin.to(device=weight.device, dtype=wide) + delta.to(device=weight.device, dtype=wide)).to(weight.dtype)
+            if f"{name}/index" in fix_keys:
+                index = fixes.get_tensor(f"{name}/index").to(weight.device)
+                new.view(-1)[index] = fixes.get_tensor(f"{name}/value").to(device=weight.device, dtype=weight.dtype)
+            weight.copy_(new)
+
+
+def apply_delta(model: nn.Module, directory: str | os.PathLike[str], *, strict: bool = True) -> dict[str, Any]:
+    """Add a saved state's cumulative shift to a freshly loaded base ``model``, in place.
+
+    Args:
+        strict: check the full fingerprint (including the SHA-256 of the original weights). With
+            ``False`` only module names and shapes are checked, e.g. to apply a delta made on a
+            float32 model to the same checkpoint loaded in bf16.
+
+    Returns:
+        the state's ``state.json`` as a dict (turns, edits, config, fingerprint, ...).
+    """
+    meta, version = read_state(directory)
+    directory = Path(directory)
+    diffs = _structure_diffs(meta["fingerprint"], model)
+    if not strict:
+        diffs = [d for d in diffs if "dtype" not in d and not d.startswith(("model_type", "architecture"))]
+    _refuse(directory, diffs)
+    names = list(meta["fingerprint"]["modules"])
+    if strict:
+        _refuse(directory, _hash_diff(meta["fingerprint"], fingerprint(model, names)))
+    available = dict(model.named_modules())
+    _add_delta({n: available[n] for n in names}, None, version / DELTA)
+    return meta
+
+
+def merge(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    strict: bool = True,
+    **save_kwargs: Any,
+) -> Path:
+    """Apply a saved state to the base ``model`` and write a full Hugging Face model directory.
+
+    The result loads anywhere with ``AutoModelForCausalLM.from_pretrained(out)``; the tokenizer
+    is saved beside it when given, and ``ultraedit_merge.json`` records what was merged.
+    ``save_kwargs`` go to ``model.save_pretrained`` (e.g. ``max_shard_size``).
+    """
+    meta = apply_delta(model, directory, strict=strict)
+    out = Path(out)
+    model.save_pretrained(out, **save_kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    provenance = {
+        "merged_at": _now(),
+        "state": str(Path(directory).resolve()),
+        "turns": meta["turns"],
+        "edits": meta["edits"],
+        "config": meta["config"],
+        "fingerprint": meta["fingerprint"],
+    }
+    _write_file(out / "ultraedit_merge.json", json.dumps(provenance, indent=1).encode())
+    return out
+
+
+def info(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Summary of a saved state: counters, modules, sizes on disk, fingerprint, log, progress."""
+    meta, version = read_state(directory)
+    files = {p.name: p.stat().st_size for p in sorted(version.iterdir())}
+    log_path = Path(directory) / LOG
+    fp = meta["fingerprint"]
+    return {
+        "state": str(Path(directory)),
+        "version": version.name,
+        "saved_at": meta["saved_at"],
+        "turns": meta["turns"],
+        "edits": meta["edits"],
+        "modules": fp["modules"],
+        "module_parameters": sum(math.prod(m["shape"]) for m in fp["modules"].values()),
+        "config": meta["config"],
+        "fingerprint": {k: fp[k] for k in ("model_type", "architecture", "weights_sha256")},
+        "delta_dtype": meta["delta_dtype"],
+        "keep_turn_deltas": meta.get("keep_turn_deltas", 0),
+        "revertible_turns": [u["turn"] for u in meta.get("undo", [])],
+        "files": files,
+        "state_bytes": sum(files.values()),
+        "log_bytes": log_path.stat().st_size if log_path.exists() else 0,
+        "log_records": meta["log_seq"],
+        "extra": meta.get("extra") or {},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Undo
+
+
+def revert_last(editor: "UltraEditor", k: int = 1) -> RevertReport:
+    """Undo the last ``k`` turns: restore the edit modules' weights and the normalizer statistics
+    to exactly what they were before the earliest of those turns.
+
+    Needs ``keep_turn_deltas >= k`` (the editor keeps the weights from before each recent turn on
+    the CPU, model dtype). The revert is exact for weights and statistics: the editor is
+    bit-for-bit in the state it had after turn ``turns - k``. It undoes whole turns, not single
+    facts: each reverted turn had been computed on the model as edited by all turns before it, so
+    it cannot be removed from the middle of a sequence; later turns then continue from the
+    restored state. The edit log keeps the reverted turns and records a ``revert`` event.
+    """
+    session = editor.session
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"revert_last needs k >= 1, got {k!r}")
+    if k > editor.turns:
+        raise StateError(f"cannot revert {k} turns: the editor has applied {editor.turns}")
+    if k > len(session.undo):
+        raise StateError(
+            f"cannot revert {k} turns: only the last {len(session.undo)} are kept "
+            f"(keep_turn_deltas={session.keep_turn_deltas}; build the editor with a larger keep_turn_deltas)"
+        )
+    snaps = [session.undo[-i] for i in range(1, k + 1)]  # newest first
+    expected = list(range(editor.turns, editor.turns - k, -1))
+    if [s.turn for s in snaps] != expected:
+        raise StateError(f"undo snapshots {[s.turn for s in snaps]} do not match turns {expected}")
+    target = snaps[-1]
+    with torch.no_grad():
+        for name, module in editor.modules.items():
+            module.weight.copy_(target.weights[name].to(module.weight.device))
+    for shape, norm in editor.normalizers.items():
+        norm.load_state_dict(target.normalizers[shape])
+    for _ in range(k):
+        session.undo.pop()
+    removed = sum(s.requests for s in snaps)
+    turns = sorted(s.turn for s in snaps)
+    editor.turns -= k
+    editor.edits -= removed
+    note = (
+        f"turns {turns[0]}-{turns[-1]} undone exactly: weights and statistics are those after turn "
+        f"{editor.turns}. Each undone turn had been computed on the model edited by all earlier turns; "
+        "a revert removes whole turns, and later turns continue from the restored model."
+    )
+    session.log({"event": "revert", "turns": turns, "edits_removed": removed, "turns_after": editor.turns,
+                 "edits_total": editor.edits})
+    return RevertReport(reverted_turns=turns, edits_removed=removed, turns=editor.turns, edits=editor.edits, note=note)
