@@ -209,3 +209,31 @@ def test_config_validation():
     with pytest.raises(ValueError, match="ridge"):
         EditConfig(ridge=-1)
     assert EditConfig.from_dict(EditConfig(lr=2e-6).to_dict()).lr == 2e-6
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_tail_split_equals_full_pass(arch):
+    from ultraedit.capture import capture
+
+    model = tiny_model(arch)
+    names = edit_modules(model, arch)
+    modules = {n: model.get_submodule(n) for n in names}
+    batches = random_turn(7, requests=20)
+    split = capture(model, modules, batches, split_prefix=True)
+    full = capture(model, modules, batches, split_prefix=False)
+    for a, b in zip(split, full):
+        assert a.rows == b.rows
+        for n in names:
+            torch.testing.assert_close(a.keys[n], b.keys[n], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.grads[n], b.grads[n], rtol=1e-4, atol=1e-8)
+
+
+def test_split_falls_back_for_left_padding_and_empty_prefix():
+    from ultraedit.capture import _split
+
+    batch = random_turn(0, requests=3)[0]
+    assert _split(batch) is not None
+    left = {k: v.flip(1) for k, v in batch.items()}
+    assert _split(left) is None
+    batch["labels"][0, 0] = 5
+    assert _split(batch) is None
