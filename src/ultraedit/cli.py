@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from . import __version__
+from . import bench
 
 
 def _presets_command(args: argparse.Namespace) -> int:
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     presets = sub.add_parser("presets", help="list the edit-module presets per model family")
     presets.set_defaults(func=_presets_command)
+    bench.add_parser(sub)
     return parser
 
 

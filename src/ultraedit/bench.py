@@ -1,0 +1,704 @@
+"""The lifelong editing benchmark: ``ultraedit bench`` and :func:`run`.
+
+Protocol (the paper's): the first ``turns * turn_size`` requests of a dataset are edited in
+``turns`` turns of ``turn_size`` requests (minibatches of ``batch_size``), one turn after another
+on the same model; after the whole sequence, every request ever edited is evaluated. With
+``eval_every=K`` the requests edited so far are also evaluated after every K-th turn (a curve).
+Before editing, the unedited model is scored on the same requests (the ``baseline`` columns and
+the reference predictions of "locality vs unedited").
+
+Metrics (``evaluation``): token-level teacher-forced accuracy for efficacy (edit prompts, new
+targets), generalization (rephrases, new targets) and specificity (locality prompts with the
+dataset's answers), averaged per request then over requests; plus generation exact match of each
+and the agreement of locality predictions with the unedited model's.
+
+Outputs in ``out``: ``results.json`` (top-level ``efficacy``, ``generalization``,
+``specificity`` in [0, 1], and the config, model fingerprint, all metrics, the curve, timings,
+peak memory and edits/s), ``results.md`` (tables) and ``curve.png`` (metrics vs edits).
+
+Editing methods are plug-ins (:data:`METHODS`, :func:`register_method`): a factory gets the model,
+the tokenizer and the :class:`BenchConfig` and returns an object with ``edit(requests)`` (apply
+one turn) and ``describe()`` (its hyperparameters, for the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import sys
+import time
+from array import array
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from .batching import EditError, EditRequest
+from .datasets import DATASET_FORMATS, DatasetError, read_requests
+from .editor import EditConfig, UltraEditor
+from .evaluation import MetricTotals, score_requests
+
+__all__ = [
+    "BenchConfig",
+    "BenchError",
+    "DATASETS",
+    "EditMethod",
+    "METHODS",
+    "add_parser",
+    "load_model",
+    "model_fingerprint",
+    "register_method",
+    "run",
+]
+
+#: ``--dataset`` choices: the readable formats plus the built-in testbed's requests.
+DATASETS: tuple[str, ...] = ("zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench", "jsonl", "testbed")
+
+#: Headline metrics, in table order, with their display names.
+METRIC_NAMES: dict[str, str] = {
+    "efficacy": "Efficacy (token acc.)",
+    "generalization": "Generalization (token acc.)",
+    "specificity": "Specificity (token acc.)",
+    "efficacy_exact": "Efficacy (generation exact match)",
+    "generalization_exact": "Generalization (generation exact match)",
+    "specificity_exact": "Specificity (generation exact match)",
+    "locality_vs_unedited": "Locality vs unedited model's predictions",
+    "personas": "Personas (token acc.)",
+    "personas_exact": "Personas (generation exact match)",
+    "multi_hop": "Multi-hop (token acc.)",
+    "multi_hop_exact": "Multi-hop (generation exact match)",
+}
+
+
+class BenchError(ValueError):
+    """A benchmark cannot run as configured (bad option, too little data, missing testbed)."""
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run (the command line's options).
+
+    Attributes:
+        model: Hugging Face model name or local path, or ``"testbed"`` (a label when ``run`` gets a
+            model object).
+        dataset: one of :data:`DATASETS` (the record format of ``data``).
+        data: the dataset file (not needed for ``dataset="testbed"``).
+        out: output directory.
+        turns: T, the number of turns.
+        turn_size: N, requests per turn (paper: 100).
+        batch_size: requests per minibatch inside a turn (paper: 10).
+        lr, modules, preset: editor hyperparameters (``None``: the method's defaults).
+        eval_every: also evaluate after every K-th turn (``None``: only at the end).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        dtype: dtype to load the model in (``"auto"``: as stored, float32 for the testbed).
+        seed: seeds Python's and torch's generators and FEVER's rephrase choice.
+        method: a key of :data:`METHODS`.
+        skip_invalid: skip malformed records (written to ``out/rejects.jsonl``) instead of failing.
+        eval_batch_size, eval_max_tokens: evaluation forward size, in sequences and padded tokens.
+        forward_batch_size: UltraEdit's forward/backward size in requests (speed knob only).
+        progress: show progress bars (stderr).
+    """
+
+    model: str
+    dataset: str
+    out: str
+    turns: int
+    turn_size: int = 100
+    batch_size: int = 10
+    data: str | None = None
+    lr: float | None = None
+    modules: list[str] | None = None
+    preset: str | None = None
+    eval_every: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    method: str = "ultraedit"
+    skip_invalid: bool = False
+    eval_batch_size: int = 64
+    eval_max_tokens: int | None = 16384
+    forward_batch_size: int | None = 100
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise BenchError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.dataset != "testbed" and not self.data:
+            raise BenchError(f"--dataset {self.dataset} needs --data FILE")
+        for name in ("turns", "turn_size", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BenchError(f"{name} must be a positive integer, got {value!r}")
+        if self.eval_every is not None and (not isinstance(self.eval_every, int) or self.eval_every < 1):
+            raise BenchError(f"eval_every must be a positive integer, got {self.eval_every!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise BenchError(f"lr must be a positive finite number, got {self.lr}")
+        if self.dtype not in _DTYPES:
+            raise BenchError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.method not in METHODS:
+            raise BenchError(f"unknown method {self.method!r}; registered: {', '.join(sorted(METHODS))}")
+
+    @property
+    def edits(self) -> int:
+        return self.turns * self.turn_size
+
+
+_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+
+
+# --------------------------------------------------------------------------- methods
+class EditMethod(Protocol):
+    """What the runner needs from an editing method (UltraEdit, or a baseline plug-in)."""
+
+    def edit(self, requests: Sequence[EditRequest]) -> Any:
+        """Apply one turn of requests to the model in place; may return a report with ``loss``."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable hyperparameters, including ``"modules"`` (the weights it changes)."""
+
+
+MethodFactory = Callable[[nn.Module, Any, BenchConfig], EditMethod]
+
+
+class UltraEditMethod:
+    """UltraEdit (:class:`UltraEditor`) behind the :class:`EditMethod` interface."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: BenchConfig) -> None:
+        kw: dict[str, Any] = dict(
+            modules=config.modules, preset=config.preset, capture_batch_size=config.batch_size,
+            forward_batch_size=config.forward_batch_size,
+        )
+        if config.lr is not None:
+            kw["lr"] = config.lr
+        self.config = EditConfig(**kw)
+        self.editor = UltraEditor(model, self.config, tokenizer=tokenizer)
+
+    def edit(self, requests: Sequence[EditRequest]) -> Any:
+        return self.editor.edit(requests)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.config.to_dict(), "modules": list(self.editor.modules)}
+
+
+#: Registered editing methods: name -> factory ``(model, tokenizer, config) -> EditMethod``.
+METHODS: dict[str, MethodFactory] = {"ultraedit": UltraEditMethod}
+
+
+def register_method(name: str, factory: MethodFactory) -> None:
+    """Make ``--method name`` available (e.g. fine-tuning, MEMIT or AlphaEdit baselines)."""
+    if not name or not isinstance(name, str):
+        raise ValueError("a method needs a non-empty name")
+    METHODS[name] = factory
+
+
+# --------------------------------------------------------------------------- model and data
+def _testbed() -> Any:
+    try:
+        from . import testbed
+    except ImportError as err:
+        if err.name in ("ultraedit.testbed", __package__ + ".testbed"):
+            raise BenchError("the built-in testbed (ultraedit.testbed) is not part of this installation") from None
+        raise
+    for attr in ("load_testbed", "requests_path"):
+        if not hasattr(testbed, attr):
+            raise BenchError(f"ultraedit.testbed has no {attr}(); this installation's testbed is incomplete")
+    return testbed
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA if available else CPU; anything else as ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise BenchError(f"bad device {device!r}: {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"device {device!r} asked for, but CUDA is not available")
+    return resolved
+
+
+def load_model(name: str, device: str | torch.device = "cpu", dtype: str = "auto") -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from a Hugging Face name or local directory, or ``"testbed"``.
+
+    The model is put on ``device`` in eval mode.
+    """
+    torch_dtype = _DTYPES[dtype]
+    if name == "testbed":
+        model, tokenizer = _testbed().load_testbed()
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+    else:
+        import transformers
+
+        kw: dict[str, Any] = {}
+        if torch_dtype is not None:
+            major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+            kw["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = torch_dtype
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, **kw)
+    return model.to(device).eval(), tokenizer
+
+
+class _Source:
+    """The benchmark's requests, re-readable: each pass re-streams the file (memory flat in its size)."""
+
+    def __init__(self, config: BenchConfig, requests: Sequence[EditRequest] | None, out: Path) -> None:
+        self.requests = requests
+        if requests is not None:
+            self.path: Path | None = None
+            self.format = "given"
+        elif config.dataset == "testbed":
+            self.path = Path(_testbed().requests_path())
+            self.format = "jsonl"
+        else:
+            self.path = Path(config.data or "")
+            self.format = config.dataset
+        self.skip_invalid = config.skip_invalid
+        self.seed = config.seed
+        self.rejects = out / "rejects.jsonl"
+        self.skipped = 0
+        self.read = 0
+
+    def take(self, count: int, *, record: bool = False) -> Iterator[EditRequest]:
+        """The first ``count`` requests (fewer if the data ends); ``record`` keeps skip counts/rejects."""
+        if self.requests is not None:
+            yield from islice(self.requests, count)
+            return
+        assert self.path is not None
+        reader = read_requests(
+            self.path, self.format, skip_invalid=self.skip_invalid,
+            rejects=self.rejects if (record and self.skip_invalid) else None, seed=self.seed,
+        )
+        with reader:
+            yield from islice(reader, count)
+            if record:
+                self.skipped, self.read = reader.skipped, reader.read
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "format": self.format, "path": str(self.path) if self.path else None,
+            "records_read": self.read, "skipped_invalid": self.skipped,
+        }
+
+
+def _chunks(items: Iterator[EditRequest], size: int) -> Iterator[list[EditRequest]]:
+    while True:
+        chunk = list(islice(items, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+class _Predictions:
+    """The unedited model's locality predictions, packed in flat integer arrays (about 8 bytes per
+    answer token), so that a 2M-request run does not hold millions of Python tuples."""
+
+    def __init__(self) -> None:
+        self.tokens = array("q")
+        self.pair_lengths = array("q")
+        self.pairs_per_request = array("q")
+        self._pair_start = array("q", [0])
+        self._request_start = array("q", [0])
+
+    def extend(self, per_request: Sequence[Sequence[Sequence[int]]]) -> None:
+        for pairs in per_request:
+            self.pairs_per_request.append(len(pairs))
+            for tokens in pairs:
+                self.tokens.extend(tokens)
+                self.pair_lengths.append(len(tokens))
+                self._pair_start.append(self._pair_start[-1] + len(tokens))
+            self._request_start.append(self._request_start[-1] + len(pairs))
+
+    def __len__(self) -> int:
+        return len(self.pairs_per_request)
+
+    def get(self, start: int, stop: int) -> list[tuple[tuple[int, ...], ...]]:
+        out = []
+        for r in range(start, stop):
+            a, b = self._request_start[r], self._request_start[r + 1]
+            out.append(tuple(tuple(self.tokens[self._pair_start[p] : self._pair_start[p + 1]]) for p in range(a, b)))
+        return out
+
+
+# --------------------------------------------------------------------------- fingerprint and memory
+def model_fingerprint(model: nn.Module, modules: Sequence[str], name: str) -> dict[str, Any]:
+    """Identity of the benchmarked model: name, class, type, parameter count, dtype, and a SHA-256
+    of the edit modules' weights before editing (``ultraedit.state.fingerprint`` when available)."""
+    params = sum(p.numel() for p in model.parameters())
+    first = next(model.parameters())
+    base: dict[str, Any] = {
+        "name_or_path": name,
+        "class": type(model).__name__,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "num_parameters": params,
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "edit_modules": list(modules),
+    }
+    try:
+        from .state import fingerprint as state_fingerprint
+    except ImportError:
+        state_fingerprint = None
+    if state_fingerprint is not None:
+        fp = state_fingerprint(model, list(modules))
+        base["weights_sha256"] = fp["weights_sha256"]
+        return base
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name_ in modules:
+        w = model.get_submodule(name_).weight.detach().to("cpu").contiguous()
+        digest.update(f"{name_}|{w.dtype}|{list(w.shape)}|".encode())
+        digest.update(memoryview(w.reshape(-1).view(torch.uint8).numpy()))
+    base["weights_sha256"] = digest.hexdigest()
+    return base
+
+
+def _peak_memory(device: torch.device) -> dict[str, Any]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KB, macOS bytes
+    out: dict[str, Any] = {"peak_rss_bytes": rss_bytes}
+    if device.type == "cuda":
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["kind"] = "cuda_max_allocated"
+        out["bytes"] = out["cuda_max_allocated_bytes"]
+    else:
+        out["kind"] = "rss"
+        out["bytes"] = rss_bytes
+    return out
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover - numpy comes with torch/matplotlib
+        pass
+
+
+# --------------------------------------------------------------------------- the run
+def run(
+    config: BenchConfig,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    requests: Sequence[EditRequest] | None = None,
+) -> dict[str, Any]:
+    """Run one lifelong benchmark and write ``results.json``, ``results.md`` and ``curve.png``.
+
+    Args:
+        config: the run; ``config.model`` is only a label when ``model`` is given.
+        model, tokenizer: an already loaded model (edited in place!) and its tokenizer.
+        requests: requests to use instead of reading ``config.data``.
+
+    Returns:
+        the results dict written to ``results.json``.
+
+    Raises:
+        BenchError, DatasetError, EditError: with a message naming what is wrong.
+    """
+    started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _seed(config.seed)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_model(config.model, device, config.dtype)
+    elif tokenizer is None:
+        raise BenchError("run(model=...) needs the model's tokenizer too")
+    else:
+        model = model.to(device).eval()
+    timings["load_seconds"] = time.perf_counter() - t
+
+    source = _Source(config, requests, out)
+    method = METHODS[config.method](model, tokenizer, config)
+    description = method.describe()
+    fingerprint = model_fingerprint(model, description.get("modules") or [], config.model)
+    eval_kw = dict(batch_size=config.eval_batch_size, max_tokens=config.eval_max_tokens)
+    chunk = max(config.eval_batch_size * 16, config.turn_size)
+
+    # 1. The unedited model on every request of the run: baseline scores and reference predictions.
+    t = time.perf_counter()
+    reference = _Predictions()
+    baseline = MetricTotals()
+    total = 0
+    bar = _bar(config.progress, config.edits, "unedited model", "req")
+    for requests_ in _chunks(source.take(config.edits, record=True), chunk):
+        scores = score_requests(model, tokenizer, requests_, **eval_kw)
+        baseline.add(scores)
+        reference.extend(scores.locality_predictions)
+        total += len(requests_)
+        bar.update(len(requests_))
+    bar.close()
+    timings["baseline_eval_seconds"] = time.perf_counter() - t
+    if total < config.edits:
+        where = f"{source.path}" if source.path else "the given requests"
+        skipped = f" (after skipping {source.skipped} invalid records)" if source.skipped else ""
+        raise BenchError(
+            f"{where} provides {total} requests{skipped}; --turns {config.turns} x --turn-size "
+            f"{config.turn_size} needs {config.edits}"
+        )
+
+    # 2. The lifelong sequence, with curve evaluations every eval_every turns.
+    per_turn: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []
+    edit_seconds = 0.0
+    curve_seconds = 0.0
+    stream = source.take(config.edits)
+    bar = _bar(config.progress, config.turns, f"editing ({config.method})", "turn")
+    for turn in range(1, config.turns + 1):
+        batch = list(islice(stream, config.turn_size))
+        t = time.perf_counter()
+        report = method.edit(batch)
+        seconds = time.perf_counter() - t
+        edit_seconds += seconds
+        entry: dict[str, Any] = {"turn": turn, "requests": len(batch), "seconds": seconds}
+        loss = getattr(report, "loss", None)
+        if isinstance(loss, (int, float)):
+            entry["loss"] = float(loss)
+        per_turn.append(entry)
+        bar.update(1)
+        if config.eval_every and turn % config.eval_every == 0 and turn != config.turns:
+            t = time.perf_counter()
+            point = _evaluate(model, tokenizer, source, reference, turn * config.turn_size, chunk, eval_kw, False)
+            curve.append({"turns": turn, "edits": turn * config.turn_size, **point.means()})
+            curve_seconds += time.perf_counter() - t
+    bar.close()
+    stream.close()
+
+    # 3. Every request ever edited, after the whole sequence.
+    t = time.perf_counter()
+    final = _evaluate(model, tokenizer, source, reference, config.edits, chunk, eval_kw, config.progress)
+    timings["final_eval_seconds"] = time.perf_counter() - t
+    metrics = final.means()
+    curve.append({"turns": config.turns, "edits": config.edits, **metrics})
+    timings["edit_seconds"] = edit_seconds
+    timings["curve_eval_seconds"] = curve_seconds
+    timings["total_seconds"] = time.perf_counter() - started
+
+    results: dict[str, Any] = {
+        "efficacy": metrics.get("efficacy"),
+        "generalization": metrics.get("generalization"),
+        "specificity": metrics.get("specificity"),
+        "metrics": metrics,
+        "counts": final.counts,
+        "baseline": baseline.means(),
+        "curve": curve,
+        "edits": config.edits,
+        "edits_per_second": config.edits / edit_seconds if edit_seconds > 0 else None,
+        "seconds_per_edit": edit_seconds / config.edits,
+        "timings": timings,
+        "peak_memory": _peak_memory(device),
+        "config": {**asdict(config), "device": str(device)},
+        "method": {"name": config.method, **description},
+        "dataset": source.describe(),
+        "model": fingerprint,
+        "turn_log": per_turn,
+        "environment": _environment(),
+        "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    plot_curve(results, out / "curve.png")
+    return results
+
+
+def _evaluate(
+    model: nn.Module, tokenizer: Any, source: _Source, reference: _Predictions, count: int,
+    chunk: int, eval_kw: dict[str, Any], progress: bool,
+) -> MetricTotals:
+    totals = MetricTotals()
+    done = 0
+    bar = _bar(progress, count, "evaluating", "req")
+    for requests_ in _chunks(source.take(count), chunk):
+        ref = reference.get(done, done + len(requests_))
+        totals.add(score_requests(model, tokenizer, requests_, reference=ref, **eval_kw))
+        done += len(requests_)
+        bar.update(len(requests_))
+    bar.close()
+    return totals
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(enabled: bool, total: int, desc: str, unit: str) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+
+def _environment() -> dict[str, Any]:
+    import transformers
+
+    from . import __version__
+
+    env = {
+        "ultraedit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+# --------------------------------------------------------------------------- reports
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The ``results.md`` report: setup, a metrics table (unedited vs edited), timing, the curve."""
+    cfg = results["config"]
+    timings = results["timings"]
+    lines = [
+        f"# Lifelong editing benchmark: {cfg['method']} on {cfg['dataset']}",
+        "",
+        f"- Model: `{results['model']['name_or_path']}` ({results['model']['class']}, "
+        f"{results['model']['num_parameters']:,} parameters, {results['model']['dtype']}, "
+        f"{len(results['model']['edit_modules'])} edit modules)",
+        f"- Protocol: {cfg['turns']} turns x {cfg['turn_size']} requests = {results['edits']:,} edits "
+        f"(minibatch {cfg['batch_size']}), then every edited request evaluated",
+        f"- Method: `{results['method']['name']}`, lr {results['method'].get('lr', 'n/a')}, "
+        f"seed {cfg['seed']}, device {cfg['device']}",
+        f"- Data: `{results['dataset']['path'] or results['dataset']['format']}` "
+        f"({results['dataset']['skipped_invalid']} invalid records skipped)",
+        "",
+        "| Metric (%) | Unedited | After all edits |",
+        "|---|---:|---:|",
+    ]
+    for key, label in METRIC_NAMES.items():
+        if key in results["metrics"] or key in results["baseline"]:
+            lines.append(f"| {label} | {_pct(results['baseline'].get(key))} | {_pct(results['metrics'].get(key))} |")
+    eps = results["edits_per_second"]
+    lines += [
+        "",
+        f"Editing took {timings['edit_seconds']:.2f} s ({'n/a' if eps is None else f'{eps:.2f}'} edits/s, "
+        f"{results['seconds_per_edit']:.4f} s/edit); final evaluation {timings['final_eval_seconds']:.2f} s; "
+        f"peak memory {results['peak_memory']['bytes'] / 2**20:.0f} MiB ({results['peak_memory']['kind']}).",
+    ]
+    if len(results["curve"]) > 1:
+        lines += ["", "## Curve", "", "| Turns | Edits | Efficacy | Generalization | Specificity |", "|---:|---:|---:|---:|---:|"]
+        for p in results["curve"]:
+            lines.append(
+                f"| {p['turns']} | {p['edits']} | {_pct(p.get('efficacy'))} | {_pct(p.get('generalization'))} | "
+                f"{_pct(p.get('specificity'))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """PNG of efficacy, generalization and specificity (%) against the number of edits; dashed
+    lines are the unedited model's scores on the same requests."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    edits = [p["edits"] for p in results["curve"]]
+    for key, color in (("efficacy", "tab:blue"), ("generalization", "tab:orange"), ("specificity", "tab:green")):
+        values = [p.get(key) for p in results["curve"]]
+        if all(v is None for v in values):
+            continue
+        ax.plot(edits, [math.nan if v is None else 100 * v for v in values], marker="o", color=color, label=key.capitalize())
+        base = results["baseline"].get(key)
+        if base is not None:
+            ax.axhline(100 * base, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
+    ax.set_xlabel("number of edits")
+    ax.set_ylabel("token accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_xlim(0, max(edits) * 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize="small", title="dashed: unedited", title_fontsize="x-small")
+    ax.set_title(f"{results['method']['name']} on {results['config']['dataset']}: {results['model']['name_or_path']}",
+                 fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# --------------------------------------------------------------------------- command line
+def _modules_arg(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [m for v in values for m in v.split(",") if m]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``ultraedit bench`` on an ``argparse`` subparsers object."""
+    from .presets import PRESETS
+
+    p = subparsers.add_parser(
+        "bench",
+        help="run the lifelong editing benchmark (T turns of N edits, then evaluate every edit)",
+        description="Lifelong editing benchmark: edit T turns of N requests, evaluate every edited request, "
+        "write DIR/results.json, DIR/results.md and DIR/curve.png.",
+    )
+    p.add_argument("--model", required=True, help="Hugging Face name or local path, or 'testbed'")
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="record format of --data ('testbed': built-in)")
+    p.add_argument("--data", metavar="FILE", help="dataset file (JSON list or JSON Lines, optionally .gz)")
+    p.add_argument("--turns", type=int, required=True, metavar="T", help="number of turns")
+    p.add_argument("--turn-size", type=int, default=100, metavar="N", help="requests per turn (default 100)")
+    p.add_argument("--batch-size", type=int, default=10, help="requests per minibatch (default 10)")
+    p.add_argument("--lr", type=float, default=None, help=f"step size (default {EditConfig.lr})")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--modules", nargs="+", metavar="NAME", help="edit modules (dotted names, space or comma separated)")
+    group.add_argument("--preset", choices=sorted(PRESETS), help="edit-module preset (default: the model family's)")
+    p.add_argument("--eval-every", type=int, default=None, metavar="K", help="also evaluate after every K turns")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=sorted(_DTYPES), help="dtype to load the model in")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", default="ultraedit", choices=sorted(METHODS), help="editing method")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed records (listed in DIR/rejects.jsonl)")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="sequences per evaluation forward (default 64)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.set_defaults(func=_command)
+    return p
+
+
+def _command(args: argparse.Namespace) -> int:
+    try:
+        config = BenchConfig(
+            model=args.model, dataset=args.dataset, data=args.data, out=args.out, turns=args.turns,
+            turn_size=args.turn_size, batch_size=args.batch_size, lr=args.lr, modules=_modules_arg(args.modules),
+            preset=args.preset, eval_every=args.eval_every, device=args.device, dtype=args.dtype, seed=args.seed,
+            method=args.method, skip_invalid=args.skip_invalid, eval_batch_size=args.eval_batch_size,
+            progress=not args.quiet,
+        )
+        results = run(config)
+    except (BenchError, DatasetError, EditError, KeyError, OSError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"ultraedit bench: error: {message}", file=sys.stderr)
+        return 2
+    print(markdown(results), end="")
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md, curve.png")
+    return 0

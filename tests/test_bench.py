@@ -1,0 +1,197 @@
+"""The lifelong benchmark end to end on a tiny random model saved with save_pretrained."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ultraedit import bench
+from ultraedit.bench import BenchConfig, BenchError, register_method, run
+from ultraedit.cli import build_parser, main
+from ultraedit.datasets import read_requests
+
+from tiny import tiny_config
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _tokenizer():
+    """A byte-level BPE tokenizer trained on the fixtures' text (deterministic, no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    for path in sorted(FIXTURES.glob("*.json*")):
+        for r in read_requests(path):
+            texts += [r.prompt, " " + r.target, *r.rephrases, *(x for p, a in r.locality for x in (p, " " + a))]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    import transformers as T
+
+    tokenizer = _tokenizer()
+    config = tiny_config("llama")
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+ARGS = ["--turns", "2", "--turn-size", "4", "--batch-size", "2", "--lr", "1e-2", "--device", "cpu", "--quiet"]
+
+
+def test_bench_is_a_subcommand():
+    args = build_parser().parse_args(
+        ["bench", "--model", "m", "--dataset", "zsre", "--data", "f", "--turns", "3", "--out", "o"]
+    )
+    assert (args.turn_size, args.batch_size, args.eval_every, args.seed, args.method) == (100, 10, None, 0, "ultraedit")
+    assert args.func is bench._command
+
+
+def test_end_to_end_cli_writes_results_markdown_and_plot(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["bench", "--model", str(model_dir), "--dataset", "zsre", "--data", str(FIXTURES / "zsre_eval.json"),
+                 *ARGS, "--eval-every", "1", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("efficacy", "generalization", "specificity"):
+        assert isinstance(results[key], float) and 0.0 <= results[key] <= 1.0
+    m = results["metrics"]
+    assert set(m) >= {"efficacy_exact", "generalization_exact", "specificity_exact", "locality_vs_unedited"}
+    assert results["counts"]["efficacy"] == results["counts"]["specificity"] == results["edits"] == 8
+    # the edits changed the model that was evaluated: efficacy rose, locality predictions moved
+    assert results["efficacy"] > results["baseline"]["efficacy"]
+    assert m["locality_vs_unedited"] < 1.0
+    assert [(p["turns"], p["edits"]) for p in results["curve"]] == [(1, 4), (2, 8)]
+    assert results["curve"][-1]["efficacy"] == results["efficacy"]
+    assert len(results["turn_log"]) == 2 and all(t["requests"] == 4 for t in results["turn_log"])
+    assert results["edits_per_second"] > 0 and results["peak_memory"]["bytes"] > 0
+    assert results["peak_memory"]["kind"] == "rss"
+    assert results["model"]["class"] == "LlamaForCausalLM" and len(results["model"]["weights_sha256"]) == 64
+    assert results["method"]["name"] == "ultraedit" and results["method"]["capture_batch_size"] == 2
+    assert results["method"]["lr"] == 1e-2 and results["method"]["modules"] == results["model"]["edit_modules"]
+    assert results["config"]["turns"] == 2 and results["dataset"]["format"] == "zsre"
+    md = (out / "results.md").read_text()
+    assert f"| Efficacy (token acc.) | {100 * results['baseline']['efficacy']:.2f} | {100 * results['efficacy']:.2f} |" in md
+    assert "## Curve" in md
+    assert md in capsys.readouterr().out
+    png = (out / "curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    # Seeded and deterministic on CPU: the same run through the Python API gives the same numbers.
+    again = run(BenchConfig(model=str(model_dir), dataset="zsre", data=str(FIXTURES / "zsre_eval.json"),
+                            out=str(tmp_path / "again"), turns=2, turn_size=4, batch_size=2, lr=1e-2,
+                            eval_every=1, device="cpu", progress=False))
+    assert again["metrics"] == results["metrics"] and again["curve"] == results["curve"]
+    assert again["baseline"] == results["baseline"] and again["model"] == results["model"]
+
+
+class _Recorder:
+    """A plug-in method that edits nothing and records the turns it is given."""
+
+    calls: list[list[str]] = []
+
+    def __init__(self, model, tokenizer, config):
+        self.model = model
+
+    def edit(self, requests):
+        _Recorder.calls.append([r.prompt for r in requests])
+
+    def describe(self):
+        return {"modules": ["model.layers.0.mlp.up_proj"], "note": "records only"}
+
+
+def test_method_plugins_get_the_lifelong_sequence(model_dir, tmp_path):
+    import transformers as T
+
+    register_method("recorder", _Recorder)
+    try:
+        _Recorder.calls = []
+        requests = list(read_requests(FIXTURES / "requests.jsonl"))
+        model = T.AutoModelForCausalLM.from_pretrained(model_dir)
+        tokenizer = T.AutoTokenizer.from_pretrained(model_dir)
+        results = run(BenchConfig(model="tiny", dataset="jsonl", out=str(tmp_path), turns=3, turn_size=5,
+                                  method="recorder", device="cpu", progress=False, data="unused"),
+                      model=model, tokenizer=tokenizer, requests=requests)
+    finally:
+        bench.METHODS.pop("recorder")
+    assert _Recorder.calls == [[r.prompt for r in requests[i : i + 5]] for i in (0, 5, 10)]
+    # nothing was edited: the final scores are the unedited ones and locality agrees everywhere
+    assert results["metrics"]["locality_vs_unedited"] == 1.0
+    assert {k: results["metrics"][k] for k in results["baseline"]} == results["baseline"]
+    assert results["counts"]["efficacy"] == 15
+    assert results["counts"]["generalization"] == sum(1 for r in requests[:15] if r.rephrases)
+    assert results["method"] == {"name": "recorder", "modules": ["model.layers.0.mlp.up_proj"], "note": "records only"}
+
+
+def test_python_api_edits_only_the_edit_modules(model_dir, tmp_path):
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = T.AutoTokenizer.from_pretrained(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    results = run(BenchConfig(model="tiny", dataset="counterfact", data=str(FIXTURES / "counterfact.json"),
+                              out=str(tmp_path), turns=1, turn_size=3, lr=1e-2, device="cpu", progress=False),
+                  model=model, tokenizer=tokenizer)
+    changed = {k.removesuffix(".weight") for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == set(results["model"]["edit_modules"]) and changed
+    assert results["counts"]["specificity"] == 3  # neighborhood prompts scored with target_true
+    assert results["counts"]["generalization"] == 3
+
+
+def test_too_little_data_and_bad_records_are_clear_errors(model_dir, tmp_path, capsys):
+    data = FIXTURES / "ultraeditbench.json"
+    common = ["bench", "--model", str(model_dir), "--dataset", "ultraeditbench", "--device", "cpu", "--quiet"]
+    code = main([*common, "--data", str(data), "--turns", "5", "--turn-size", "7", "--out", str(tmp_path / "a")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{data} provides 32 requests; --turns 5 x --turn-size 7 needs 35" in err
+
+    records = json.loads(data.read_text())[:6]
+    del records[2]["rephrase_prompt"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    code = main([*common, "--data", str(bad), "--turns", "1", "--turn-size", "5", "--out", str(tmp_path / "b")])
+    assert code == 2
+    assert f"{bad}: record 2: field 'rephrase_prompt': missing" in capsys.readouterr().err
+
+    out = tmp_path / "c"
+    code = main([*common, "--data", str(bad), "--turns", "1", "--turn-size", "5", "--skip-invalid", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"]["skipped_invalid"] == 1 and results["counts"]["efficacy"] == 5
+    assert json.loads((out / "rejects.jsonl").read_text())["index"] == 2
+
+
+def test_config_validation():
+    with pytest.raises(BenchError, match="needs --data FILE"):
+        BenchConfig(model="m", dataset="zsre", out="o", turns=1)
+    with pytest.raises(BenchError, match="turn_size must be a positive integer"):
+        BenchConfig(model="m", dataset="zsre", data="f", out="o", turns=1, turn_size=0)
+    with pytest.raises(BenchError, match="unknown method 'memit'"):
+        BenchConfig(model="m", dataset="zsre", data="f", out="o", turns=1, method="memit")
+    with pytest.raises(BenchError, match="unknown dataset"):
+        BenchConfig(model="m", dataset="squad", data="f", out="o", turns=1)
+
+
+def test_testbed_names_need_the_testbed_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ultraedit.testbed", None)  # as if it were not installed
+    with pytest.raises(BenchError, match="built-in testbed"):
+        bench.load_model("testbed")
