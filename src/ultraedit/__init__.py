@@ -8,6 +8,7 @@ Quick start::
 """
 
 from .batching import EditError, EditRequest, tokenize_pair
+from .datasets import DatasetError, read_requests
 from .editor import EditConfig, PendingTurn, TurnReport, UltraEditor
 from .evaluation import score_pairs
 from .normalizer import LifelongNormalizer
@@ -17,6 +18,7 @@ from .solver import ridge_solve, target_values
 __version__ = "0.1.0"
 
 __all__ = [
+    "DatasetError",
     "EditConfig",
     "EditError",
     "EditRequest",
@@ -26,6 +28,7 @@ __all__ = [
     "Preset",
     "TurnReport",
     "UltraEditor",
+    "read_requests",
     "resolve_modules",
     "ridge_solve",
     "score_pairs",

@@ -638,7 +638,7 @@ def plot_curve(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ax.set_ylim(-2, 102)
     ax.set_xlim(0, max(edits) * 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small", title="dashed: unedited", title_fontsize="x-small")
+    ax.legend(loc="best", fontsize="small", title="dashed: unedited", title_fontsize="x-small")
     ax.set_title(f"{results['method']['name']} on {results['config']['dataset']}: {results['model']['name_or_path']}",
                  fontsize="small")
     fig.tight_layout()
