@@ -128,7 +128,7 @@ def test_method_plugins_get_the_lifelong_sequence(model_dir, tmp_path):
         model = T.AutoModelForCausalLM.from_pretrained(model_dir)
         tokenizer = T.AutoTokenizer.from_pretrained(model_dir)
         results = run(BenchConfig(model="tiny", dataset="jsonl", out=str(tmp_path), turns=3, turn_size=5,
-                                  method="recorder", device="cpu", progress=False, data="unused"),
+                                  method="recorder", device="cpu", progress=False),
                       model=model, tokenizer=tokenizer, requests=requests)
     finally:
         bench.METHODS.pop("recorder")
@@ -182,7 +182,7 @@ def test_too_little_data_and_bad_records_are_clear_errors(model_dir, tmp_path, c
 
 def test_config_validation():
     with pytest.raises(BenchError, match="needs --data FILE"):
-        BenchConfig(model="m", dataset="zsre", out="o", turns=1)
+        run(BenchConfig(model="m", dataset="zsre", out="o", turns=1))
     with pytest.raises(BenchError, match="turn_size must be a positive integer"):
         BenchConfig(model="m", dataset="zsre", data="f", out="o", turns=1, turn_size=0)
     with pytest.raises(BenchError, match="unknown method 'memit'"):

@@ -33,6 +33,7 @@ import resource
 import sys
 import time
 from array import array
+from collections import abc
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
@@ -91,7 +92,7 @@ class BenchConfig:
         model: Hugging Face model name or local path, or ``"testbed"`` (a label when ``run`` gets a
             model object).
         dataset: one of :data:`DATASETS` (the record format of ``data``).
-        data: the dataset file (not needed for ``dataset="testbed"``).
+        data: the dataset file (not needed for ``dataset="testbed"`` or when ``run`` gets requests).
         out: output directory.
         turns: T, the number of turns.
         turn_size: N, requests per turn (paper: 100).
@@ -132,8 +133,6 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise BenchError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        if self.dataset != "testbed" and not self.data:
-            raise BenchError(f"--dataset {self.dataset} needs --data FILE")
         for name in ("turns", "turn_size", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -413,6 +412,10 @@ def run(
     """
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if requests is None and config.dataset != "testbed" and not config.data:
+        raise BenchError(f"--dataset {config.dataset} needs --data FILE")
+    if requests is not None and not isinstance(requests, abc.Sequence):
+        requests = list(requests)  # read more than once (baseline, editing, evaluation)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _seed(config.seed)
