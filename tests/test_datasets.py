@@ -231,6 +231,10 @@ def test_undetectable_format_and_bad_arguments(tmp_path):
         read_requests(path, "squad")
     with pytest.raises(DatasetError, match="no such file"):
         read_requests(tmp_path / "missing.json")
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text('{\n  "data": []\n}\n')  # an object around the list is not a published layout
+    with pytest.raises(DatasetError, match=r"line 1: malformed JSON .*JSON list of records or JSON Lines"):
+        list(read_requests(wrapped))
 
 
 def test_skip_invalid_counts_and_writes_rejects(tmp_path):

@@ -420,7 +420,10 @@ class RequestReader(Iterator[EditRequest]):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    yield lineno, _FieldError(None, f"malformed JSON ({err.msg} at column {err.colno})"), line
+                    problem = f"malformed JSON ({err.msg} at column {err.colno})"
+                    if not self.read:
+                        problem += "; a dataset file is a JSON list of records or JSON Lines (one record per line)"
+                    yield lineno, _FieldError(None, problem), line
                     continue
                 yield lineno, record, line
         except UnicodeDecodeError as err:
