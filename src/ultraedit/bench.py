@@ -588,7 +588,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Model: `{results['model']['name_or_path']}` ({results['model']['class']}, "
         f"{results['model']['num_parameters']:,} parameters, {results['model']['dtype']}, "
         f"{len(results['model']['edit_modules'])} edit modules)",
-        f"- Protocol: {cfg['turns']} turns x {cfg['turn_size']} requests = {results['edits']:,} edits "
+        f"- Protocol: {cfg['turns']} turn{'s' if cfg['turns'] != 1 else ''} x {cfg['turn_size']} requests = "
+        f"{results['edits']:,} edits "
         f"(minibatch {cfg['batch_size']}), then every edited request evaluated",
         f"- Method: `{results['method']['name']}`, lr {results['method'].get('lr', 'n/a')}, "
         f"seed {cfg['seed']}, device {cfg['device']}",
