@@ -14,6 +14,7 @@ from .evaluation import score_pairs
 from .normalizer import LifelongNormalizer
 from .presets import PRESETS, Preset, resolve_modules
 from .solver import ridge_solve, target_values
+from .state import FingerprintError, RevertReport, StateError, apply_delta, merge
 
 __version__ = "0.1.0"
 
@@ -22,12 +23,17 @@ __all__ = [
     "EditConfig",
     "EditError",
     "EditRequest",
+    "FingerprintError",
     "LifelongNormalizer",
     "PRESETS",
     "PendingTurn",
     "Preset",
+    "RevertReport",
+    "StateError",
     "TurnReport",
     "UltraEditor",
+    "apply_delta",
+    "merge",
     "read_requests",
     "resolve_modules",
     "ridge_solve",

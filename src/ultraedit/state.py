@@ -372,10 +372,22 @@ def _read_safetensors(path: Path) -> tuple[Any, dict[str, str]]:
     return handle, dict(handle.metadata() or {})
 
 
+_HELD: set[str] = set()
+
+
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``directory/.lock``: one writer per state directory."""
+def session_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Exclusive advisory lock on ``directory/.lock``: one writing process per state directory.
+
+    Re-entrant within a process (:func:`save` takes it too); another process holding it makes
+    this raise :class:`StateError` at once instead of waiting.
+    """
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    key = str(directory.resolve())
+    if key in _HELD:
+        yield
+        return
     fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -384,7 +396,11 @@ def _locked(directory: Path) -> Iterator[None]:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise StateError(f"another process is writing the state in {directory}") from None
             raise
-        yield
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
     finally:
         os.close(fd)
 
@@ -525,7 +541,7 @@ def save(editor: "UltraEditor", directory: str | os.PathLike[str], *, delta_dtyp
         raise ValueError(f"delta_dtype must be 'float32' or 'model', got {delta_dtype!r}")
     directory = Path(directory)
     session = editor.session
-    with _locked(directory):
+    with session_lock(directory):
         old = _current_dir(directory)
         _cleanup(directory, old)
         number = int(old.name[1:]) + 1 if old is not None else 1
@@ -666,7 +682,7 @@ def read_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]
     """``(meta, version_dir)`` of the current saved state (``state.json`` as a dict)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise StateError(f"no state directory {directory}")
+        raise StateError(f"no saved state in {directory} (no such directory)")
     version = _current_dir(directory)
     if version is None:
         raise StateError(f"no saved state in {directory} (no {CURRENT} file)")
