@@ -201,6 +201,40 @@ def test_config_validation():
 
 
 def test_testbed_names_need_the_testbed_module(monkeypatch):
+    import ultraedit
+
     monkeypatch.setitem(sys.modules, "ultraedit.testbed", None)  # as if it were not installed
+    monkeypatch.delattr(ultraedit, "testbed", raising=False)
     with pytest.raises(BenchError, match="built-in testbed"):
         bench.load_model("testbed")
+
+
+def test_testbed_names_use_the_testbed_module(model_dir, tmp_path, monkeypatch):
+    """``--model testbed --dataset testbed`` go through ultraedit.testbed's two functions (stood in
+    for here by the tiny model and our JSONL fixture, to test the wiring only)."""
+    import types
+
+    import transformers as T
+
+    calls = []
+
+    def load_testbed():
+        calls.append("load_testbed")
+        return T.AutoModelForCausalLM.from_pretrained(model_dir), T.AutoTokenizer.from_pretrained(model_dir)
+
+    def requests_path():
+        calls.append("requests_path")
+        return FIXTURES / "requests.jsonl"
+
+    module = types.ModuleType("ultraedit.testbed")
+    module.load_testbed, module.requests_path = load_testbed, requests_path
+    monkeypatch.setitem(sys.modules, "ultraedit.testbed", module)
+    import ultraedit
+
+    monkeypatch.setattr(ultraedit, "testbed", module, raising=False)
+    out = tmp_path / "tb"
+    assert main(["bench", "--model", "testbed", "--dataset", "testbed", *ARGS, "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert calls == ["load_testbed", "requests_path"]
+    assert results["dataset"]["format"] == "jsonl" and results["dataset"]["path"].endswith("requests.jsonl")
+    assert results["model"]["name_or_path"] == "testbed" and results["edits"] == 8
