@@ -241,10 +241,8 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: str = "auto
     else:
         import transformers
 
-        kw: dict[str, Any] = {}
-        if torch_dtype is not None:
-            major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-            kw["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = torch_dtype
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        kw = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype or "auto"}
         tokenizer = transformers.AutoTokenizer.from_pretrained(name)
         model = transformers.AutoModelForCausalLM.from_pretrained(name, **kw)
     return model.to(device).eval(), tokenizer
