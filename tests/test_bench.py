@@ -86,7 +86,7 @@ def test_end_to_end_cli_writes_results_markdown_and_plot(model_dir, tmp_path, ca
     assert set(m) >= {"efficacy_exact", "generalization_exact", "specificity_exact", "locality_vs_unedited"}
     assert results["counts"]["efficacy"] == results["counts"]["specificity"] == results["edits"] == 8
     # the edits changed the model that was evaluated: efficacy rose, locality predictions moved
-    assert results["efficacy"] > results["baseline"]["efficacy"]
+    assert results["efficacy"] > results["unedited"]["efficacy"]
     assert m["locality_vs_unedited"] < 1.0
     assert [(p["turns"], p["edits"]) for p in results["curve"]] == [(1, 4), (2, 8)]
     assert results["curve"][-1]["efficacy"] == results["efficacy"]
@@ -98,7 +98,7 @@ def test_end_to_end_cli_writes_results_markdown_and_plot(model_dir, tmp_path, ca
     assert results["method"]["lr"] == 1e-2 and results["method"]["modules"] == results["model"]["edit_modules"]
     assert results["config"]["turns"] == 2 and results["dataset"]["format"] == "zsre"
     md = (out / "results.md").read_text()
-    assert f"| Efficacy (token acc.) | {100 * results['baseline']['efficacy']:.2f} | {100 * results['efficacy']:.2f} |" in md
+    assert f"| Efficacy (token acc.) | {100 * results['unedited']['efficacy']:.2f} | {100 * results['efficacy']:.2f} |" in md
     assert "## Curve" in md
     assert md in capsys.readouterr().out
     png = (out / "curve.png").read_bytes()
@@ -109,7 +109,7 @@ def test_end_to_end_cli_writes_results_markdown_and_plot(model_dir, tmp_path, ca
                             out=str(tmp_path / "again"), turns=2, turn_size=4, batch_size=2, lr=1e-2,
                             eval_every=1, device="cpu", progress=False))
     assert again["metrics"] == results["metrics"] and again["curve"] == results["curve"]
-    assert again["baseline"] == results["baseline"] and again["model"] == results["model"]
+    assert again["unedited"] == results["unedited"] and again["model"] == results["model"]
 
 
 class _Recorder:
@@ -144,7 +144,7 @@ def test_method_plugins_get_the_lifelong_sequence(model_dir, tmp_path):
     assert _Recorder.calls == [[r.prompt for r in requests[i : i + 5]] for i in (0, 5, 10)]
     # nothing was edited: the final scores are the unedited ones and locality agrees everywhere
     assert results["metrics"]["locality_vs_unedited"] == 1.0
-    assert {k: results["metrics"][k] for k in results["baseline"]} == results["baseline"]
+    assert {k: results["metrics"][k] for k in results["unedited"]} == results["unedited"]
     assert results["counts"]["efficacy"] == 15
     assert results["counts"]["generalization"] == sum(1 for r in requests[:15] if r.rephrases)
     assert results["method"] == {"name": "recorder", "modules": ["model.layers.0.mlp.up_proj"], "note": "records only"}

@@ -4,7 +4,7 @@ Protocol (the paper's): the first ``turns * turn_size`` requests of a dataset ar
 ``turns`` turns of ``turn_size`` requests (minibatches of ``batch_size``), one turn after another
 on the same model; after the whole sequence, every request ever edited is evaluated. With
 ``eval_every=K`` the requests edited so far are also evaluated after every K-th turn (a curve).
-Before editing, the unedited model is scored on the same requests (the ``baseline`` columns and
+Before editing, the unedited model is scored on the same requests (the ``unedited`` columns and
 the reference predictions of "locality vs unedited").
 
 Metrics (``evaluation``): token-level teacher-forced accuracy for efficacy (edit prompts, new
@@ -413,7 +413,7 @@ def run(
     if requests is None and config.dataset != "testbed" and not config.data:
         raise BenchError(f"--dataset {config.dataset} needs --data FILE")
     if requests is not None and not isinstance(requests, abc.Sequence):
-        requests = list(requests)  # read more than once (baseline, editing, evaluation)
+        requests = list(requests)  # read more than once (unedited scores, editing, evaluation)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _seed(config.seed)
@@ -438,20 +438,20 @@ def run(
     eval_kw = dict(batch_size=config.eval_batch_size, max_tokens=config.eval_max_tokens)
     chunk = max(config.eval_batch_size * 16, config.turn_size)
 
-    # 1. The unedited model on every request of the run: baseline scores and reference predictions.
+    # 1. The unedited model on every request of the run: its scores and reference predictions.
     t = time.perf_counter()
     reference = _Predictions()
-    baseline = MetricTotals()
+    unedited = MetricTotals()
     total = 0
     bar = _bar(config.progress, config.edits, "unedited model", "req")
     for requests_ in _chunks(source.take(config.edits, record=True), chunk):
         scores = score_requests(model, tokenizer, requests_, **eval_kw)
-        baseline.add(scores)
+        unedited.add(scores)
         reference.extend(scores.locality_predictions)
         total += len(requests_)
         bar.update(len(requests_))
     bar.close()
-    timings["baseline_eval_seconds"] = time.perf_counter() - t
+    timings["unedited_eval_seconds"] = time.perf_counter() - t
     if total < config.edits:
         where = f"{source.path}" if source.path else "the given requests"
         skipped = f" (after skipping {source.skipped} invalid records)" if source.skipped else ""
@@ -471,6 +471,8 @@ def run(
         batch = list(islice(stream, config.turn_size))
         t = time.perf_counter()
         report = method.edit(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t
         edit_seconds += seconds
         entry: dict[str, Any] = {"turn": turn, "requests": len(batch), "seconds": seconds}
@@ -503,7 +505,7 @@ def run(
         "specificity": metrics.get("specificity"),
         "metrics": metrics,
         "counts": final.counts,
-        "baseline": baseline.means(),
+        "unedited": unedited.means(),
         "curve": curve,
         "edits": config.edits,
         "edits_per_second": config.edits / edit_seconds if edit_seconds > 0 else None,
@@ -598,8 +600,8 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---:|---:|",
     ]
     for key, label in METRIC_NAMES.items():
-        if key in results["metrics"] or key in results["baseline"]:
-            lines.append(f"| {label} | {_pct(results['baseline'].get(key))} | {_pct(results['metrics'].get(key))} |")
+        if key in results["metrics"] or key in results["unedited"]:
+            lines.append(f"| {label} | {_pct(results['unedited'].get(key))} | {_pct(results['metrics'].get(key))} |")
     eps = results["edits_per_second"]
     lines += [
         "",
@@ -632,7 +634,7 @@ def plot_curve(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
         if all(v is None for v in values):
             continue
         ax.plot(edits, [math.nan if v is None else 100 * v for v in values], marker="o", color=color, label=key.capitalize())
-        base = results["baseline"].get(key)
+        base = results["unedited"].get(key)
         if base is not None:
             ax.axhline(100 * base, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
     ax.set_xlabel("number of edits")
