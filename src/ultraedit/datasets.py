@@ -1,19 +1,20 @@
 """Editing datasets, read streaming in their published formats, as :class:`EditRequest` objects.
 
-Formats (field names exactly as published; see ``docs/datasets.md`` for where to get the files):
+Formats (field names exactly as published; ``docs/datasets.md`` says where to get the files).
+Each maps to ``EditRequest(prompt, target, rephrases, locality, id, extra)`` as follows:
 
-============== ============================ ===================== ============================== =====================
-format         edit prompt -> new answer    rephrases             locality prompt -> answer      extra
-============== ============================ ===================== ============================== =====================
-jsonl (ours)   ``prompt`` -> ``target``     ``rephrases`` (list)  ``locality`` [{prompt,answer}] ``id``
-zsre           ``src`` -> ``ans``/``alt``   ``rephrase``          ``loc`` + "?" -> ``loc_ans``   ``subject``
-fever          ``prompt`` -> ``alt``        one of ``equiv_prompt`` ``unrel_prompt`` -> ``unrel_ans``  all ``equiv_prompt``
-wikibigedit    ``update`` -> ``ans``        ``rephrase``          ``loc`` -> ``loc_ans``         ``personas``, ``mhop``
-ultraeditbench ``prompt`` -> ``ans``        ``rephrase_prompt``   ``loc`` -> ``loc_ans``         ``subject``
-counterfact    ``requested_rewrite``        ``paraphrase_prompts``  ``neighborhood_prompts``     ``case_id``, subject,
-               prompt.format(subject) ->                            -> ``target_true.str``       ``target_true``
-               ``target_new.str``
-============== ============================ ===================== ============================== =====================
+- ``jsonl`` (ours): ``prompt`` -> ``target``; ``rephrases`` (list); ``locality`` (list of
+  ``{"prompt", "answer"}``); ``id``.
+- ``zsre``: ``src`` -> ``ans`` (or ``alt``); ``rephrase``; ``loc + "?"`` -> ``loc_ans``.
+- ``fever``: ``prompt`` -> ``alt``; one of the list ``equiv_prompt`` (seeded choice);
+  ``unrel_prompt`` -> ``unrel_ans``; ``extra["equiv_prompts"]`` keeps them all.
+- ``wikibigedit``: ``update`` -> ``ans``; ``rephrase``; ``loc`` -> ``loc_ans``;
+  ``extra["personas"]`` = ``(personas, ans)`` pairs, ``extra["mhop"]`` = ``(mhop, mhop_ans)``
+  pairs (empty when the record has no ``mhop``).
+- ``ultraeditbench``: ``prompt`` -> ``ans``; ``rephrase_prompt``; ``loc`` -> ``loc_ans``.
+- ``counterfact``: ``requested_rewrite.prompt`` with ``{}`` := ``requested_rewrite.subject`` ->
+  ``requested_rewrite.target_new.str``; ``paraphrase_prompts``; each of ``neighborhood_prompts``
+  -> ``requested_rewrite.target_true.str``; ``id`` = ``case_id``.
 
 Files may be one JSON list (the published layout) or JSON Lines (one object per line), optionally
 gzip-compressed (``.gz``). JSON lists are parsed incrementally with ``ijson``: a 2M-record file is
