@@ -71,6 +71,7 @@ def test_bench_is_a_subcommand():
         ["bench", "--model", "m", "--dataset", "zsre", "--data", "f", "--turns", "3", "--out", "o"]
     )
     assert (args.turn_size, args.batch_size, args.eval_every, args.seed, args.method) == (100, 10, None, 0, "ultraedit")
+    assert (args.eval_batch_size, args.eval_max_tokens, args.forward_batch_size) == (64, 16384, 100)
     assert args.func is bench._command
 
 
@@ -194,6 +195,8 @@ def test_config_validation():
         run(BenchConfig(model="m", dataset="zsre", out="o", turns=1))
     with pytest.raises(BenchError, match="turn_size must be a positive integer"):
         BenchConfig(model="m", dataset="zsre", data="f", out="o", turns=1, turn_size=0)
+    with pytest.raises(BenchError, match="eval_max_tokens must be a positive integer or None"):
+        BenchConfig(model="m", dataset="zsre", data="f", out="o", turns=1, eval_max_tokens=0)
     with pytest.raises(BenchError, match="unknown method 'memit'"):
         BenchConfig(model="m", dataset="zsre", data="f", out="o", turns=1, method="memit")
     with pytest.raises(BenchError, match="unknown dataset"):

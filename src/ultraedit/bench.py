@@ -137,6 +137,10 @@ class BenchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise BenchError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("eval_max_tokens", "forward_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise BenchError(f"{name} must be a positive integer or None, got {value!r}")
         if self.eval_every is not None and (not isinstance(self.eval_every, int) or self.eval_every < 1):
             raise BenchError(f"eval_every must be a positive integer, got {self.eval_every!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -683,6 +687,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--method", default="ultraedit", choices=sorted(METHODS), help="editing method")
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed records (listed in DIR/rejects.jsonl)")
     p.add_argument("--eval-batch-size", type=int, default=64, help="sequences per evaluation forward (default 64)")
+    p.add_argument("--eval-max-tokens", type=int, default=16384,
+                   help="padded tokens per evaluation forward, bounds logits memory (default 16384)")
+    p.add_argument("--forward-batch-size", type=int, default=100,
+                   help="requests per UltraEdit forward/backward; speed/memory only, same results (default 100)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_command)
@@ -696,6 +704,7 @@ def _command(args: argparse.Namespace) -> int:
             turn_size=args.turn_size, batch_size=args.batch_size, lr=args.lr, modules=_modules_arg(args.modules),
             preset=args.preset, eval_every=args.eval_every, device=args.device, dtype=args.dtype, seed=args.seed,
             method=args.method, skip_invalid=args.skip_invalid, eval_batch_size=args.eval_batch_size,
+            eval_max_tokens=args.eval_max_tokens, forward_batch_size=args.forward_batch_size,
             progress=not args.quiet,
         )
         results = run(config)
