@@ -8,8 +8,13 @@ returning an exit code). This file only assembles them.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import sys
-from typing import Sequence
+import time
+from pathlib import Path
+from typing import Any, Sequence
 
 from . import __version__
 from . import bench
@@ -28,6 +33,481 @@ def _presets_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Lifelong sessions: edit / ask / info / merge (saved state in ultraedit.state)
+
+_EXIT_BAD_INPUT = 2
+_EXIT_INTERRUPTED = 130
+_PREFIX_BYTES = 16 << 20  # an edits file is recognised by the SHA-256 of its first 16 MiB
+
+
+class CliError(Exception):
+    """A user-facing error: printed as ``ultraedit <command>: error: ...``, exit code 2."""
+
+
+def _reporting(func: Any) -> Any:
+    """Turn the library's input errors into one clear line on stderr and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .batching import EditError
+        from .datasets import DatasetError
+        from .state import StateError
+
+        try:
+            return int(func(args) or 0)
+        except (CliError, StateError, DatasetError, EditError) as err:
+            print(f"ultraedit {args.command}: error: {err}", file=sys.stderr)
+            return _EXIT_BAD_INPUT
+
+    return run
+
+
+def _device_of(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _state_dtype(state_dir: str) -> str | None:
+    """The dtype the saved state's base model was edited in (None if there is no state)."""
+    from .state import has_state, read_state
+
+    if not has_state(state_dir):
+        return None
+    dtypes = {m["dtype"] for m in read_state(state_dir)[0]["fingerprint"]["modules"].values()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _load_model(name: str, device: str, dtype: str, *, tokenizer: bool = True) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a local directory or hub name, in eval mode on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(name) if tokenizer else None
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise CliError(f"cannot load --model {name!r}: {err}") from None
+    return model.to(_device_of(device)).eval(), tok
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face model directory or hub name (the BASE model)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available; default)")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="model dtype; auto = the saved state's, else the checkpoint's",
+    )
+
+
+def _prefix_digest(path: Path, length: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = length
+        while remaining > 0:
+            chunk = f.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+def _input_entry(progress: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The saved progress record of this edits file (matched by content, not by name), or a new one."""
+    size = path.stat().st_size
+    for entry in progress.setdefault("inputs", []):
+        length = entry["prefix_bytes"]
+        if size >= length and _prefix_digest(path, length) == entry["prefix_sha256"]:
+            entry["path"] = str(path.resolve())
+            return entry
+    length = min(size, _PREFIX_BYTES)
+    entry = {
+        "path": str(path.resolve()), "prefix_bytes": length, "prefix_sha256": _prefix_digest(path, length),
+        "records": 0, "rejected": 0, "rejected_tokenize": 0, "turns": 0, "done": False,
+    }
+    progress["inputs"].append(entry)
+    return entry
+
+
+def _count_records(path: Path) -> int | None:
+    """Non-blank lines of a JSON Lines file (the progress bar's total); None for a JSON list."""
+    if path.suffix == ".gz":
+        return None
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head[:1] == b"[":
+            return None
+        f.seek(0)
+        return sum(1 for line in f if line.strip())
+
+
+class _RejectsSink:
+    """Rejects file shared by the reader and the CLI. On resume it is cut back to the rejects of
+    the records already consumed, and writes for those records (re-read while skipping) are
+    dropped, so every bad record appears once."""
+
+    def __init__(self, path: Path, keep_lines: int, skip_through: int) -> None:
+        self.path = path
+        self.skip_through = skip_through
+        self.reader: Any = None
+        self.written = 0
+        lines = []
+        if keep_lines and path.exists():
+            with open(path, encoding="utf-8") as f:
+                lines = [line for _, line in zip(range(keep_lines), f)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "w", encoding="utf-8")
+        self._file.writelines(lines)
+
+    def write(self, text: str) -> int:
+        if self.reader is not None and self.reader.read <= self.skip_through:
+            return len(text)
+        self.written += 1
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _check_same_config(config: Any, args: argparse.Namespace, model: Any) -> None:
+    """A resumed session keeps its hyperparameters: refuse command-line values that differ."""
+    from .presets import resolve_modules
+
+    asked = {"lr": args.lr, "ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
+    for key, value in asked.items():
+        if value is not None and value != getattr(config, key):
+            raise CliError(
+                f"--{key.replace('_', '-')} {value} differs from the saved state's {key}={getattr(config, key)}; "
+                "a lifelong session keeps its hyperparameters (use a new --state directory to change them)"
+            )
+    modules = args.modules or (resolve_modules(model, args.preset) if args.preset else None)
+    if modules is not None and list(modules) != list(config.modules):
+        raise CliError(f"the edit modules asked for differ from the saved state's {config.modules}")
+
+
+@_reporting
+def _edit_command(args: argparse.Namespace) -> int:
+    import signal
+
+    from tqdm import tqdm
+
+    from .batching import EditError, tokenize_pair
+    from .datasets import DatasetError, read_requests
+    from .editor import EditConfig, UltraEditor
+    from .state import has_state, load, save, session_lock
+
+    edits_path = Path(args.edits)
+    if not edits_path.is_file():
+        raise CliError(f"--edits {args.edits}: no such file")
+    if args.turn_size < 1 or args.save_every < 1:
+        raise CliError("--turn-size and --save-every must be >= 1")
+    state_dir = Path(args.state)
+    resuming = has_state(state_dir)
+    dtype = args.dtype if args.dtype != "auto" or not resuming else (_state_dtype(args.state) or "auto")
+    model, tokenizer = _load_model(args.model, args.device, dtype)
+
+    with session_lock(state_dir):
+        if resuming:
+            editor = load(model, state_dir, tokenizer, keep_turn_deltas=args.keep_turn_deltas)
+            _check_same_config(editor.config, args, model)
+        else:
+            fields = {"lr": args.lr, "ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
+            config = EditConfig(
+                modules=args.modules, preset=args.preset, **{k: v for k, v in fields.items() if v is not None}
+            )
+            editor = UltraEditor(model, config, tokenizer, keep_turn_deltas=args.keep_turn_deltas or 0)
+        entry = _input_entry(editor.session.extra.setdefault("cli", {}), edits_path)
+        start_records, start_turns, start_edits = entry["records"], editor.turns, editor.edits
+        if entry["done"] and edits_path.stat().st_size > entry.get("bytes", 0):
+            entry["done"] = False  # records were appended to the file since it was finished
+        if entry["done"]:
+            print(f"all {entry['records']} records of {edits_path} are already applied "
+                  f"(state: {editor.turns} turns, {editor.edits} edits); nothing to do")
+            return 0
+        if resuming:
+            print(f"resuming {state_dir}: {editor.turns} turns, {editor.edits} edits; "
+                  f"{start_records} records of {edits_path} already consumed", file=sys.stderr)
+
+        rejects_path = Path(args.rejects) if args.rejects else state_dir / f"rejects-{edits_path.stem}.jsonl"
+        sink = _RejectsSink(rejects_path, entry["rejected"], start_records) if args.skip_invalid else None
+        reader = read_requests(edits_path, args.format, skip_invalid=args.skip_invalid, rejects=sink, seed=args.seed)
+        if sink is not None:
+            sink.reader = reader
+        tokenize_rejects = entry["rejected_tokenize"]
+        unsaved = 0
+        position = start_records
+
+        saving = {"now": False}
+
+        def checkpoint() -> None:
+            nonlocal unsaved
+            saving["now"] = True
+            if sink is not None:
+                sink.flush()
+            save(editor, state_dir, delta_dtype=args.delta_dtype)
+            unsaved = 0
+            saving["now"] = False
+
+        stop = {"requested": False}
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if stop["requested"]:
+                raise KeyboardInterrupt
+            stop["requested"] = True
+            tqdm.write("ultraedit: stopping after this turn (Ctrl-C again aborts now; the next run resumes "
+                       "from the last saved turn)", file=sys.stderr)
+
+        previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+        bar = tqdm(total=_count_records(edits_path), initial=start_records, unit="edit", dynamic_ncols=True,
+                   disable=args.quiet, desc="editing")
+        began = time.perf_counter()
+        turn: list[Any] = []
+        finished = False
+        try:
+            def apply(requests: list[Any]) -> None:
+                nonlocal unsaved, position
+                report = editor.edit(requests)
+                entry["records"] = reader.read
+                entry["rejected"] = reader.skipped + tokenize_rejects
+                entry["rejected_tokenize"] = tokenize_rejects
+                entry["turns"] += 1
+                unsaved += 1
+                if unsaved >= args.save_every:
+                    checkpoint()
+                bar.set_postfix(turn=editor.turns, loss=f"{report.loss:.3f}", refresh=False)
+                bar.update(reader.read - position)
+                position = reader.read
+
+            for request in reader:
+                if reader.read <= start_records:
+                    continue  # applied by an earlier run (resume)
+                try:
+                    tokenize_pair(tokenizer, request.prompt, request.target)
+                except EditError as err:
+                    where = f"{edits_path}: record {reader.read} (id={request.id!r})"
+                    if not args.skip_invalid:
+                        raise CliError(f"{where}: {err}; nothing from its turn was applied") from None
+                    tokenize_rejects += 1
+                    assert sink is not None
+                    sink.write(json.dumps({"index": reader.read, "unit": "record", "field": "prompt/target",
+                                           "error": str(err), "record": {"prompt": request.prompt,
+                                                                         "target": request.target}}) + "\n")
+                    continue
+                turn.append(request)
+                if len(turn) == args.turn_size:
+                    apply(turn)
+                    turn = []
+                    if stop["requested"] or (args.max_turns and editor.turns - start_turns >= args.max_turns):
+                        break
+            else:
+                if turn:
+                    apply(turn)
+                    turn = []
+                entry["records"] = reader.read
+                entry["rejected"] = reader.skipped + tokenize_rejects
+                finished = True
+                entry["done"] = True
+                entry["bytes"] = edits_path.stat().st_size
+            if unsaved or finished:
+                checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"ultraedit edit: aborted; {state_dir} holds the last saved turn", file=sys.stderr)
+            return _EXIT_INTERRUPTED
+        except BaseException as err:
+            bar.close()
+            if unsaved and not saving["now"]:
+                checkpoint()  # the turns applied before the error are complete: keep them
+            if isinstance(err, DatasetError):
+                raise CliError(
+                    f"{err}\n  nothing from the turn containing it was applied; {state_dir} holds "
+                    f"{editor.turns} turns ({editor.edits} edits). Fix the record or pass --skip-invalid, "
+                    "then run the same command again to continue."
+                ) from None
+            raise
+        finally:
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            reader.close()
+            if sink is not None:
+                sink.close()
+        seconds = time.perf_counter() - began
+        applied = editor.edits - start_edits
+        rejected = entry["rejected"]
+        print(
+            f"applied {applied} edits in {editor.turns - start_turns} turns ({applied / max(seconds, 1e-9):.1f} edits/s); "
+            f"state {state_dir}: {editor.turns} turns, {editor.edits} edits"
+            + (f"; {rejected} invalid records skipped -> {rejects_path}" if args.skip_invalid else "")
+        )
+        if stop["requested"] and not finished:
+            print("ultraedit edit: interrupted; run the same command again to continue", file=sys.stderr)
+            return _EXIT_INTERRUPTED
+    return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations (new text only, special tokens dropped), one prompt at a time."""
+    import torch
+
+    from .batching import pad_id_of
+
+    device = model.get_input_embeddings().weight.device
+    out = []
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt").to(device)
+        with torch.no_grad():
+            ids = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id_of(tokenizer),
+                temperature=None, top_p=None, top_k=None,
+            )
+        out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return out
+
+
+@_reporting
+def _ask_command(args: argparse.Namespace) -> int:
+    from .state import apply_delta
+
+    dtype = args.dtype if args.dtype != "auto" else (_state_dtype(args.state) or "auto")
+    model, tokenizer = _load_model(args.model, args.device, dtype)
+    before = _generate(model, tokenizer, args.prompt, args.max_new_tokens) if args.compare else None
+    apply_delta(model, args.state)
+    after = _generate(model, tokenizer, args.prompt, args.max_new_tokens)
+    for i, prompt in enumerate(args.prompt):
+        if before is None:
+            print(after[i] if len(args.prompt) == 1 else f"{prompt} -> {after[i]}")
+        else:
+            print(f"prompt: {prompt}\n  before: {before[i]}\n  after:  {after[i]}")
+    return 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+@_reporting
+def _info_command(args: argparse.Namespace) -> int:
+    from .state import info
+
+    data = info(args.state)
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    fp = data["fingerprint"]
+    cfg = data["config"]
+    print(f"state:        {data['state']} ({data['version']}, saved {data['saved_at']})")
+    print(f"edits:        {data['edits']} in {data['turns']} turns")
+    print(f"base model:   {fp['architecture']} ({fp['model_type']}), edit-module sha256 {fp['weights_sha256']}")
+    print(f"config:       lr={cfg['lr']} ridge={cfg['ridge']} capture_batch_size={cfg['capture_batch_size']} "
+          f"normalizer={cfg['normalizer']} dtype={cfg['dtype']}")
+    print(f"modules:      {len(data['modules'])} ({data['module_parameters']:,} parameters)")
+    for name, spec in data["modules"].items():
+        print(f"  {name:48s} {'x'.join(map(str, spec['shape'])):>14s} {spec['dtype']}")
+    files = ", ".join(f"{k} {_human_bytes(v)}" for k, v in data["files"].items())
+    print(f"size:         {_human_bytes(data['state_bytes'])} ({files}); delta dtype {data['delta_dtype']}")
+    print(f"edit log:     {data['log_records']} records, {_human_bytes(data['log_bytes'])}")
+    undo = data["revertible_turns"]
+    print(f"revertible:   {f'turns {undo[0]}-{undo[-1]}' if undo else 'none'} (keep_turn_deltas={data['keep_turn_deltas']})")
+    for entry in data["extra"].get("cli", {}).get("inputs", []):
+        status = "done" if entry["done"] else "in progress"
+        print(f"input:        {entry['path']}: {entry['records']} records consumed, {entry['rejected']} rejected ({status})")
+    return 0
+
+
+@_reporting
+def _merge_command(args: argparse.Namespace) -> int:
+    from .state import merge
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CliError(f"--out {out} exists and is not empty (pass --overwrite to write into it)")
+    dtype = args.dtype if args.dtype != "auto" else (_state_dtype(args.state) or "auto")
+    model, tokenizer = _load_model(args.model, args.device, dtype)
+    kwargs = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
+    merge(model, args.state, out, tokenizer=tokenizer, **kwargs)
+    print(f"wrote the edited model to {out}")
+    return 0
+
+
+def _add_session_parsers(sub: Any) -> None:
+    """Register ``edit``, ``ask``, ``info`` and ``merge``."""
+    from .datasets import DATASET_FORMATS
+
+    p = sub.add_parser(
+        "edit", help="apply edit requests from a file in turns, saving a resumable state",
+        description="Stream edit requests from FILE in turns, saving the state after every turn (or every K). "
+        "Run the same command again after Ctrl-C or a crash: it resumes after the last saved turn. "
+        "Input: JSON Lines with 'prompt', 'target', optional 'rephrases' [str] and 'locality' "
+        "[{prompt, answer}], 'id'; or the published ZsRE, CounterFact, FEVER, WikiBigEdit, "
+        "UltraEditBench files (JSON list or JSONL, field names as published).",
+    )
+    _model_args(p)
+    p.add_argument("--edits", required=True, metavar="FILE", help="edit requests (JSONL or JSON list, .gz ok)")
+    p.add_argument("--state", required=True, metavar="DIR", help="state directory (created, or resumed)")
+    p.add_argument("--format", default="auto", choices=["auto", *DATASET_FORMATS], help="input format (default: detect)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--modules", nargs="+", metavar="NAME", help="edit modules (dotted names)")
+    group.add_argument("--preset", help="edit-module preset (see 'ultraedit presets'); default: the model family's")
+    p.add_argument("--turn-size", type=int, default=100, help="edit requests per turn (default 100, as the paper)")
+    p.add_argument("--lr", type=float, help="UltraEdit step size (default 1e-6)")
+    p.add_argument("--ridge", type=float, help="ridge lambda (default 1)")
+    p.add_argument("--capture-batch-size", type=int, help="requests per minibatch (default 10)")
+    p.add_argument("--save-every", type=int, default=1, metavar="K", help="save the state every K turns (default 1)")
+    p.add_argument("--max-turns", type=int, help="stop (and save) after this many turns in this run")
+    p.add_argument("--keep-turn-deltas", type=int, metavar="K",
+                   help="keep the last K turns revertible (costs K copies of the edit modules, CPU and on disk)")
+    p.add_argument("--delta-dtype", default="float32", choices=["float32", "model"],
+                   help="dtype of the saved weight shift (float32: exact resume; model: half size for bf16)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip malformed records (written to the rejects file) instead of stopping")
+    p.add_argument("--rejects", metavar="FILE", help="rejects file (default DIR/rejects-<edits file stem>.jsonl)")
+    p.add_argument("--seed", type=int, default=0, help="seed of FEVER's per-record rephrase choice")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_edit_command)
+
+    p = sub.add_parser("ask", help="greedy answer of the edited model (before/after with --compare)")
+    _model_args(p)
+    p.add_argument("--state", required=True, metavar="DIR", help="saved state to apply to --model")
+    p.add_argument("prompt", nargs="+", help="prompt(s) to continue")
+    p.add_argument("--compare", action="store_true", help="also show the base model's answer")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.set_defaults(func=_ask_command)
+
+    p = sub.add_parser("info", help="edits, turns, modules, sizes and base-model fingerprint of a state")
+    p.add_argument("--state", required=True, metavar="DIR")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_info_command)
+
+    p = sub.add_parser("merge", help="write the full edited model (save_pretrained) for serving anywhere")
+    _model_args(p)
+    p.add_argument("--state", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
+    p.add_argument("--max-shard-size", help="passed to save_pretrained, e.g. 5GB")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=_merge_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ultraedit", description="Lifelong knowledge editing of Hugging Face causal LMs (UltraEdit)."
@@ -36,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     presets = sub.add_parser("presets", help="list the edit-module presets per model family")
     presets.set_defaults(func=_presets_command)
+    _add_session_parsers(sub)
     bench.add_parser(sub)
     return parser
 
