@@ -277,15 +277,16 @@ def test_broken_json_list_is_fatal_even_when_skipping(tmp_path):
 
 
 # ----------------------------------------------------------------------------- streaming
-def _write_big(path: Path, n: int) -> None:
+def _write_big(path: Path, n: int, json_list: bool = True) -> None:
+    """``n`` UltraEditBench records, one per line: a published-style JSON list, or JSON Lines."""
     pool = [json.dumps(make_fixtures.ultraeditbench(i)) for i in range(32)]
     with open(path, "w") as f:
-        f.write("[\n")
+        f.write("[\n" if json_list else "")
         for i in range(n):
             if i:
-                f.write(",\n")
+                f.write(",\n" if json_list else "\n")
             f.write(pool[i % 32])
-        f.write("\n]\n")
+        f.write("\n]\n" if json_list else "\n")
 
 
 def _status_kb() -> dict[str, int]:
@@ -335,3 +336,10 @@ def test_streaming_memory_is_flat_in_the_file_size(tmp_path):
     print(f"file {size_kb} KB; streaming peak growth {growth} KB; holding 20K requests {held} KB")
     assert growth < 8 * 1024, growth
     assert held > 8 * 1024, held
+    # the same file as JSON Lines streams too
+    lines = tmp_path / "UltraEditBench_200k.jsonl"
+    path.unlink()
+    _write_big(lines, 200_000, json_list=False)
+    growth_lines = _peak_growth_kb(lines, keep=0)
+    print(f"JSON Lines: streaming peak growth {growth_lines} KB")
+    assert growth_lines < 8 * 1024, growth_lines
