@@ -101,6 +101,7 @@ def test_end_to_end_cli_writes_results_markdown_and_plot(model_dir, tmp_path, ca
     md = (out / "results.md").read_text()
     assert f"| Efficacy (token acc.) | {100 * results['unedited']['efficacy']:.2f} | {100 * results['efficacy']:.2f} |" in md
     assert "## Curve" in md
+    assert results["paper"] is None and "The paper" not in md  # a tiny model is not in the paper
     assert md in capsys.readouterr().out
     png = (out / "curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -241,3 +242,27 @@ def test_testbed_names_use_the_testbed_module(model_dir, tmp_path, monkeypatch):
     assert calls == ["load_testbed", "requests_path"]
     assert results["dataset"]["format"] == "jsonl" and results["dataset"]["path"].endswith("requests.jsonl")
     assert results["model"]["name_or_path"] == "testbed" and results["edits"] == 8
+
+
+def test_paper_reference_numbers_are_shown_for_the_papers_settings():
+    from ultraedit.bench import paper_reference
+
+    ref = paper_reference("zsre", "meta-llama/Meta-Llama-3-8B-Instruct")
+    assert ref is not None and ref["edits"] == 20_000 and ref["efficacy"] == pytest.approx(0.9007)
+    assert paper_reference("ultraeditbench", "EleutherAI/gpt-j-6b")["specificity"] == pytest.approx(0.7644)
+    assert paper_reference("fever", "meta-llama/Meta-Llama-3-8B-Instruct") is None
+    assert paper_reference("zsre", "/tmp/tiny") is None
+
+
+
+def test_results_name_the_papers_numbers_in_its_setting(model_dir, tmp_path):
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = T.AutoTokenizer.from_pretrained(model_dir)
+    label = "meta-llama/Meta-Llama-3-8B-Instruct"  # a label only: the tiny model is what runs
+    results = run(BenchConfig(model=label, dataset="zsre", data=str(FIXTURES / "zsre_eval.json"), out=str(tmp_path),
+                              turns=1, turn_size=2, device="cpu", progress=False), model=model, tokenizer=tokenizer)
+    assert results["paper"]["edits"] == 20_000 and results["paper"]["generalization"] == pytest.approx(0.8736)
+    md = (tmp_path / "results.md").read_text()
+    assert "after 20,000 edits: Efficacy 90.07, Generalization 87.36, Specificity 49.51." in md

@@ -53,10 +53,12 @@ __all__ = [
     "BenchError",
     "DATASETS",
     "EditMethod",
+    "PAPER_RESULTS",
     "METHODS",
     "add_parser",
     "load_model",
     "model_fingerprint",
+    "paper_reference",
     "register_method",
     "run",
 ]
@@ -78,6 +80,26 @@ METRIC_NAMES: dict[str, str] = {
     "multi_hop": "Multi-hop (token acc.)",
     "multi_hop_exact": "Multi-hop (generation exact match)",
 }
+
+#: The paper's reported results (arXiv 2505.14679, as cited on the method page), for comparison:
+#: ``(dataset, model name fragment, edits, (efficacy, generalization, specificity) in %)``.
+PAPER_RESULTS: tuple[tuple[str, str, int, tuple[float, float, float]], ...] = (
+    ("zsre", "llama-3-8b", 20_000, (90.07, 87.36, 49.51)),
+    ("ultraeditbench", "llama-3-8b", 2_000_000, (83.45, 79.11, 78.05)),
+    ("ultraeditbench", "mistral-7b", 2_000_000, (81.70, 77.25, 77.09)),
+    ("ultraeditbench", "gpt-j-6b", 2_000_000, (81.65, 76.80, 76.44)),
+    ("ultraeditbench", "qwen2.5-7b", 2_000_000, (80.70, 75.78, 76.01)),
+)
+
+
+def paper_reference(dataset: str, model_name: str) -> dict[str, Any] | None:
+    """The paper's numbers for this dataset and model (matched on the model's name), or ``None``."""
+    name = model_name.lower()
+    for data, fragment, edits, (es, gs, ls) in PAPER_RESULTS:
+        if data == dataset and fragment in name:
+            return {"source": "arXiv 2505.14679", "edits": edits, "efficacy": es / 100,
+                    "generalization": gs / 100, "specificity": ls / 100}
+    return None
 
 
 class BenchError(ValueError):
@@ -510,6 +532,7 @@ def run(
         "metrics": metrics,
         "counts": final.counts,
         "unedited": unedited.means(),
+        "paper": paper_reference(config.dataset, config.model),
         "curve": curve,
         "edits": config.edits,
         "edits_per_second": config.edits / edit_seconds if edit_seconds > 0 else None,
@@ -606,6 +629,14 @@ def markdown(results: dict[str, Any]) -> str:
     for key, label in METRIC_NAMES.items():
         if key in results["metrics"] or key in results["unedited"]:
             lines.append(f"| {label} | {_pct(results['unedited'].get(key))} | {_pct(results['metrics'].get(key))} |")
+    paper = results.get("paper")
+    if paper:
+        lines += [
+            "",
+            f"The paper ({paper['source']}) reports, for this model family and dataset after {paper['edits']:,} edits: "
+            f"Efficacy {_pct(paper['efficacy'])}, Generalization {_pct(paper['generalization'])}, "
+            f"Specificity {_pct(paper['specificity'])}.",
+        ]
     eps = results["edits_per_second"]
     lines += [
         "",
