@@ -273,6 +273,28 @@ def test_revert_last_is_exact(tmp_path, dtype):
         plain.revert_last(1)
 
 
+def test_undo_snapshots_are_written_once(tmp_path, monkeypatch):
+    editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR), keep_turn_deltas=3)
+    written = []
+    real = st._write_safetensors
+
+    def counting(path, entries, metadata, stage=None):
+        written.append(metadata["content"])
+        return real(path, entries, metadata, stage)
+
+    monkeypatch.setattr(st, "_write_safetensors", counting)
+    for seed in (1, 2, 3, 4):
+        run_turns(editor, [seed])
+        written.clear()
+        editor.save(tmp_path / "s")
+        assert written.count("undo") == 1  # the older snapshots are hard-linked from the last version
+    files = sorted(p.name for p in (tmp_path / "s" / (tmp_path / "s" / st.CURRENT).read_text().strip()).iterdir())
+    assert [f for f in files if f.startswith("undo-")] == [f"undo-{s:010d}.safetensors" for s in (2, 3, 4)]
+    resumed = UltraEditor.load(tiny_model("llama"), tmp_path / "s")
+    resumed.revert_last(3)
+    assert resumed.turns == 1
+
+
 def test_edit_log_is_append_only_and_repairs_a_torn_line(tmp_path):
     directory = tmp_path / "s"
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))

@@ -12,8 +12,9 @@ A lifelong editing session is a directory::
         exact.safetensors  (rare, float32 models only) "<module>/index" (flat int64) and
                            "<module>/value": elements where W_base + delta misses W_now by an ulp
         normalizers.safetensors   lifelong statistics per module shape: "<d_in>x<d_out>.{n,mean,var,std}"
-        undo.safetensors   (only with keep_turn_deltas) edit-module weights and statistics from
-                           before each of the last turns, model dtype, for exact revert
+        undo-<seq>.safetensors   (only with keep_turn_deltas) one per revertible turn: edit-module
+                           weights ("w/<module>", model dtype) and statistics ("n/<d_in>x<d_out>.*")
+                           from before that turn, for exact revert; hard-linked between versions
       edits.jsonl          append-only edit log, one JSON object per line (``seq`` increasing)
 
 Atomicity: a save writes a whole new version into ``.tmp-*``, fsyncs every file and the directory,
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -62,6 +62,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - no advisory locks on this platform (Windows)
+    fcntl = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:  # pragma: no cover
     from .editor import PendingTurn, UltraEditor
 
@@ -72,7 +77,6 @@ LOG = "edits.jsonl"
 STATE_JSON = "state.json"
 DELTA = "delta.safetensors"
 NORMALIZERS = "normalizers.safetensors"
-UNDO = "undo.safetensors"
 EXACT = "exact.safetensors"
 LOCK = ".lock"
 
@@ -125,6 +129,7 @@ class TurnSnapshot:
     requests: int
     weights: dict[str, torch.Tensor]
     normalizers: dict[tuple[int, int], dict[str, torch.Tensor]]
+    seq: int = 0  # the edit-log seq of the turn: unique even when turn numbers repeat after a revert
 
 
 @dataclass
@@ -200,6 +205,7 @@ class EditSession:
         report = pending.report
         if snapshot is not None:
             snapshot.requests = report.requests
+            snapshot.seq = self.log_seq + 1  # the seq of the record logged below
             self.undo.append(snapshot)
             while len(self.undo) > self.keep_turn_deltas:
                 self.undo.popleft()
@@ -391,7 +397,8 @@ def session_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
     fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise StateError(f"another process is writing the state in {directory}") from None
@@ -549,7 +556,7 @@ def save(editor: "UltraEditor", directory: str | os.PathLike[str], *, delta_dtyp
         tmp = directory / f".tmp-{final.name}-{os.getpid()}"
         tmp.mkdir()
         try:
-            meta = _write_version(editor, tmp, delta_dtype)
+            meta = _write_version(editor, tmp, delta_dtype, old)
             _fsync_dir(tmp)
             _checkpoint("rename")
             os.rename(tmp, final)
@@ -605,7 +612,7 @@ def _exact_delta(
     return delta, index, weight.reshape(-1)[index].clone()
 
 
-def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str) -> dict[str, Any]:
+def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous: Path | None) -> dict[str, Any]:
     session = editor.session
     fp = session.fingerprint()
     sizes = {}
@@ -638,18 +645,24 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str) -> dict[
     sizes[NORMALIZERS] = _write_safetensors(path / NORMALIZERS, norm_specs, {"format": FORMAT, "content": "normalizers"})
 
     undo_meta = []
-    if session.undo:
-        undo_specs = []
-        for snap in session.undo:
-            undo_meta.append({"turn": snap.turn, "requests": snap.requests})
-            for name, w in snap.weights.items():
-                undo_specs.append((f"t{snap.turn}/w/{name}", w.dtype, tuple(w.shape), lambda w=w: w))
-            for shape, sd in snap.normalizers.items():
-                for key, value in sd.items():
-                    undo_specs.append(
-                        (f"t{snap.turn}/n/{_norm_key(shape)}.{key}", value.dtype, tuple(value.shape), lambda v=value: v)
-                    )
-        sizes[UNDO] = _write_safetensors(path / UNDO, undo_specs, {"format": FORMAT, "content": "undo"})
+    for snap in session.undo:
+        # One immutable file per snapshot, named by the turn's unique log seq: a snapshot already
+        # saved in the previous version is hard-linked, not rewritten (saving every turn with
+        # keep_turn_deltas=k writes one snapshot per turn, not k).
+        file = f"undo-{snap.seq:010d}.safetensors"
+        undo_meta.append({"turn": snap.turn, "requests": snap.requests, "seq": snap.seq, "file": file})
+        if previous is not None and (previous / file).exists():
+            try:
+                os.link(previous / file, path / file)
+                sizes[file] = (path / file).stat().st_size
+                continue
+            except OSError:
+                pass  # no hard links here: write it again
+        specs = [(f"w/{name}", w.dtype, tuple(w.shape), lambda w=w: w) for name, w in snap.weights.items()]
+        for shape, sd in snap.normalizers.items():
+            for key, value in sd.items():
+                specs.append((f"n/{_norm_key(shape)}.{key}", value.dtype, tuple(value.shape), lambda v=value: v))
+        sizes[file] = _write_safetensors(path / file, specs, {"format": FORMAT, "content": "undo", "turn": str(snap.turn)})
 
     config = editor.config.to_dict()
     config["modules"] = list(editor.modules)  # resolved names, independent of preset changes
@@ -742,21 +755,21 @@ def load(
     session.pending_log = list(meta["log_tail"])
     session.extra = dict(meta.get("extra") or {})
 
-    if meta.get("undo") and keep > 0:
-        handle, _ = _read_safetensors(version / UNDO)
-        for item in meta["undo"][-keep:]:
-            t = item["turn"]
-            session.undo.append(
-                TurnSnapshot(
-                    turn=t,
-                    requests=int(item["requests"]),
-                    weights={n: handle.get_tensor(f"t{t}/w/{n}") for n in editor.modules},
-                    normalizers={
-                        s: {k: handle.get_tensor(f"t{t}/n/{_norm_key(s)}.{k}") for k in ("n", "mean", "var", "std")}
-                        for s in editor.normalizers
-                    },
-                )
+    saved_undo = meta.get("undo") or []
+    for item in saved_undo[-keep:] if keep > 0 else []:
+        handle, _ = _read_safetensors(version / item["file"])
+        session.undo.append(
+            TurnSnapshot(
+                turn=int(item["turn"]),
+                requests=int(item["requests"]),
+                weights={n: handle.get_tensor(f"w/{n}") for n in editor.modules},
+                normalizers={
+                    s: {k: handle.get_tensor(f"n/{_norm_key(s)}.{k}") for k in ("n", "mean", "var", "std")}
+                    for s in editor.normalizers
+                },
+                seq=int(item["seq"]),
             )
+        )
     return editor
 
 
