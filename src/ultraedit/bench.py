@@ -34,7 +34,7 @@ import sys
 import time
 from array import array
 from collections import abc
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .batching import EditError, EditRequest
-from .datasets import DATASET_FORMATS, DatasetError, read_requests
+from .datasets import DatasetError, read_requests
 from .editor import EditConfig, UltraEditor
 from .evaluation import MetricTotals, score_requests
 
