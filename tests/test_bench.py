@@ -13,6 +13,7 @@ from ultraedit import bench
 from ultraedit.bench import BenchConfig, BenchError, register_method, run
 from ultraedit.cli import build_parser, main
 from ultraedit.datasets import read_requests
+from ultraedit.editor import EditConfig
 
 from tiny import tiny_config
 
@@ -232,14 +233,18 @@ def test_testbed_names_use_the_testbed_module(model_dir, tmp_path, monkeypatch):
 
     module = types.ModuleType("ultraedit.testbed")
     module.load_testbed, module.requests_path = load_testbed, requests_path
+    module.TESTBED_CONFIG = EditConfig(modules=["model.layers.3.mlp.up_proj"], lr=5e-3)
     monkeypatch.setitem(sys.modules, "ultraedit.testbed", module)
     import ultraedit
 
     monkeypatch.setattr(ultraedit, "testbed", module, raising=False)
     out = tmp_path / "tb"
-    assert main(["bench", "--model", "testbed", "--dataset", "testbed", *ARGS, "--out", str(out)]) == 0
+    no_lr = [a for a in ARGS if a not in ("--lr", "1e-2")]
+    assert main(["bench", "--model", "testbed", "--dataset", "testbed", *no_lr, "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert calls == ["load_testbed", "requests_path"]
+    # the testbed's recommended settings are the defaults
+    assert results["method"]["modules"] == ["model.layers.3.mlp.up_proj"] and results["method"]["lr"] == 5e-3
     assert results["dataset"]["format"] == "jsonl" and results["dataset"]["path"].endswith("requests.jsonl")
     assert results["model"]["name_or_path"] == "testbed" and results["edits"] == 8
 

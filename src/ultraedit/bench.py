@@ -206,6 +206,15 @@ class UltraEditMethod:
         )
         if config.lr is not None:
             kw["lr"] = config.lr
+        if config.model == "testbed":
+            # The testbed ships its own recommended modules and step size (``TESTBED_CONFIG``);
+            # options given explicitly still win.
+            recommended = getattr(_testbed(), "TESTBED_CONFIG", None)
+            if recommended is not None:
+                if config.modules is None and config.preset is None:
+                    kw["modules"] = list(recommended.modules)
+                if config.lr is None:
+                    kw["lr"] = recommended.lr
         self.config = EditConfig(**kw)
         self.editor = UltraEditor(model, self.config, tokenizer=tokenizer)
 
