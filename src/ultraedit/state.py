@@ -612,6 +612,21 @@ def _exact_delta(
     return delta, index, weight.reshape(-1)[index].clone()
 
 
+def _delta_on_device(
+    weight: torch.Tensor, base: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`_exact_delta` on the weight's device (a GPU is much faster at it; the transient
+    float32 copies of one module then live there), falling back to the CPU when that device is
+    out of memory. Results are on the CPU."""
+    if weight.device.type != "cpu":
+        try:
+            out = _exact_delta(weight, base.to(weight.device), dtype)
+            return tuple(t.cpu() if t is not None else None for t in out)  # type: ignore[return-value]
+        except torch.OutOfMemoryError:
+            pass
+    return _exact_delta(weight.cpu(), base, dtype)
+
+
 def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous: Path | None) -> dict[str, Any]:
     session = editor.session
     fp = session.fingerprint()
@@ -626,7 +641,7 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
             dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
 
         def make(w: torch.Tensor = weight, b: torch.Tensor = base, dt: torch.dtype = dtype, n: str = name) -> torch.Tensor:
-            delta, index, value = _exact_delta(w.detach().to("cpu"), b, dt)
+            delta, index, value = _delta_on_device(w.detach(), b, dt)
             if index is not None and value is not None:
                 fixes[f"{n}/index"], fixes[f"{n}/value"] = index, value
             return delta
