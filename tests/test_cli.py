@@ -1,6 +1,7 @@
 """The ``ultraedit edit/ask/info/merge`` commands end to end, on a tiny model saved to a temp dir."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +18,15 @@ from tiny import VOCAB, tiny_model
 
 LR = "1e-3"
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on shared cores: one thread avoids oversubscription (and subprocesses get one too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_checkpoint(path, seed=0):
@@ -162,7 +172,7 @@ def test_crash_mid_save_then_resume_applies_each_turn_once(tmp_path, ckpt, recor
     # Killed while saving turn 2, after the state switch and before the log append.
     cmd = [sys.executable, "-m", "ultraedit.cli", "edit", "--model", str(ckpt), "--edits", str(edits),
            "--state", str(tmp_path / "s"), "--turn-size", "10", "--lr", LR, "--quiet"]
-    env = {**__import__("os").environ, "ULTRAEDIT_SAVE_PAUSE": "log"}
+    env = {**os.environ, "ULTRAEDIT_SAVE_PAUSE": "log", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     try:
         for line in proc.stderr:

@@ -23,6 +23,15 @@ LR = 1e-3  # large enough that every turn depends visibly on the weights left by
 TESTS = Path(__file__).parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on shared cores: one thread avoids oversubscription (and subprocesses get one too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_turns(editor, seeds):
     for seed in seeds:
         editor.edit_tokens(random_turn(seed, requests=10, batch_size=5))
@@ -148,11 +157,13 @@ KILLED_SAVER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("stage,turns", [("delta", 2), ("log", 3)])
+@pytest.mark.parametrize("stage,turns", [("delta", 2)])  # SIGKILL at "log": tests/test_cli.py
 def test_process_killed_mid_save(tmp_path, stage, turns):
     directory = tmp_path / "s"
     script = KILLED_SAVER.format(tests=str(TESTS), lr=LR, directory=str(directory), stage=stage)
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
     try:
         for line in proc.stderr:
             if line.startswith("ultraedit-save-paused"):
