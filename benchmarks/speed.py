@@ -8,6 +8,9 @@ Three paths, one process, the same seeded random model and the same edit turns:
    disk with ``torch.save`` and read back, and a primal ``d_in x d_in`` ``torch.linalg.solve``.
 3. ``floor``: one padded forward over the turn's tokens (LM head at target positions only) plus the
    backward from the loss down to the lowest edited module's output, nothing else.
+4. ``floor_split``: ultraedit's own forward/backward (length-bucketed passes, prompt prefixes
+   without autograd into a KV cache, tails with autograd) to the lowest edited module, nothing
+   else: the floor of the algorithm ultraedit runs, so ``time_vs_floor_split`` is its overhead.
 
 Each path starts from the same weights (restored in between) and fresh statistics, so the weight
 shifts of paths 1 and 2 must agree (checked). Prints one JSON document.
@@ -55,7 +58,7 @@ def build_model(args) -> torch.nn.Module:
     )
     dtype = getattr(torch, args.dtype)
     with torch.device(args.device):
-        model = T.AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        model = T.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.requires_grad_(False)
     return model.eval()
 
@@ -210,20 +213,48 @@ def floor_turn(model, names: list[str], batches) -> None:
         h.remove()
 
 
+def floor_split_turn(model, names: list[str], batches) -> None:
+    """ultraedit's own forward/backward (length-bucketed passes, prompt prefixes without autograd,
+    tails with autograd) down to the lowest edited module, and nothing else: no other module's
+    keys or gradients, no statistics, no solve."""
+    from ultraedit.capture import capture
+
+    capture(model, {names[0]: model.get_submodule(names[0])}, batches, forward_batch_size=100)
+
+
 # ----------------------------------------------------------------------------- driver
-def run_path(name, model, names, turns, warmup, args, base_weights):
-    for n in names:  # every path starts from the same weights
-        model.get_submodule(n).weight.data.copy_(base_weights[n])
+def make_step(name, model, names, args):
+    """A fresh editor of the path (new statistics), as a callable taking one turn's minibatches."""
     if name == "ours":
         config = ultraedit.EditConfig(modules=names, lr=args.lr, forward_batch_size=args.forward_batch_size)
-        editor = ultraedit.UltraEditor(model, config)
-        step = editor.edit_tokens
-    elif name == "reference":
-        tmp = tempfile.TemporaryDirectory()
-        editor = ReferenceEditor(model, names, args.lr, tmp.name)
-        step = editor.turn
-    else:
-        step = lambda batches: floor_turn(model, names, batches)  # noqa: E731
+        return ultraedit.UltraEditor(model, config).edit_tokens
+    if name == "reference":
+        tmp = tempfile.mkdtemp(prefix="ultraedit-reference-")
+        return ReferenceEditor(model, names, args.lr, tmp).turn
+    if name == "floor":
+        return lambda batches: floor_turn(model, names, batches)
+    if name == "floor_split":
+        return lambda batches: floor_split_turn(model, names, batches)
+    raise SystemExit(f"unknown path {name!r}")
+
+
+def restore(model, base_weights) -> None:
+    for n, w in base_weights.items():  # every path starts from the same weights
+        model.get_submodule(n).weight.data.copy_(w)
+
+
+def run_path(name, model, names, turns, warmup, args, base_weights):
+    flops = None
+    if args.flops:  # a separate, untimed replay under the profiler: matmul FLOPs, immune to machine load
+        restore(model, base_weights)
+        step = make_step(name, model, names, args)
+        for batches in turns[:warmup]:
+            step(batches)
+        with torch.profiler.profile(with_flops=True) as prof:
+            step(turns[warmup])
+        flops = sum(e.flops for e in prof.key_averages() if e.flops)
+    restore(model, base_weights)
+    step = make_step(name, model, names, args)
     for batches in turns[:warmup]:
         step(batches)
     gc.collect()
@@ -237,18 +268,20 @@ def run_path(name, model, names, turns, warmup, args, base_weights):
             times.append(time.perf_counter() - start)
     shifts = {n: (model.get_submodule(n).weight.detach().float() - base_weights[n].float()).cpu() for n in names}
     seconds = sorted(times)[len(times) // 2]
-    return {
+    result = {
         "seconds_per_turn": seconds,
         "seconds_per_turn_all": times,
         "edits_per_second": args.requests / seconds,
         "peak_memory_bytes": mem["peak_bytes"],
-    }, shifts
+    }
+    if flops is not None:
+        result["matmul_gflop_per_turn"] = flops / 1e9
+    return result, shifts
 
 
 def memory_curve(model, names, args, base_weights) -> list[float]:
     """Memory after each of ``--memory-turns`` turns of ours (must stay flat)."""
-    for n in names:
-        model.get_submodule(n).weight.data.copy_(base_weights[n])
+    restore(model, base_weights)
     editor = ultraedit.UltraEditor(model, ultraedit.EditConfig(modules=names, lr=args.lr))
     curve = []
     for i in range(args.memory_turns):
@@ -284,8 +317,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--paths", default="ours,reference,floor")
+    ap.add_argument("--paths", default="ours,reference,floor,floor_split")
     ap.add_argument("--memory-turns", type=int, default=0, help="also record memory over this many turns of ours")
+    ap.add_argument("--flops", action="store_true", help="also count matmul FLOPs per turn (torch.profiler)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
@@ -315,6 +349,10 @@ def main() -> None:
         "minibatch": args.batch_size,
         "paths": results,
     }
+    if args.flops and "ours" in results:
+        report["flops_ratio_vs"] = {
+            p: results["ours"]["matmul_gflop_per_turn"] / r["matmul_gflop_per_turn"] for p, r in results.items() if p != "ours"
+        }
     if "ours" in results and "reference" in results:
         report["speedup_vs_reference"] = results["reference"]["seconds_per_turn"] / results["ours"]["seconds_per_turn"]
         report["memory_ratio_vs_reference"] = results["ours"]["peak_memory_bytes"] / results["reference"]["peak_memory_bytes"]
@@ -325,8 +363,9 @@ def main() -> None:
         report["shift_relative_error_max"] = max(rel.values())
         tolerance = 1e-3 if args.dtype == "float32" else 5e-2
         report["shifts_agree"] = report["shift_relative_error_max"] <= tolerance
-    if "ours" in results and "floor" in results:
-        report["time_vs_floor"] = results["ours"]["seconds_per_turn"] / results["floor"]["seconds_per_turn"]
+    for floor in ("floor", "floor_split"):
+        if "ours" in results and floor in results:
+            report[f"time_vs_{floor}"] = results["ours"]["seconds_per_turn"] / results[floor]["seconds_per_turn"]
     if args.memory_turns:
         curve = memory_curve(model, names, args, base_weights)
         report["memory_curve_mib"] = curve

@@ -14,9 +14,10 @@ How it is done without waste:
   ``torch.autograd.grad`` asks only for the module outputs (no ``.grad`` is ever written).
 * The output embedding (LM head) sees only the hidden states at target positions, so the
   vocabulary projection is computed for the tokens the loss needs and no others.
-* Several minibatches may share one padded forward/backward. The loss is then the SUM of each
-  minibatch's mean loss, so every target token's gradient is exactly what the per-minibatch
-  computation gives, and rows are returned per minibatch, in order.
+* Rows of several minibatches share a padded forward/backward, grouped by length to keep padding
+  small. The loss of a pass is the SUM of its rows' shares of their minibatch's mean loss (weight
+  ``1 / target tokens of the minibatch`` per token), so every target token's gradient is exactly
+  what one pass per minibatch gives; rows are returned per minibatch, in the original order.
 * Prefix/tail split. In a causal LM the output of a module at position ``t`` influences only
   positions ``>= t``, so the gradients wanted (at target positions) flow back only through the
   positions from each sequence's first target on. The tokens before it (the prompt, minus its last
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import IGNORE, collate
+from .batching import IGNORE
 
 
 @dataclass
@@ -50,37 +51,38 @@ class MinibatchCapture:
     loss: float
 
 
-def _merge(batches: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Concatenate right-padded minibatches along the batch dimension, padding to the longest."""
-    if len(batches) == 1:
-        return batches[0]
-    length = max(b["input_ids"].shape[1] for b in batches)
-
-    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
-        return F.pad(t, (0, length - t.shape[1]), value=value)
-
-    return {
-        "input_ids": torch.cat([pad(b["input_ids"], pad_id) for b in batches]),
-        "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]),
-        "labels": torch.cat([pad(b["labels"], IGNORE) for b in batches]),
-    }
+def _row_extent(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per row of a minibatch: length (last attended column + 1), first target column, and
+    whether every row is right-padded (attended columns exactly ``0 .. length-1``)."""
+    attention, labels = batch["attention_mask"], batch["labels"]
+    columns = torch.arange(attention.shape[1], device=attention.device)
+    length = torch.where(attention != 0, columns + 1, 0).max(1).values
+    first = torch.where(labels != IGNORE, columns, attention.shape[1]).min(1).values
+    right_padded = bool((attention.bool() == (columns < length[:, None])).all())
+    return length, first, right_padded
 
 
-def group_minibatches(
-    batches: Sequence[dict[str, torch.Tensor]], forward_batch_size: int | None
+def plan_passes(
+    prefix: Sequence[int], tail: Sequence[int], max_rows: int, *, min_rows: int, slack: float
 ) -> list[list[int]]:
-    """Indices of consecutive minibatches that share a forward pass (at most ``forward_batch_size`` sequences each)."""
-    groups: list[list[int]] = []
-    size = 0
-    for index, batch in enumerate(batches):
-        rows = batch["input_ids"].shape[0]
-        if groups and (forward_batch_size is None or size + rows <= forward_batch_size):
-            groups[-1].append(index)
-            size += rows
+    """Cut rows into forward passes: rows sorted by (prefix, tail) length, a new pass started when
+    one is full (``max_rows``) or, once it holds ``min_rows``, when padding would exceed ``slack``
+    of its real tokens. Rows are independent, so any grouping gives the same gradients."""
+    order = sorted(range(len(prefix)), key=lambda i: (prefix[i], tail[i]))
+    passes: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        candidate = current + [i]
+        real = sum(prefix[j] + tail[j] for j in candidate)
+        padded = len(candidate) * (max(prefix[j] for j in candidate) + max(tail[j] for j in candidate))
+        if current and (len(candidate) > max_rows or (len(current) >= min_rows and padded > (1 + slack) * real)):
+            passes.append(current)
+            current = [i]
         else:
-            groups.append([index])
-            size = rows
-    return groups
+            current = candidate
+    if current:
+        passes.append(current)
+    return passes
 
 
 @contextmanager
@@ -160,14 +162,10 @@ def _split(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     Returns ``None`` when the split does not apply: a row not right-padded, or a row whose first
     target is at position 0 (empty prefix).
     """
+    lengths, first, right_padded = _row_extent(batch)
+    if not right_padded or bool((first == 0).any()):
+        return None
     attention, labels = batch["attention_mask"], batch["labels"]
-    lengths = attention.sum(1)
-    positions = torch.arange(attention.shape[1], device=attention.device)
-    if not bool((attention == (positions < lengths[:, None])).all()):
-        return None
-    first = torch.where(labels != IGNORE, positions, attention.shape[1]).min(1).values
-    if bool((first == 0).any()):
-        return None
     prefix_len, tail_len = int(first.max()), int((lengths - first).max())
     prefix_cols = torch.arange(prefix_len, device=attention.device)
     tail_cols = torch.arange(tail_len, device=attention.device)
@@ -241,7 +239,9 @@ def capture(
         modules: edit modules by dotted name (``nn.Linear`` or GPT-2 ``Conv1D``).
         batches: minibatches of ``(B, L)`` ``input_ids``/``attention_mask``/``labels`` on the
             model's device, right-padded.
-        forward_batch_size: most sequences per forward/backward; ``None`` puts all in one.
+        forward_batch_size: most sequences per forward/backward; ``None`` puts all in one. Rows
+            of different minibatches may share a pass (sorted by length to cut padding); each
+            row's gradient is the same whatever it shares a pass with.
         split_prefix: run the tokens before each sequence's first target without autograd (KV
             cache) and back-propagate through the tails only; same results, less work.
 
@@ -249,41 +249,80 @@ def capture(
         One :class:`MinibatchCapture` per input minibatch; keys and grads in float32.
     """
     names = list(modules)
-    results: list[MinibatchCapture] = []
+    # Flatten the turn into rows (trimmed to their length), numbered in minibatch order.
+    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    prefix: list[int] = []
+    tail: list[int] = []
+    row_weight: list[float] = []  # 1 / (target tokens of the row's minibatch)
+    minibatch_rows: list[int] = []
+    split = split_prefix
+    for batch in batches:
+        length, first, right_padded = _row_extent(batch)
+        split = split and right_padded and bool((first > 0).all())
+        targets = int((batch["labels"] != IGNORE).sum())
+        minibatch_rows.append(batch["labels"].shape[0])
+        for r, (n, f) in enumerate(zip(length.tolist(), first.tolist())):
+            rows.append((batch["input_ids"][r, :n], batch["attention_mask"][r, :n], batch["labels"][r, :n]))
+            prefix.append(f)
+            tail.append(n - f)
+            row_weight.append(1.0 / targets)
+    if not split:
+        prefix, tail = [0] * len(rows), [p + t for p, t in zip(prefix, tail)]
+    device = rows[0][0].device
+    max_rows = forward_batch_size or len(rows)
+    if device.type == "cuda":  # few large passes: weight reads, not padding, dominate on a GPU
+        passes = plan_passes(prefix, tail, max_rows, min_rows=max_rows, slack=0.0)
+    else:  # on a CPU compute dominates: cut passes where padding would waste more than 10%
+        passes = plan_passes(prefix, tail, max_rows, min_rows=min(16, max_rows), slack=0.1)
+
+    keys: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    token_row: list[torch.Tensor] = []
+    token_loss: list[torch.Tensor] = []
     with _frozen(model), torch.enable_grad(), _Hooks(model, modules) as hooks:
-        for group in group_minibatches(batches, forward_batch_size):
-            merged = _merge([batches[i] for i in group])
-            logits, labels, mask = _target_logits(model, hooks, merged, split_prefix)
+        for members in passes:
+            width = max(rows[i][0].shape[0] for i in members)
+            batch = {
+                key: torch.stack([F.pad(rows[i][k], (0, width - rows[i][k].shape[0]), value=fill) for i in members])
+                for k, (key, fill) in enumerate((("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE)))
+            }
+            logits, labels, mask = _target_logits(model, hooks, batch, split)
             missing = [n for n in names if n not in hooks.outputs]
             if missing:
                 raise RuntimeError(f"edit modules {missing} did not run in the forward pass")
-            # Per-token weight 1/t_j makes sum(weights * ce) the sum of per-minibatch mean losses.
-            sizes = [batches[i]["input_ids"].shape[0] for i in group]
-            tokens_per_row = mask.sum(1)
-            tokens = [int(t.sum()) for t in torch.split(tokens_per_row, sizes)]
-            weight_rows = torch.cat(
-                [torch.full((s,), 1.0 / t, device=mask.device) for s, t in zip(sizes, tokens)]
+            # Weight 1/t_j per token makes the loss the SUM of per-minibatch mean losses.
+            per_row = mask.sum(1)
+            weights = torch.tensor([row_weight[i] for i in members], device=device).repeat_interleave(per_row)
+            ce = F.cross_entropy(logits, labels, reduction="none") * weights
+            out_grads = torch.autograd.grad(
+                ce.sum(), [hooks.outputs[n] for n in names], allow_unused=True, materialize_grads=True
             )
-            weights = weight_rows.repeat_interleave(tokens_per_row)
-            ce = F.cross_entropy(logits, labels, reduction="none")
-            loss = (ce * weights).sum()
-            grads = torch.autograd.grad(
-                loss, [hooks.outputs[n] for n in names], allow_unused=True, materialize_grads=True
-            )
-            losses = torch.split(ce.detach() * weights, tokens)
-            keys = {n: torch.split(hooks.keys[n], tokens) for n in names}
-            out_grads = {n: torch.split(g[mask].float(), tokens) for n, g in zip(names, grads)}
-            for j, t in enumerate(tokens):
-                results.append(
-                    MinibatchCapture(
-                        keys={n: keys[n][j] for n in names},
-                        grads={n: out_grads[n][j] for n in names},
-                        rows=t,
-                        loss=float(losses[j].sum()),
-                    )
-                )
-            del logits, loss, grads, ce
-    return results
+            for n, g in zip(names, out_grads):
+                keys[n].append(hooks.keys[n])
+                grads[n].append(g[mask].float())
+            token_row.append(torch.tensor(members, device=device).repeat_interleave(per_row))
+            token_loss.append(ce.detach())
+            del logits, ce, out_grads
+
+    # Back to the original order (rows in minibatch order, tokens in position order), per minibatch.
+    order = torch.sort(torch.cat(token_row), stable=True).indices
+    row_tokens = torch.bincount(torch.cat(token_row), minlength=len(rows)).tolist()
+    sizes, first_row = [], 0
+    for count in minibatch_rows:
+        sizes.append(sum(row_tokens[first_row : first_row + count]))
+        first_row += count
+    split_keys = {n: torch.cat(keys[n])[order].split(sizes) for n in names}
+    split_grads = {n: torch.cat(grads[n])[order].split(sizes) for n in names}
+    losses = torch.cat(token_loss)[order].split(sizes)
+    return [
+        MinibatchCapture(
+            keys={n: split_keys[n][j] for n in names},
+            grads={n: split_grads[n][j] for n in names},
+            rows=sizes[j],
+            loss=float(losses[j].sum()),
+        )
+        for j in range(len(batches))
+    ]
 
 
-__all__ = ["MinibatchCapture", "capture", "collate", "group_minibatches"]
+__all__ = ["MinibatchCapture", "capture", "plan_passes"]
