@@ -217,7 +217,8 @@ def test_skip_invalid_from_the_start_and_resume_keeps_rejects_once(tmp_path, ckp
     lines += [json.dumps(r) for r in records[12:]]
     edits = write_jsonl(tmp_path / "edits.jsonl", lines)
     assert edit(ckpt, edits, tmp_path / "s", "--skip-invalid", "--max-turns", "2") == 0
-    assert edit(ckpt, edits, tmp_path / "s", "--skip-invalid") == 0
+    # Resuming without --skip-invalid: the bad records are behind us, so they are no error now.
+    assert edit(ckpt, edits, tmp_path / "s") == 0
     rejects = [json.loads(x) for x in (tmp_path / "s" / "rejects-edits.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rejects] == [13, 14] and rejects[1]["field"] == "prompt"
     info = st.info(tmp_path / "s")
@@ -254,3 +255,7 @@ def test_refusals(tmp_path, ckpt, records, capsys):
     assert "no saved state" in capsys.readouterr().err
     assert edit(ckpt, tmp_path / "missing.jsonl", tmp_path / "t") == 2
     assert "no such file" in capsys.readouterr().err
+    tail = write_jsonl(tmp_path / "tail.jsonl", records[:10] + ['{"prompt": "w1", "target": ""}'])
+    assert edit(ckpt, tail, tmp_path / "u") == 2  # a bad last record is found before the run ends
+    assert "line 11: field 'target'" in capsys.readouterr().err
+    assert st.info(tmp_path / "u")["turns"] == 1

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from . import bench
+from .testbed import demo as testbed_demo
 
 
 def _presets_command(args: argparse.Namespace) -> int:
@@ -148,35 +149,54 @@ def _count_records(path: Path) -> int | None:
 
 
 class _RejectsSink:
-    """Rejects file shared by the reader and the CLI. On resume it is cut back to the rejects of
-    the records already consumed, and writes for those records (re-read while skipping) are
-    dropped, so every bad record appears once."""
+    """Where the reader (always run with ``skip_invalid=True``) reports bad records.
 
-    def __init__(self, path: Path, keep_lines: int, skip_through: int) -> None:
-        self.path = path
+    With a ``path`` (``--skip-invalid``) it is the rejects file: on resume it is cut back to the
+    rejects of the records already consumed, and reports for those records (re-read while
+    skipping) are dropped, so every bad record appears once. Without one (strict mode) it keeps
+    the first bad record past the consumed ones, and :meth:`check` raises it; bad records among
+    the consumed ones (an earlier run used ``--skip-invalid``) are not errors again.
+    """
+
+    def __init__(self, path: Path | None, keep_lines: int, skip_through: int) -> None:
         self.skip_through = skip_through
         self.reader: Any = None
-        self.written = 0
-        lines = []
-        if keep_lines and path.exists():
-            with open(path, encoding="utf-8") as f:
-                lines = [line for _, line in zip(range(keep_lines), f)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "w", encoding="utf-8")
-        self._file.writelines(lines)
+        self.violation: dict[str, Any] | None = None
+        self._file = None
+        if path is not None:
+            lines = []
+            if keep_lines and path.exists():
+                with open(path, encoding="utf-8") as f:
+                    lines = [line for _, line in zip(range(keep_lines), f)]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "w", encoding="utf-8")
+            self._file.writelines(lines)
 
     def write(self, text: str) -> int:
         if self.reader is not None and self.reader.read <= self.skip_through:
             return len(text)
-        self.written += 1
+        if self._file is None:
+            if self.violation is None:
+                self.violation = json.loads(text)
+            return len(text)
         return self._file.write(text)
 
+    def check(self, path: Path) -> None:
+        """Strict mode: raise the first bad record (a :class:`DatasetError` naming file, line, field)."""
+        from .datasets import DatasetError
+
+        if self.violation is not None:
+            v = self.violation
+            raise DatasetError(path, v["index"], v["field"], v["error"], unit=v["unit"])
+
     def flush(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _check_same_config(config: Any, args: argparse.Namespace, model: Any) -> None:
@@ -239,10 +259,9 @@ def _edit_command(args: argparse.Namespace) -> int:
                   f"{start_records} records of {edits_path} already consumed", file=sys.stderr)
 
         rejects_path = Path(args.rejects) if args.rejects else state_dir / f"rejects-{edits_path.stem}.jsonl"
-        sink = _RejectsSink(rejects_path, entry["rejected"], start_records) if args.skip_invalid else None
-        reader = read_requests(edits_path, args.format, skip_invalid=args.skip_invalid, rejects=sink, seed=args.seed)
-        if sink is not None:
-            sink.reader = reader
+        sink = _RejectsSink(rejects_path if args.skip_invalid else None, entry["rejected"], start_records)
+        reader = read_requests(edits_path, args.format, skip_invalid=True, rejects=sink, seed=args.seed)
+        sink.reader = reader
         tokenize_rejects = entry["rejected_tokenize"]
         unsaved = 0
         position = start_records
@@ -252,8 +271,7 @@ def _edit_command(args: argparse.Namespace) -> int:
         def checkpoint() -> None:
             nonlocal unsaved
             saving["now"] = True
-            if sink is not None:
-                sink.flush()
+            sink.flush()
             save(editor, state_dir, delta_dtype=args.delta_dtype)
             unsaved = 0
             saving["now"] = False
@@ -289,6 +307,7 @@ def _edit_command(args: argparse.Namespace) -> int:
                 position = reader.read
 
             for request in reader:
+                sink.check(edits_path)  # strict mode: a bad record before this one ends the run here
                 if reader.read <= start_records:
                     continue  # applied by an earlier run (resume)
                 try:
@@ -298,7 +317,6 @@ def _edit_command(args: argparse.Namespace) -> int:
                     if not args.skip_invalid:
                         raise CliError(f"{where}: {err}; nothing from its turn was applied") from None
                     tokenize_rejects += 1
-                    assert sink is not None
                     sink.write(json.dumps({"index": reader.read, "unit": "record", "field": "prompt/target",
                                            "error": str(err), "record": {"prompt": request.prompt,
                                                                          "target": request.target}}) + "\n")
@@ -310,6 +328,7 @@ def _edit_command(args: argparse.Namespace) -> int:
                     if stop["requested"] or (args.max_turns and editor.turns - start_turns >= args.max_turns):
                         break
             else:
+                sink.check(edits_path)
                 if turn:
                     apply(turn)
                     turn = []
@@ -340,8 +359,7 @@ def _edit_command(args: argparse.Namespace) -> int:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             reader.close()
-            if sink is not None:
-                sink.close()
+            sink.close()
         seconds = time.perf_counter() - began
         applied = editor.edits - start_edits
         rejected = entry["rejected"]
@@ -518,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(func=_presets_command)
     _add_session_parsers(sub)
     bench.add_parser(sub)
+    testbed_demo.add_parser(sub)  # 'demo' and 'testbed train'
     return parser
 
 
