@@ -87,10 +87,14 @@ def _load_model(name: str, device: str, dtype: str, *, tokenizer: bool = True) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import transformers
+
     torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kw = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype}  # renamed in 4.56
     try:
         tok = AutoTokenizer.from_pretrained(name) if tokenizer else None
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, **kw)
     except (OSError, ValueError) as err:
         raise CliError(f"cannot load --model {name!r}: {err}") from None
     return model.to(_device_of(device)).eval(), tok
