@@ -242,6 +242,17 @@ def test_published_field_names_are_accepted(tmp_path, ckpt, records):
     assert log[0]["edits"][3]["target"] == records[3]["target"]
 
 
+def test_revert_command(tmp_path, ckpt, records, capsys):
+    edits = write_jsonl(tmp_path / "edits.jsonl", records)
+    assert edit(ckpt, edits, tmp_path / "s", "--keep-turn-deltas", "2") == 0
+    assert main(["revert", "--model", str(ckpt), "--state", str(tmp_path / "s"), "--turns", "2"]) == 0
+    assert "reverted turns 2-3 (15 edits)" in capsys.readouterr().out
+    assert (st.info(tmp_path / "s")["turns"], st.info(tmp_path / "s")["edits"]) == (1, 10)
+    assert_same_model(edited_model(ckpt, tmp_path / "s"), python_run(ckpt, records[:10]).model)
+    assert main(["revert", "--model", str(ckpt), "--state", str(tmp_path / "s")]) == 2
+    assert "only the last 0 are kept" in capsys.readouterr().err
+
+
 def test_refusals(tmp_path, ckpt, records, capsys):
     edits = write_jsonl(tmp_path / "edits.jsonl", records[:10])
     assert edit(ckpt, edits, tmp_path / "s") == 0

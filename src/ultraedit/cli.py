@@ -471,8 +471,26 @@ def _merge_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@_reporting
+def _revert_command(args: argparse.Namespace) -> int:
+    from .state import load, read_state, save, session_lock
+
+    dtype = args.dtype if args.dtype != "auto" else (_state_dtype(args.state) or "auto")
+    model, _ = _load_model(args.model, args.device, dtype, tokenizer=False)
+    with session_lock(args.state):
+        delta_dtype = read_state(args.state)[0]["delta_dtype"]
+        editor = load(model, args.state)
+        report = editor.revert_last(args.turns)
+        save(editor, args.state, delta_dtype=delta_dtype)
+    first, last = report.reverted_turns[0], report.reverted_turns[-1]
+    print(f"reverted turn{'s' if last > first else ''} {first}{f'-{last}' if last > first else ''} "
+          f"({report.edits_removed} edits); {args.state} now holds {report.turns} turns, {report.edits} edits")
+    print(report.note)
+    return 0
+
+
 def _add_session_parsers(sub: Any) -> None:
-    """Register ``edit``, ``ask``, ``info`` and ``merge``."""
+    """Register ``edit``, ``ask``, ``info``, ``merge`` and ``revert``."""
     from .datasets import DATASET_FORMATS
 
     p = sub.add_parser(
@@ -527,6 +545,17 @@ def _add_session_parsers(sub: Any) -> None:
     p.add_argument("--max-shard-size", help="passed to save_pretrained, e.g. 5GB")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=_merge_command)
+
+    p = sub.add_parser(
+        "revert", help="undo the last turns of a state exactly (needs edit --keep-turn-deltas)",
+        description="Restore the weights and statistics from before the last K turns and save the state. "
+        "The reverted requests count as consumed: running 'ultraedit edit' on the same file does not "
+        "apply them again.",
+    )
+    _model_args(p)
+    p.add_argument("--state", required=True, metavar="DIR")
+    p.add_argument("--turns", type=int, default=1, metavar="K", help="how many of the last turns to undo (default 1)")
+    p.set_defaults(func=_revert_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
