@@ -227,7 +227,7 @@ def _edit_command(args: argparse.Namespace) -> int:
     from .batching import EditError, tokenize_pair
     from .datasets import DatasetError, read_requests
     from .editor import EditConfig, UltraEditor
-    from .state import has_state, load, save, session_lock
+    from .state import has_state, load, read_state, save, session_lock
 
     edits_path = Path(args.edits)
     if not edits_path.is_file():
@@ -249,6 +249,7 @@ def _edit_command(args: argparse.Namespace) -> int:
                 modules=args.modules, preset=args.preset, **{k: v for k, v in fields.items() if v is not None}
             )
             editor = UltraEditor(model, config, tokenizer, keep_turn_deltas=args.keep_turn_deltas or 0)
+        delta_dtype = args.delta_dtype or (read_state(state_dir)[0]["delta_dtype"] if resuming else "float32")
         entry = _input_entry(editor.session.extra.setdefault("cli", {}), edits_path)
         start_records, start_turns, start_edits = entry["records"], editor.turns, editor.edits
         if entry["done"] and edits_path.stat().st_size > entry.get("bytes", 0):
@@ -275,7 +276,7 @@ def _edit_command(args: argparse.Namespace) -> int:
             nonlocal unsaved
             saving["now"] = True
             sink.flush()
-            save(editor, state_dir, delta_dtype=args.delta_dtype)
+            save(editor, state_dir, delta_dtype=delta_dtype)
             unsaved = 0
             saving["now"] = False
 
@@ -516,8 +517,9 @@ def _add_session_parsers(sub: Any) -> None:
     p.add_argument("--max-turns", type=int, help="stop (and save) after this many turns in this run")
     p.add_argument("--keep-turn-deltas", type=int, metavar="K",
                    help="keep the last K turns revertible (costs K copies of the edit modules, CPU and on disk)")
-    p.add_argument("--delta-dtype", default="float32", choices=["float32", "model"],
-                   help="dtype of the saved weight shift (float32: exact resume; model: half size for bf16)")
+    p.add_argument("--delta-dtype", choices=["float32", "model"],
+                   help="dtype of the saved weight shift (float32, the default: exact resume; model: half size "
+                   "for bf16, approximate); a resumed state keeps its own unless given")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip malformed records (written to the rejects file) instead of stopping")
     p.add_argument("--rejects", metavar="FILE", help="rejects file (default DIR/rejects-<edits file stem>.jsonl)")
