@@ -587,10 +587,11 @@ def _exact_delta(
     """``(delta, fix_index, fix_value)``: ``weight - base`` in ``dtype`` such that ``base + delta``
     (computed as :func:`_add_delta` does) reproduces ``weight`` bit for bit.
 
-    For bf16/fp16 weights a float32 difference is always enough. For float32 weights the
-    difference can be one rounding off; a few ``nextafter`` steps fix most such elements, and the
-    rest (where the shift is larger than the weight, so no float32 delta can land exactly) are
-    returned as flat indices and exact values (model dtype). A ``dtype`` narrower than float32
+    For bf16/fp16 weights a float32 difference is exact unless a weight moved across more than
+    ~16 binary orders of magnitude. For float32 weights it can be one rounding off; a few
+    ``nextafter`` steps fix most such elements. The rest (where the shift dwarfs the result, so no
+    delta of this dtype can land exactly) are returned as flat indices and exact values (model
+    dtype), verified by rebuilding the weight. A ``dtype`` narrower than float32
     (``delta_dtype="model"``) is returned as is, without fixes: approximate by choice.
     """
     wide = _wide(dtype, weight.dtype)
