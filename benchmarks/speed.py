@@ -369,8 +369,10 @@ def main() -> None:
     if args.memory_turns:
         curve = memory_curve(model, names, args, base_weights)
         report["memory_curve_mib"] = curve
-        half = len(curve) // 2
-        report["memory_growth_mib_second_half"] = max(curve[half:]) - curve[half]
+        xs = torch.arange(len(curve), dtype=torch.float64)
+        ys = torch.tensor(curve, dtype=torch.float64)
+        slope = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
+        report["memory_slope_mib_per_turn"] = slope  # least-squares; ~0 means flat
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
