@@ -323,6 +323,19 @@ def test_edit_log_is_append_only_and_repairs_a_torn_line(tmp_path):
     assert len((directory / st.LOG).read_bytes().splitlines()) == 3
 
 
+def test_another_session_is_not_saved_over_a_state(tmp_path):
+    first = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
+    run_turns(first, [1])
+    first.save(tmp_path / "s")
+    other = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
+    with pytest.raises(st.StateError, match="holds another editing session"):
+        other.save(tmp_path / "s")
+    resumed = UltraEditor.load(tiny_model("llama"), tmp_path / "s")  # the same session continues
+    run_turns(resumed, [2])
+    resumed.save(tmp_path / "s")
+    assert [r["turn"] for r in st.read_log(tmp_path / "s")] == [1, 2]
+
+
 def test_another_writer_is_refused(tmp_path):
     directory = tmp_path / "s"
     directory.mkdir()

@@ -53,6 +53,7 @@ import shutil
 import struct
 import sys
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -182,6 +183,7 @@ class EditSession:
         self.pending_log: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
         self._fingerprint: dict[str, Any] | None = None
+        self.session_id = uuid.uuid4().hex  # a state directory holds one session; kept by load()
 
     def fingerprint(self) -> dict[str, Any]:
         """Fingerprint of the base model this session edits (see :func:`fingerprint`)."""
@@ -550,6 +552,8 @@ def save(editor: "UltraEditor", directory: str | os.PathLike[str], *, delta_dtyp
     session = editor.session
     with session_lock(directory):
         old = _current_dir(directory)
+        if old is not None:
+            _check_same_session(directory, old, session.session_id)
         _cleanup(directory, old)
         number = int(old.name[1:]) + 1 if old is not None else 1
         final = directory / f"v{number:08d}"
@@ -628,6 +632,19 @@ def _delta_on_device(
     return _exact_delta(weight.cpu(), base, dtype)
 
 
+def _check_same_session(directory: Path, version: Path, session_id: str) -> None:
+    """Refuse to save one session over another (their edit logs and counters would mix)."""
+    try:
+        meta = json.loads((version / STATE_JSON).read_text())
+    except (OSError, ValueError):
+        return  # unreadable old state: the new one replaces it
+    if meta.get("session_id") not in (None, session_id):
+        raise StateError(
+            f"{directory} holds another editing session ({meta.get('turns')} turns, {meta.get('edits')} edits, "
+            f"saved {meta.get('saved_at')}): resume it with UltraEditor.load(model, dir) or save to a new directory"
+        )
+
+
 def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous: Path | None) -> dict[str, Any]:
     session = editor.session
     fp = session.fingerprint()
@@ -694,6 +711,7 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
         "normalizer_shapes": [list(s) for s in editor.normalizers],
         "keep_turn_deltas": session.keep_turn_deltas,
         "undo": undo_meta,
+        "session_id": session.session_id,
         "log_seq": session.log_seq,
         "log_tail": list(session.pending_log),
         "extra": session.extra,
@@ -770,6 +788,7 @@ def load(
     session.log_seq = int(meta["log_seq"])
     session.pending_log = list(meta["log_tail"])
     session.extra = dict(meta.get("extra") or {})
+    session.session_id = meta.get("session_id") or session.session_id
 
     saved_undo = meta.get("undo") or []
     for item in saved_undo[-keep:] if keep > 0 else []:
