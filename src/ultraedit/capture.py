@@ -134,7 +134,7 @@ class _Hooks:
                 return None
             if name in self.outputs:
                 raise RuntimeError(f"edit module {name!r} ran twice in one forward pass; shared modules cannot be edited")
-            self.keys[name] = args[0][self.mask].detach().float()
+            self.keys[name] = args[0][self.mask.to(args[0].device)].detach().float()
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
             self.outputs[name] = output
@@ -145,7 +145,7 @@ class _Hooks:
     def _head_hook(self, module: nn.Module, args: tuple):
         hidden = args[0]
         if hidden.ndim == 3 and hidden.shape[:2] == self.mask.shape:
-            return (hidden[self.mask],) + tuple(args[1:])
+            return (hidden[self.mask.to(hidden.device)],) + tuple(args[1:])
         return None
 
     def reset(self, mask: torch.Tensor, active: bool = True) -> None:
@@ -299,7 +299,7 @@ def capture(
             )
             for n, g in zip(names, out_grads):
                 keys[n].append(hooks.keys[n])
-                grads[n].append(g[mask].float())
+                grads[n].append(g[mask.to(g.device)].float())
             token_row.append(torch.tensor(members, device=device).repeat_interleave(per_row))
             token_loss.append(ce.detach())
             del logits, ce, out_grads
@@ -311,8 +311,9 @@ def capture(
     for count in minibatch_rows:
         sizes.append(sum(row_tokens[first_row : first_row + count]))
         first_row += count
-    split_keys = {n: torch.cat(keys[n])[order].split(sizes) for n in names}
-    split_grads = {n: torch.cat(grads[n])[order].split(sizes) for n in names}
+    # (modules may sit on different devices when a model is split across GPUs)
+    split_keys = {n: (k := torch.cat(keys[n]))[order.to(k.device)].split(sizes) for n in names}
+    split_grads = {n: (g := torch.cat(grads[n]))[order.to(g.device)].split(sizes) for n in names}
     losses = torch.cat(token_loss)[order].split(sizes)
     return [
         MinibatchCapture(

@@ -263,8 +263,8 @@ class UltraEditor:
         dtype = self.config.torch_dtype
         for shape, norm in normalizers.items():
             group = [n for n, m in self.modules.items() if module_shape(m) == shape]
-            keys = torch.stack([torch.cat([mb.keys[n] for mb in captures]) for n in group]).to(norm.device, dtype)
-            grads = torch.stack([torch.cat([mb.grads[n] for mb in captures]) for n in group]).to(norm.device, dtype)
+            keys = torch.stack([torch.cat([mb.keys[n] for mb in captures]).to(norm.device, dtype) for n in group])
+            grads = torch.stack([torch.cat([mb.grads[n] for mb in captures]).to(norm.device, dtype) for n in group])
             values = target_values(keys, grads, norm, self.config.lr)
             for name, shift in zip(group, ridge_solve(keys, values, self.config.ridge, self.config.solver)):
                 shifts[name] = shift
