@@ -336,6 +336,21 @@ def test_another_session_is_not_saved_over_a_state(tmp_path):
     assert [r["turn"] for r in st.read_log(tmp_path / "s")] == [1, 2]
 
 
+def test_reader_whose_version_was_just_removed_reads_the_new_one(tmp_path, monkeypatch):
+    editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
+    run_turns(editor, [1])
+    editor.save(tmp_path / "s")
+    stale = st.read_state(tmp_path / "s")  # a reader got CURRENT -> v00000001 ...
+    run_turns(editor, [2])
+    editor.save(tmp_path / "s")  # ... then a writer switched to v00000002 and removed v00000001
+    assert not stale[1].exists()
+    real, answers = st.read_state, [stale]
+    monkeypatch.setattr(st, "read_state", lambda d: answers.pop() if answers else real(d))
+    loaded = UltraEditor.load(tiny_model("llama"), tmp_path / "s")
+    assert loaded.turns == 2
+    assert_same_weights(loaded, edited_weights(editor))
+
+
 def test_another_writer_is_refused(tmp_path):
     directory = tmp_path / "s"
     directory.mkdir()

@@ -765,7 +765,7 @@ def load(
     """
     from .editor import EditConfig, UltraEditor
 
-    meta, version = read_state(directory)
+    meta, version, files = _open_version(directory)
     directory = Path(directory)
     _refuse(directory, _structure_diffs(meta["fingerprint"], model))
     config = EditConfig.from_dict(meta["config"])
@@ -777,12 +777,12 @@ def load(
     expected_shapes = sorted(tuple(s) for s in meta["normalizer_shapes"])
     if sorted(editor.normalizers) != expected_shapes:
         raise StateError(f"{version}: normalizer shapes {expected_shapes} do not match the edit modules")
-    handle, _ = _read_safetensors(version / NORMALIZERS)
+    handle = files[NORMALIZERS]
     for shape, norm in editor.normalizers.items():
         key = _norm_key(shape)
         norm.load_state_dict({k: handle.get_tensor(f"{key}.{k}") for k in ("n", "mean", "var", "std")})
 
-    _add_delta(editor.modules, session.base, version / DELTA)
+    _add_delta(editor.modules, session.base, files, version)
     editor.turns = int(meta["turns"])
     editor.edits = int(meta["edits"])
     session.log_seq = int(meta["log_seq"])
@@ -792,7 +792,7 @@ def load(
 
     saved_undo = meta.get("undo") or []
     for item in saved_undo[-keep:] if keep > 0 else []:
-        handle, _ = _read_safetensors(version / item["file"])
+        handle = files[item["file"]]
         session.undo.append(
             TurnSnapshot(
                 turn=int(item["turn"]),
@@ -808,14 +808,35 @@ def load(
     return editor
 
 
-def _add_delta(modules: Mapping[str, nn.Module], base: Mapping[str, torch.Tensor] | None, path: Path) -> None:
+def _open_version(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    """``(meta, version_dir, {file name: open safetensors handle})`` of the current state.
+
+    Every file is opened (memory-mapped) before anything is read from it, so a writer that
+    removes this version right after switching to a newer one cannot pull a file away midway; if
+    the version vanished before the files were opened, the newer state is read instead.
+    """
+    for attempt in range(3):
+        meta, version = read_state(directory)
+        names = [n for n in (NORMALIZERS, DELTA, EXACT) if n in meta["sizes"]]
+        names += [item["file"] for item in meta.get("undo") or []]
+        try:
+            return meta, version, {n: _read_safetensors(version / n)[0] for n in names}
+        except StateError:
+            if version.exists() or attempt == 2:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _add_delta(
+    modules: Mapping[str, nn.Module], base: Mapping[str, torch.Tensor] | None, files: Mapping[str, Any], version: Path
+) -> None:
     """``W = base + delta`` per module (``base`` None: the module's current weight), one at a time."""
-    handle, _ = _read_safetensors(path)
+    path = version / DELTA
+    handle = files[DELTA]
     names = set(handle.keys())
     if names != set(modules):
         raise StateError(f"{path}: holds shifts for {sorted(names)}, expected {sorted(modules)}")
-    exact_path = path.parent / EXACT
-    fixes, _ = _read_safetensors(exact_path) if exact_path.exists() else (None, None)
+    fixes = files.get(EXACT)
     fix_keys = set(fixes.keys()) if fixes is not None else set()
     with torch.no_grad():
         for name, module in modules.items():
@@ -843,7 +864,7 @@ def apply_delta(model: nn.Module, directory: str | os.PathLike[str], *, strict: 
     Returns:
         the state's ``state.json`` as a dict (turns, edits, config, fingerprint, ...).
     """
-    meta, version = read_state(directory)
+    meta, version, files = _open_version(directory)
     directory = Path(directory)
     diffs = _structure_diffs(meta["fingerprint"], model)
     if not strict:
@@ -853,7 +874,7 @@ def apply_delta(model: nn.Module, directory: str | os.PathLike[str], *, strict: 
     if strict:
         _refuse(directory, _hash_diff(meta["fingerprint"], fingerprint(model, names)))
     available = dict(model.named_modules())
-    _add_delta({n: available[n] for n in names}, None, version / DELTA)
+    _add_delta({n: available[n] for n in names}, None, files, version)
     return meta
 
 
@@ -892,7 +913,9 @@ def merge(
 def info(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Summary of a saved state: counters, modules, sizes on disk, fingerprint, log, progress."""
     meta, version = read_state(directory)
-    files = {p.name: p.stat().st_size for p in sorted(version.iterdir())}
+    files = dict(sorted(meta["sizes"].items()))  # from state.json: no race with a writer's cleanup
+    with contextlib.suppress(OSError):
+        files[STATE_JSON] = (version / STATE_JSON).stat().st_size
     log_path = Path(directory) / LOG
     fp = meta["fingerprint"]
     return {
