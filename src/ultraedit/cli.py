@@ -368,7 +368,7 @@ def _edit_command(args: argparse.Namespace) -> int:
         applied = editor.edits - start_edits
         rejected = entry["rejected"]
         print(
-            f"applied {applied} edits in {editor.turns - start_turns} turns ({applied / max(seconds, 1e-9):.1f} edits/s); "
+            f"applied {applied} edits in {_plural(editor.turns - start_turns, 'turn')} ({applied / max(seconds, 1e-9):.1f} edits/s); "
             f"state {state_dir}: {editor.turns} turns, {editor.edits} edits"
             + (f"; {rejected} invalid records skipped -> {rejects_path}" if args.skip_invalid else "")
         )
@@ -376,6 +376,10 @@ def _edit_command(args: argparse.Namespace) -> int:
             print("ultraedit edit: interrupted; run the same command again to continue", file=sys.stderr)
             return _EXIT_INTERRUPTED
     return 0
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _main_thread() -> bool:
