@@ -320,9 +320,12 @@ def main() -> None:
     ap.add_argument("--paths", default="ours,reference,floor,floor_split")
     ap.add_argument("--memory-turns", type=int, default=0, help="also record memory over this many turns of ours")
     ap.add_argument("--flops", action="store_true", help="also count matmul FLOPs per turn (torch.profiler)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.shape:
         (args.family, args.hidden, args.layers, args.intermediate, args.heads, args.kv_heads, args.vocab,
          args.preset) = SHAPES[args.shape]
