@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from . import bench
+from .testbed import demo as testbed_demo
 
 
 def _presets_command(args: argparse.Namespace) -> int:
@@ -574,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(func=_presets_command)
     _add_session_parsers(sub)
     bench.add_parser(sub)
+    testbed_demo.add_parser(sub)  # 'demo' and 'testbed train'
     return parser
 
 
