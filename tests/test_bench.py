@@ -20,14 +20,6 @@ from tiny import tiny_config
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _tokenizer():
     """A byte-level BPE tokenizer trained on the fixtures' text (deterministic, no download)."""

@@ -20,14 +20,6 @@ LR = "1e-3"
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on shared cores: one thread avoids oversubscription (and subprocesses get one too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_checkpoint(path, seed=0):
     """A tiny Llama and a word-level tokenizer (ids 4.. = w0..), saved with save_pretrained."""

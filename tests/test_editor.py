@@ -7,7 +7,7 @@ import ultraedit
 from ultraedit import EditConfig, EditError, UltraEditor
 from ultraedit.presets import resolve_modules
 
-from reference import RefNormalizer, reference_turn
+from reference import reference_turn
 from tiny import ARCHS, random_turn, tiny_model
 
 LR = 1e-3  # larger than the authors' 1e-6 so that shifts feed back into later turns visibly

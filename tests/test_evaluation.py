@@ -24,14 +24,6 @@ from ultraedit.evaluation import (
 
 from tiny import VOCAB, tiny_model
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 WORDS = ["[PAD]", "[UNK]", "a", "b", "c", "d", "e", "f"]
 ID = {w: i for i, w in enumerate(WORDS)}

@@ -23,14 +23,6 @@ LR = 1e-3  # large enough that every turn depends visibly on the weights left by
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on shared cores: one thread avoids oversubscription (and subprocesses get one too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def run_turns(editor, seeds):
     for seed in seeds:
