@@ -46,7 +46,6 @@ def test_matches_reference_after_five_turns(arch):
         ref = ref_model.get_submodule(n).weight.detach() - base[n]
         rel = float((ours - ref).norm() / ref.norm())
         assert ref.norm() > 0
-        print(f"{arch} {n} rel={rel:.2e} shift={float(ref.norm()):.3e} w={float(base[n].norm()):.3e}")
         assert rel <= 1e-4, f"{arch} {n}: relative error {rel:.2e}"
     for shape, norm in editor.normalizers.items():
         ref = ref_norms[shape]

@@ -154,7 +154,7 @@ def test_testbed_preset_matches_config(testbed):
 def test_demo_edits_and_reports_scores(capsys):
     from ultraedit.cli import main
 
-    assert main(["demo", "--edits", "40", "--turn-size", "20", "--show", "2", "--quiet"]) == 0
+    assert main(["demo", "--edits", "40", "--turn-size", "20", "--show", "2", "--quiet", "--lr", "2e-2"]) == 0
     out = capsys.readouterr().out
     for key in ("Efficacy (ES)", "Generalization (GS)", "Specificity (LS)", "before", "neighbour", "rephrase"):
         assert key in out
@@ -170,16 +170,17 @@ def test_edit_and_score_uses_the_real_editor(testbed):
     requests = load_requests(40)
     edited = model.get_submodule(TESTBED_CONFIG.modules[-1])
     weights = edited.weight.clone()
-    scores = edit_and_score(model, tokenizer, requests, TESTBED_CONFIG, turn_size=20, progress=False)
+    strong = EditConfig(modules=TESTBED_CONFIG.modules, lr=2e-2)
+    scores = edit_and_score(model, tokenizer, requests, strong, turn_size=20, progress=False)
     assert scores["turns"] == 2 and scores["edits"] == 40
-    assert scores["efficacy_before"] < 0.1 and scores["efficacy"] >= scores["efficacy_before"] + 0.1
+    assert scores["efficacy_before"] < 0.1 and scores["efficacy"] >= scores["efficacy_before"] + 0.2
     assert scores["specificity_before"] >= 0.9  # the unedited model knows its locality facts
     assert not torch.equal(weights, edited.weight)
     # the authors' lr (tuned for hidden size 4096) barely moves this small model
     model, tokenizer = load_testbed()
     weak = edit_and_score(model, tokenizer, requests, EditConfig(modules=TESTBED_CONFIG.modules, lr=1e-6),
                           turn_size=20, progress=False)
-    assert weak["efficacy"] < scores["efficacy"] - 0.05
+    assert weak["efficacy"] < scores["efficacy"] - 0.1
 
 
 def test_training_script_writes_a_loadable_testbed(tmp_path):

@@ -71,8 +71,8 @@ PRESETS: dict[str, Preset] = {
         _p("phi4", 40, "authors, Phi-4", (30, 38, "mlp.down_proj")),
         # Ours: GPT-J's choice (MLP output projection in the upper-middle third) at GPT-2 depth.
         _p("gpt2", 12, "ultraedit, by analogy with GPT-J", (8, 11, "mlp.c_proj")),
-        # Ours: the built-in testbed model (4 layers, hidden 128); use with lr 1e-3 (ultraedit.testbed.TESTBED_CONFIG).
-        _p("testbed", 4, "ultraedit testbed (benchmarks/testbed_quality.py), lr 1e-3", (1, 3, "mlp.up_proj")),
+        # Ours: the built-in testbed model (4 layers, hidden 128); use with lr 3e-3 (ultraedit.testbed.TESTBED_CONFIG).
+        _p("testbed", 4, "ultraedit testbed (benchmarks/testbed_quality.py), lr 3e-3", (1, 3, "mlp.down_proj")),
     ]
 }
 

@@ -41,12 +41,16 @@ __all__ = [
 #: Directory of the shipped model, tokenizer and data files.
 DATA_DIR: Path = Path(__file__).resolve().parent / "data"
 
-#: Edit modules of the testbed preset (see :data:`TESTBED_CONFIG`).
-TESTBED_MODULES: list[str] = [f"model.layers.{i}.mlp.up_proj" for i in (1, 2, 3)]
+#: Edit modules of the testbed preset (see :data:`TESTBED_CONFIG`): the MLP output projections of
+#: layers 1-3 (``d_in`` = 384, the widest keys this model has; layer 0 feeds everything after it).
+TESTBED_MODULES: list[str] = [f"model.layers.{i}.mlp.down_proj" for i in (1, 2, 3)]
 
-#: Recommended UltraEdit settings for the testbed model (also ``PRESETS["testbed"]``); see
-#: ``benchmarks/testbed_quality.py`` for how they were chosen.
-TESTBED_CONFIG: EditConfig = EditConfig(modules=TESTBED_MODULES, lr=1e-3)
+#: UltraEdit settings for the testbed model (modules also ``PRESETS["testbed"]``), chosen with
+#: ``python benchmarks/testbed_quality.py --grid``: the best efficacy for which specificity stays
+#: >= 0.8 of the unedited model after 2,000 edits. lr is 3,000x the authors' 1e-6 (tuned for
+#: d_in = 4096): ``V = -lr * ||K_hat||^2 * G_hat`` and ``||K_hat||^2 ~ d_in``. The issue's targets
+#: are NOT reached on this model (see README, "Built-in testbed").
+TESTBED_CONFIG: EditConfig = EditConfig(modules=TESTBED_MODULES, lr=3e-3)
 
 
 def data_path(name: str, data_dir: str | Path | None = None) -> Path:
