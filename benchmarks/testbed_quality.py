@@ -40,11 +40,11 @@ def _layers(suffixes: str, layers: str) -> list[str]:
 #: ``--grid``: module choices x step sizes. "paper" = the authors' Llama-3 choice scaled to 4 layers
 #: (layer 1 gate_proj, layers 2-3 up_proj).
 GRID: list[tuple[list[str] | None, list[float]]] = [
-    (["paper"], [1e-6, 1e-3, 3e-3, 1e-2]),
-    (_layers("up_proj", "1,2,3"), [1e-3, 3e-3, 1e-2]),
-    (_layers("gate_proj+up_proj", "1,2,3"), [1e-3, 3e-3]),
-    (_layers("down_proj", "3"), [3e-3, 1e-2, 3e-2]),
-    (_layers("down_proj", "1,2,3"), [1e-3, 3e-3, 1e-2]),
+    (["paper"], [1e-6, 1e-3]),
+    (_layers("up_proj", "1,2,3"), [1e-3, 3e-3]),
+    (_layers("gate_proj+up_proj", "1,2,3"), [1e-3]),
+    (_layers("down_proj", "3"), [5e-3, 1e-2]),
+    (_layers("down_proj", "1,2,3"), [2e-3, 3e-3]),
 ]
 
 
