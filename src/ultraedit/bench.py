@@ -710,10 +710,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Lifelong editing benchmark: edit T turns of N requests, evaluate every edited request, "
         "write DIR/results.json, DIR/results.md and DIR/curve.png.",
     )
-    p.add_argument("--model", required=True, help="Hugging Face name or local path, or 'testbed'")
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="record format of --data ('testbed': built-in)")
+    p.add_argument("--model", default="testbed",
+                   help="Hugging Face name or local path, or 'testbed' (default: the built-in testbed model)")
+    p.add_argument("--dataset", default="testbed", choices=DATASETS,
+                   help="record format of --data (default 'testbed': the built-in testbed's edit requests)")
     p.add_argument("--data", metavar="FILE", help="dataset file (JSON list or JSON Lines, optionally .gz)")
-    p.add_argument("--turns", type=int, required=True, metavar="T", help="number of turns")
+    p.add_argument("--turns", type=int, default=20, metavar="T", help="number of turns (default 20)")
     p.add_argument("--turn-size", type=int, default=100, metavar="N", help="requests per turn (default 100)")
     p.add_argument("--batch-size", type=int, default=10, help="requests per minibatch (default 10)")
     p.add_argument("--lr", type=float, default=None, help=f"step size (default {EditConfig.lr})")
