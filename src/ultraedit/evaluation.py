@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .batching import IGNORE, EditError, EditRequest, collate, pad_id_of, tokenize_pair
+from .batching import IGNORE, EditError, EditRequest, collate, pad_id_of
 
 
 @torch.no_grad()
@@ -31,33 +31,8 @@ def score_pairs(
         ``{"accuracy": [...], "logprob": [...]}`` per pair, in input order: token accuracy in
         [0, 1] and the summed log-probability (nats) of the answer tokens.
     """
-    encoded = [tokenize_pair(tokenizer, p, a) for p, a in pairs]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]), reverse=True)
-    device = model.get_input_embeddings().weight.device
-    accuracy = [0.0] * len(encoded)
-    logprob = [0.0] * len(encoded)
-    pad = pad_id_of(tokenizer)
-    training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            labels = batch["labels"]
-            mask = labels != IGNORE
-            safe = labels.clamp(min=0)
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-            hit = (logits.argmax(-1) == labels) & mask
-            counts = mask.sum(1)
-            acc = hit.sum(1) / counts
-            lp = (logp * mask).sum(1)
-            for row, i in enumerate(idx):
-                accuracy[i] = float(acc[row])
-                logprob[i] = float(lp[row])
-    finally:
-        model.train(training)
-    return {"accuracy": accuracy, "logprob": logprob}
+    scores = teacher_forced(model, tokenizer, pairs, batch_size=batch_size)
+    return {"accuracy": scores.accuracy, "logprob": scores.logprob}
 
 
 # --------------------------------------------------------------------------- benchmark metrics
