@@ -238,6 +238,17 @@ def make_step(name, model, names, args):
     raise SystemExit(f"unknown path {name!r}")
 
 
+def release_memory() -> None:
+    """Return freed heap to the OS, so that each path's peak RSS starts from the same floor."""
+    gc.collect()
+    if platform.system() == "Linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def restore(model, base_weights) -> None:
     for n, w in base_weights.items():  # every path starts from the same weights
         model.get_submodule(n).weight.data.copy_(w)
@@ -257,7 +268,7 @@ def run_path(name, model, names, turns, warmup, args, base_weights):
     step = make_step(name, model, names, args)
     for batches in turns[:warmup]:
         step(batches)
-    gc.collect()
+    release_memory()
     times = []
     with peak_memory(args.device) as mem:
         for batches in turns[warmup:]:
@@ -379,6 +390,7 @@ def main() -> None:
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text + "\n")
     if report.get("shifts_agree") is False:
