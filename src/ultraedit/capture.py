@@ -101,6 +101,38 @@ def _frozen(model: nn.Module) -> Iterator[None]:
         model.train(training)
 
 
+class TargetHead:
+    """While active, the model's LM head (output embeddings) sees only the hidden states at
+    ``self.mask`` positions, so ``model(...).logits`` is ``(mask.sum(), vocab)`` instead of
+    ``(B, L, vocab)``: the vocabulary projection costs only the tokens that are scored.
+
+    Set ``mask`` (``(B, L)`` bool) before each forward; ``None`` leaves the head alone. Callers
+    must accept 3-D logits too (a model whose head is not its output embedding module)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.mask: torch.Tensor | None = None
+        self.handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __enter__(self) -> "TargetHead":
+        getter = getattr(self.model, "get_output_embeddings", None)  # absent on plain nn.Modules
+        head = getter() if getter is not None else None
+        if head is not None:
+            self.handle = head.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def _hook(self, module: nn.Module, args: tuple):
+        hidden = args[0]
+        if self.mask is not None and hidden.ndim == 3 and hidden.shape[:2] == self.mask.shape:
+            return (hidden[self.mask.to(hidden.device)],) + tuple(args[1:])
+        return None
+
+
 class _Hooks:
     """Forward hooks that record keys at target positions and expose module outputs as grad leaves."""
 
@@ -108,6 +140,7 @@ class _Hooks:
         self.model = model
         self.modules = modules
         self.mask: torch.Tensor | None = None
+        self.head = TargetHead(model)
         self.active = True
         self.keys: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
@@ -116,15 +149,14 @@ class _Hooks:
     def __enter__(self) -> "_Hooks":
         for name, module in self.modules.items():
             self.handles.append(module.register_forward_hook(self._module_hook(name)))
-        head = self.model.get_output_embeddings()
-        if head is not None:
-            self.handles.append(head.register_forward_pre_hook(self._head_hook))
+        self.head.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.head.__exit__()
         self.keys.clear()
         self.outputs.clear()
 
@@ -142,15 +174,9 @@ class _Hooks:
 
         return hook
 
-    def _head_hook(self, module: nn.Module, args: tuple):
-        hidden = args[0]
-        if hidden.ndim == 3 and hidden.shape[:2] == self.mask.shape:
-            return (hidden[self.mask.to(hidden.device)],) + tuple(args[1:])
-        return None
-
     def reset(self, mask: torch.Tensor, active: bool = True) -> None:
         """Next forward: head sees only ``mask`` positions; modules are captured if ``active``."""
-        self.mask = mask
+        self.mask = self.head.mask = mask
         self.active = active
         self.keys.clear()
         self.outputs.clear()
@@ -326,4 +352,4 @@ def capture(
     ]
 
 
-__all__ = ["MinibatchCapture", "capture", "plan_passes"]
+__all__ = ["MinibatchCapture", "TargetHead", "capture", "plan_passes"]

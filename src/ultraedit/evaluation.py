@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .batching import IGNORE, EditError, EditRequest, collate, pad_id_of
+from .capture import TargetHead
 
 
 @torch.no_grad()
@@ -147,25 +148,26 @@ def teacher_forced(
     model.eval()
     try:
         bar = _progress(batches, progress, desc, unit="batch")
-        for idx in bar:
-            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            labels = batch["labels"]
-            mask = labels != IGNORE
-            picked = logits[mask]  # (T, V): answer positions only, row-major over (B, L)
-            gold = labels[mask]
-            pred = picked.argmax(-1)
-            logp = torch.log_softmax(picked.float(), -1).gather(-1, gold.unsqueeze(-1)).squeeze(-1)
-            counts = mask.sum(1).tolist()
-            hit = (pred == gold).cpu().split(counts)
-            pred_rows = pred.cpu().split(counts)
-            logp_rows = logp.cpu().split(counts)
-            for row, i in enumerate(idx):
-                hits = int(hit[row].sum())
-                scores.accuracy[i] = hits / counts[row]
-                scores.exact[i] = 1.0 if hits == counts[row] else 0.0
-                scores.logprob[i] = float(logp_rows[row].sum())
-                scores.predictions[i] = tuple(pred_rows[row].tolist())
+        with TargetHead(model) as head:  # vocabulary projection at answer positions only
+            for idx in bar:
+                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad).items()}
+                labels = batch["labels"]
+                mask = head.mask = labels != IGNORE
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+                picked = logits[mask] if logits.ndim == 3 else logits  # (T, V), row-major over (B, L)
+                gold = labels[mask]
+                pred = picked.argmax(-1)
+                logp = torch.log_softmax(picked.float(), -1).gather(-1, gold.unsqueeze(-1)).squeeze(-1)
+                counts = mask.sum(1).tolist()
+                hit = (pred == gold).cpu().split(counts)
+                pred_rows = pred.cpu().split(counts)
+                logp_rows = logp.cpu().split(counts)
+                for row, i in enumerate(idx):
+                    hits = int(hit[row].sum())
+                    scores.accuracy[i] = hits / counts[row]
+                    scores.exact[i] = 1.0 if hits == counts[row] else 0.0
+                    scores.logprob[i] = float(logp_rows[row].sum())
+                    scores.predictions[i] = tuple(pred_rows[row].tolist())
     finally:
         model.train(training)
     return scores
