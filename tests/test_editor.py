@@ -236,3 +236,16 @@ def test_split_falls_back_for_left_padding_and_empty_prefix():
     assert _split(left) is None
     batch["labels"][0, 0] = 5
     assert _split(batch) is None
+
+
+def test_stale_pending_turn_is_refused():
+    model = tiny_model("llama")
+    editor = UltraEditor(model, EditConfig(lr=LR))
+    first = editor.prepare(random_turn(0))
+    second = editor.prepare(random_turn(1))
+    editor.commit(first)
+    before = weights(model)
+    with pytest.raises(EditError, match="prepared as turn 1, but the editor is at turn 1"):
+        editor.commit(second)
+    assert_untouched(model, before)
+    assert editor.turns == 1

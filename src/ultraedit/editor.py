@@ -287,7 +287,16 @@ class UltraEditor:
         return PendingTurn(shifts=shifts, normalizers=normalizers, report=report)
 
     def commit(self, pending: PendingTurn) -> None:
-        """Apply a prepared turn: add every shift to its weight and adopt the new statistics."""
+        """Apply a prepared turn: add every shift to its weight and adopt the new statistics.
+
+        A pending turn is valid only on the state it was prepared from: committing it after
+        another turn (its statistics would silently replace that turn's) raises :class:`EditError`.
+        """
+        if pending.report.turn != self.turns + 1:
+            raise EditError(
+                f"this pending turn was prepared as turn {pending.report.turn}, but the editor is at turn "
+                f"{self.turns}; prepare it again"
+            )
         undo = self.session.before_commit()
         for name, module in self.modules.items():
             apply_shift(module, pending.shifts[name])
