@@ -262,3 +262,21 @@ def test_refusals(tmp_path, ckpt, records, capsys):
     assert edit(ckpt, tail, tmp_path / "u") == 2  # a bad last record is found before the run ends
     assert "line 11: field 'target'" in capsys.readouterr().err
     assert st.info(tmp_path / "u")["turns"] == 1
+
+
+def test_edit_on_the_builtin_testbed_uses_its_recommended_config(tmp_path, capsys):
+    import gzip
+
+    from ultraedit.testbed import TESTBED_CONFIG, requests_path
+
+    edits = tmp_path / "edits.jsonl"
+    with gzip.open(requests_path(), "rt") as src:
+        edits.write_text("".join(next(src) for _ in range(12)))
+    assert main(["edit", "--model", "testbed", "--edits", str(edits), "--state", str(tmp_path / "s"),
+                 "--turn-size", "6", "--quiet"]) == 0
+    config = st.read_state(tmp_path / "s")[0]["config"]
+    assert config["lr"] == TESTBED_CONFIG.lr and config["modules"] == list(TESTBED_CONFIG.modules)
+    capsys.readouterr()
+    assert main(["info", "--state", str(tmp_path / "s"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["turns"] == 2 and data["edits"] == 12

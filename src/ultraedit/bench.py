@@ -196,25 +196,31 @@ class EditMethod(Protocol):
 MethodFactory = Callable[[nn.Module, Any, BenchConfig], EditMethod]
 
 
+def edit_fields(
+    model: str, *, modules: Sequence[str] | None = None, preset: str | None = None, lr: float | None = None
+) -> dict[str, Any]:
+    """:class:`EditConfig` fields from options given explicitly (``None`` = not given). For
+    ``model == "testbed"`` the testbed's recommended modules and step size
+    (``ultraedit.testbed.TESTBED_CONFIG``) fill what was not given."""
+    kw: dict[str, Any] = {"modules": list(modules) if modules is not None else None, "preset": preset}
+    if lr is not None:
+        kw["lr"] = lr
+    if model == "testbed":
+        recommended = getattr(_testbed(), "TESTBED_CONFIG", None)
+        if recommended is not None:
+            if modules is None and preset is None:
+                kw["modules"] = list(recommended.modules)
+            if lr is None:
+                kw["lr"] = recommended.lr
+    return kw
+
+
 class UltraEditMethod:
     """UltraEdit (:class:`UltraEditor`) behind the :class:`EditMethod` interface."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: BenchConfig) -> None:
-        kw: dict[str, Any] = dict(
-            modules=config.modules, preset=config.preset, capture_batch_size=config.batch_size,
-            forward_batch_size=config.forward_batch_size,
-        )
-        if config.lr is not None:
-            kw["lr"] = config.lr
-        if config.model == "testbed":
-            # The testbed ships its own recommended modules and step size (``TESTBED_CONFIG``);
-            # options given explicitly still win.
-            recommended = getattr(_testbed(), "TESTBED_CONFIG", None)
-            if recommended is not None:
-                if config.modules is None and config.preset is None:
-                    kw["modules"] = list(recommended.modules)
-                if config.lr is None:
-                    kw["lr"] = recommended.lr
+        kw = edit_fields(config.model, modules=config.modules, preset=config.preset, lr=config.lr)
+        kw.update(capture_batch_size=config.batch_size, forward_batch_size=config.forward_batch_size)
         self.config = EditConfig(**kw)
         self.editor = UltraEditor(model, self.config, tokenizer=tokenizer)
 
@@ -263,10 +269,12 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def load_model(name: str, device: str | torch.device = "cpu", dtype: str = "auto") -> tuple[nn.Module, Any]:
+def load_model(
+    name: str, device: str | torch.device = "cpu", dtype: str = "auto", *, tokenizer: bool = True
+) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a Hugging Face name or local directory, or ``"testbed"``.
 
-    The model is put on ``device`` in eval mode.
+    The model is put on ``device`` in eval mode; ``tokenizer=False`` skips the tokenizer (``None``).
     """
     torch_dtype = _DTYPES[dtype]
     if name == "testbed":
@@ -278,8 +286,8 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: str = "auto
 
         major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
         kw = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype or "auto"}
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
         model = transformers.AutoModelForCausalLM.from_pretrained(name, **kw)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name) if tokenizer else None
     return model.to(device).eval(), tokenizer
 
 

@@ -84,25 +84,21 @@ def _state_dtype(state_dir: str) -> str | None:
 
 
 def _load_model(name: str, device: str, dtype: str, *, tokenizer: bool = True) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a local directory or hub name, in eval mode on ``device``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` from a local directory, a hub name or ``testbed`` (the built-in
+    testbed model), in eval mode on ``device``."""
+    from .bench import load_model
 
-    import transformers
-
-    torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    kw = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype}  # renamed in 4.56
     try:
-        tok = AutoTokenizer.from_pretrained(name) if tokenizer else None
-        model = AutoModelForCausalLM.from_pretrained(name, **kw)
+        return load_model(name, _device_of(device), dtype, tokenizer=tokenizer)
     except (OSError, ValueError) as err:
         raise CliError(f"cannot load --model {name!r}: {err}") from None
-    return model.to(_device_of(device)).eval(), tok
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model directory or hub name (the BASE model)")
+    p.add_argument(
+        "--model", required=True,
+        help="Hugging Face model directory or hub name (the BASE model), or 'testbed' (built in)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available; default)")
     p.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -226,6 +222,7 @@ def _edit_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .batching import EditError, tokenize_pair
+    from .bench import edit_fields
     from .datasets import DatasetError, read_requests
     from .editor import EditConfig, UltraEditor
     from .state import has_state, load, read_state, save, session_lock
@@ -245,9 +242,10 @@ def _edit_command(args: argparse.Namespace) -> int:
             editor = load(model, state_dir, tokenizer, keep_turn_deltas=args.keep_turn_deltas)
             _check_same_config(editor.config, args, model)
         else:
-            fields = {"lr": args.lr, "ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
+            fields = {"ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
             config = EditConfig(
-                modules=args.modules, preset=args.preset, **{k: v for k, v in fields.items() if v is not None}
+                **edit_fields(args.model, modules=args.modules, preset=args.preset, lr=args.lr),
+                **{k: v for k, v in fields.items() if v is not None},
             )
             editor = UltraEditor(model, config, tokenizer, keep_turn_deltas=args.keep_turn_deltas or 0)
         delta_dtype = args.delta_dtype or (read_state(state_dir)[0]["delta_dtype"] if resuming else "float32")
