@@ -15,9 +15,10 @@ How it is done without waste:
 * The output embedding (LM head) sees only the hidden states at target positions, so the
   vocabulary projection is computed for the tokens the loss needs and no others.
 * Rows of several minibatches share a padded forward/backward (up to ``forward_batch_size`` rows,
-  sorted by length when a turn needs several passes). The loss of a pass is the SUM of its rows' shares of their minibatch's mean loss (weight
-  ``1 / target tokens of the minibatch`` per token), so every target token's gradient is exactly
-  what one pass per minibatch gives; rows are returned per minibatch, in the original order.
+  sorted by length when a turn needs several passes). The loss of a pass is the SUM of its rows'
+  shares of their minibatch's mean loss (weight ``1 / target tokens of the minibatch`` per token),
+  so every target token's gradient is exactly what one pass per minibatch gives; rows are
+  returned per minibatch, in the original order.
 * Prefix/tail split. In a causal LM the output of a module at position ``t`` influences only
   positions ``>= t``, so the gradients wanted (at target positions) flow back only through the
   positions from each sequence's first target on. The tokens before it (the prompt, minus its last
@@ -266,13 +267,13 @@ def capture(
     prefix: list[int] = []
     tail: list[int] = []
     row_weight: list[float] = []  # 1 / (target tokens of the row's minibatch)
-    minibatch_rows: list[int] = []
+    sizes: list[int] = []  # target tokens per minibatch
     split = split_prefix
     for batch in batches:
         length, first, right_padded = _row_extent(batch)
         split = split and right_padded and bool((first > 0).all())
         targets = int((batch["labels"] != IGNORE).sum())
-        minibatch_rows.append(batch["labels"].shape[0])
+        sizes.append(targets)
         for r, (n, f) in enumerate(zip(length.tolist(), first.tolist())):
             rows.append((batch["input_ids"][r, :n], batch["attention_mask"][r, :n], batch["labels"][r, :n]))
             prefix.append(f)
@@ -314,11 +315,6 @@ def capture(
 
     # Back to the original order (rows in minibatch order, tokens in position order), per minibatch.
     order = torch.sort(torch.cat(token_row), stable=True).indices
-    row_tokens = torch.bincount(torch.cat(token_row), minlength=len(rows)).tolist()
-    sizes, first_row = [], 0
-    for count in minibatch_rows:
-        sizes.append(sum(row_tokens[first_row : first_row + count]))
-        first_row += count
     # (modules may sit on different devices when a model is split across GPUs)
     split_keys = {n: (k := torch.cat(keys[n]))[order.to(k.device)].split(sizes) for n in names}
     split_grads = {n: (g := torch.cat(grads[n]))[order.to(g.device)].split(sizes) for n in names}

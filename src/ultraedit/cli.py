@@ -63,16 +63,6 @@ def _reporting(func: Any) -> Any:
     return run
 
 
-def _device_of(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"--device {name}: CUDA is not available on this machine")
-    return name
-
-
 def _state_dtype(state_dir: str) -> str | None:
     """The dtype the saved state's base model was edited in (None if there is no state)."""
     from .state import has_state, read_state
@@ -86,10 +76,14 @@ def _state_dtype(state_dir: str) -> str | None:
 def _load_model(name: str, device: str, dtype: str, *, tokenizer: bool = True) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a local directory, a hub name or ``testbed`` (the built-in
     testbed model), in eval mode on ``device``."""
-    from .bench import load_model
+    from .bench import load_model, resolve_device
 
     try:
-        return load_model(name, _device_of(device), dtype, tokenizer=tokenizer)
+        resolved = resolve_device(device)
+    except ValueError as err:
+        raise CliError(f"--device {device}: {err}") from None
+    try:
+        return load_model(name, resolved, dtype, tokenizer=tokenizer)
     except (OSError, ValueError) as err:
         raise CliError(f"cannot load --model {name!r}: {err}") from None
 
