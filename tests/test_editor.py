@@ -227,6 +227,29 @@ def test_prefix_tail_split_equals_full_pass(arch):
             torch.testing.assert_close(a.grads[n], b.grads[n], rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_mlps_compute_real_tokens_only_and_change_nothing(arch):
+    from ultraedit.capture import PackedMLPs
+
+    model = tiny_model(arch)
+    batch = random_turn(3, requests=6)[0]
+    valid = batch["attention_mask"] != 0
+    assert not bool(valid.all())  # the batch has padding to skip
+    seen: list[tuple[int, ...]] = []
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with PackedMLPs(model) as packer:
+            assert len(packer.mlps) == model.config.num_hidden_layers
+            spy = [m.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape))) for m in packer.mlps]
+            packer.valid = valid
+            packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            for handle in spy:
+                handle.remove()
+    assert set(seen) == {(int(valid.sum()), model.config.hidden_size)}
+    torch.testing.assert_close(packed[valid], full[valid], rtol=1e-5, atol=1e-6)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in packer.mlps)  # nothing left behind
+
+
 def test_split_falls_back_for_left_padding_and_empty_prefix():
     from ultraedit.capture import _split
 

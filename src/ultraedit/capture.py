@@ -120,6 +120,52 @@ class TargetHead:
         return None
 
 
+class PackedMLPs:
+    """While active, every transformer block's MLP (a module named ``mlp``: position-wise in every
+    supported family) runs on the real tokens only: its input ``(B, L, d)`` is packed to
+    ``(valid.sum(), d)`` and its output scattered back, zeros at padding. Padding positions are
+    never attended to by real ones, so real tokens' results are unchanged; the MLP's FLOPs (most
+    of a layer's) stop being spent on padding. Set ``valid`` before each forward; ``None``
+    leaves the MLPs alone. Edit modules inside an MLP then see 2-D ``(tokens, d_in)`` inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.mlps = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "mlp"]
+        self.valid: torch.Tensor | None = None
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._shapes: list[torch.Size | None] = []  # per MLP call in flight: the shape to scatter to
+
+    def __enter__(self) -> "PackedMLPs":
+        for mlp in self.mlps:
+            self.handles.append(mlp.register_forward_pre_hook(self._pack))
+            self.handles.append(mlp.register_forward_hook(self._unpack))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self._shapes.clear()
+
+    def packed(self, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` (``(B, L)``) restricted to the valid tokens, in their packed (row-major) order."""
+        return mask[self.valid.to(mask.device)]
+
+    def _pack(self, module: nn.Module, args: tuple):
+        x = args[0] if args else None
+        if self.valid is None or x is None or x.ndim != 3 or x.shape[:2] != self.valid.shape:
+            self._shapes.append(None)
+            return None
+        self._shapes.append(x.shape[:2])
+        return (x[self.valid.to(x.device)],) + tuple(args[1:])
+
+    def _unpack(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        shape = self._shapes.pop()
+        if shape is None:
+            return None
+        valid = self.valid.to(output.device)
+        return output.new_zeros((*shape, output.shape[-1])).masked_scatter(valid[..., None], output)
+
+
 class _Hooks:
     """Forward hooks that record keys at target positions and expose module outputs as grad leaves."""
 
@@ -131,12 +177,15 @@ class _Hooks:
         self.active = True
         self.keys: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
+        self.key_masks: dict[str, torch.Tensor] = {}  # the mask each module's key rows were taken with
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.packer = PackedMLPs(model)
 
     def __enter__(self) -> "_Hooks":
         for name, module in self.modules.items():
             self.handles.append(module.register_forward_hook(self._module_hook(name)))
         self.head.__enter__()
+        self.packer.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -144,8 +193,10 @@ class _Hooks:
             handle.remove()
         self.handles.clear()
         self.head.__exit__()
+        self.packer.__exit__()
         self.keys.clear()
         self.outputs.clear()
+        self.key_masks.clear()
 
     def _module_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -153,7 +204,11 @@ class _Hooks:
                 return None
             if name in self.outputs:
                 raise RuntimeError(f"edit module {name!r} ran twice in one forward pass; shared modules cannot be edited")
-            self.keys[name] = args[0][self.mask.to(args[0].device)].detach().float()
+            # Inside a packed MLP the input is (real tokens, d_in): select with the packed mask.
+            mask = self.mask if args[0].ndim > 2 or self.packer.valid is None else self.packer.packed(self.mask)
+            mask = mask.to(args[0].device)
+            self.keys[name] = args[0][mask].detach().float()
+            self.key_masks[name] = mask
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
             self.outputs[name] = output
@@ -161,12 +216,15 @@ class _Hooks:
 
         return hook
 
-    def reset(self, mask: torch.Tensor, active: bool = True) -> None:
-        """Next forward: head sees only ``mask`` positions; modules are captured if ``active``."""
+    def reset(self, mask: torch.Tensor, active: bool = True, valid: torch.Tensor | None = None) -> None:
+        """Next forward: head sees only ``mask`` positions; modules are captured if ``active``;
+        MLPs compute only the ``valid`` (``(B, L)`` bool: real, not padding) tokens."""
         self.mask = self.head.mask = mask
+        self.packer.valid = valid
         self.active = active
         self.keys.clear()
         self.outputs.clear()
+        self.key_masks.clear()
 
 
 def _split(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -214,15 +272,16 @@ def _target_logits(model: nn.Module, hooks: "_Hooks", batch: dict[str, torch.Ten
     parts = _split(batch) if split else None
     if parts is None:
         mask = batch["labels"] != IGNORE
-        hooks.reset(mask)
+        hooks.reset(mask, valid=batch["attention_mask"] != 0)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         labels = batch["labels"][mask]
     else:
-        hooks.reset(torch.zeros_like(parts["prefix_mask"], dtype=torch.bool), active=False)
+        prefix_valid = parts["prefix_mask"] != 0
+        hooks.reset(torch.zeros_like(prefix_valid), active=False, valid=prefix_valid)
         with torch.no_grad():
             prefix = model(input_ids=parts["prefix_ids"], attention_mask=parts["prefix_mask"], use_cache=True)
         mask = parts["tail_labels"] != IGNORE
-        hooks.reset(mask)
+        hooks.reset(mask, valid=parts["attention_mask"][:, prefix_valid.shape[1]:] != 0)
         out = model(
             input_ids=parts["tail_ids"], attention_mask=parts["attention_mask"], position_ids=parts["position_ids"],
             use_cache=True, **_cache_kwarg(model, prefix),
@@ -308,7 +367,7 @@ def capture(
             )
             for n, g in zip(names, out_grads):
                 keys[n].append(hooks.keys[n])
-                grads[n].append(g[mask.to(g.device)].float())
+                grads[n].append(g[hooks.key_masks[n].to(g.device)].float())
             token_row.append(torch.tensor(members, device=device).repeat_interleave(per_row))
             token_loss.append(ce.detach())
             del logits, ce, out_grads
@@ -330,4 +389,4 @@ def capture(
     ]
 
 
-__all__ = ["MinibatchCapture", "TargetHead", "capture", "plan_passes"]
+__all__ = ["MinibatchCapture", "PackedMLPs", "TargetHead", "capture", "plan_passes"]
