@@ -63,6 +63,8 @@ def ridge_solve(
     if method == "dual":
         gram = keys @ kt
         gram.diagonal(dim1=-2, dim2=-1).add_(ridge)
+        if d_in < values.shape[-1]:  # K^T (G^-1 V) = (G^-1 K)^T V: fewer right-hand sides to solve
+            return _spd_solve(gram, keys).transpose(-1, -2) @ values
         return kt @ _spd_solve(gram, values)
     if method == "primal":
         gram = kt @ keys
