@@ -229,8 +229,14 @@ def test_apply_delta_and_merge_round_trip(tmp_path, dtype):
     for key, value in editor.model.state_dict().items():
         assert torch.equal(merged.state_dict()[key], value), key
     ids = torch.tensor([[1, 5, 9, 12, 40]])
+    # from_pretrained keeps the rotary inv_freq buffer in float32 where tiny_model(...).to(bf16)
+    # rounds it, so compare the merged weights in a twin built like the editor's model (bit-exact),
+    # and the merged model itself within rounding.
+    twin = tiny_model("llama", dtype=dtype)
+    twin.load_state_dict(merged.state_dict())
     with torch.no_grad():
-        assert torch.equal(merged(ids).logits, editor.model(ids).logits)
+        assert torch.equal(twin(ids).logits, editor.model(ids).logits)
+        torch.testing.assert_close(merged(ids).logits, editor.model(ids).logits, rtol=0.02, atol=0.02)
     assert json.loads((out / "ultraedit_merge.json").read_text())["edits"] == 30
 
 
