@@ -8,7 +8,7 @@ Three paths, one process, the same seeded random model and the same edit turns:
    disk with ``torch.save`` and read back, and a primal ``d_in x d_in`` ``torch.linalg.solve``.
 3. ``floor``: one padded forward over the turn's tokens (LM head at target positions only) plus the
    backward from the loss down to the lowest edited module's output, nothing else.
-4. ``floor_split``: ultraedit's own forward/backward (length-bucketed passes, prompt prefixes
+4. ``floor_split``: ultraedit's own forward/backward (length-sorted passes of up to 100 rows, MLPs on real tokens only, prompt prefixes
    without autograd into a KV cache, tails with autograd) to the lowest edited module, nothing
    else: the floor of the algorithm ultraedit runs, so ``time_vs_floor_split`` is its overhead.
 
@@ -214,7 +214,7 @@ def floor_turn(model, names: list[str], batches) -> None:
 
 
 def floor_split_turn(model, names: list[str], batches) -> None:
-    """ultraedit's own forward/backward (length-bucketed passes, prompt prefixes without autograd,
+    """ultraedit's own forward/backward (length-sorted passes of up to 100 rows, MLPs on real tokens only, prompt prefixes without autograd,
     tails with autograd) down to the lowest edited module, and nothing else: no other module's
     keys or gradients, no statistics, no solve."""
     from ultraedit.capture import capture
