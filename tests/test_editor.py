@@ -184,6 +184,35 @@ def test_nan_gradients_leave_model_and_statistics_untouched():
         assert n.n == stats[s].n and torch.equal(n.mean, stats[s].mean) and torch.equal(n.var, stats[s].var)
 
 
+def test_shifts_are_held_in_the_weights_dtype_and_apply_as_before():
+    from ultraedit.solver import ridge_solve
+
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    editor = UltraEditor(model, EditConfig(lr=LR))
+    pending = editor.prepare(random_turn(0))
+    assert {s.dtype for s in pending.shifts.values()} == {torch.bfloat16}
+    # the same solve kept in float32 and rounded when applied (what commit did before) agrees
+    keys = torch.randn(3, 40, 32, dtype=torch.float64)
+    values = torch.randn(3, 40, 88, dtype=torch.float64)
+    full = ridge_solve(keys, values, 1.0)
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.testing.assert_close(ridge_solve(keys, values, 1.0, out_dtype=dtype), full.to(dtype), rtol=0, atol=0)
+    before = weights(model)
+    editor.commit(pending)
+    changed = [n for n in editor.modules if not torch.equal(model.get_submodule(n).weight, before[n + ".weight"])]
+    assert changed == list(editor.modules)
+
+
+def test_shift_that_overflows_float16_is_refused():
+    model = tiny_model("llama", dtype=torch.float16)
+    before = weights(model)
+    editor = UltraEditor(model, EditConfig(lr=1e12))  # finite in float32, inf in float16
+    with pytest.raises(EditError, match="not finite in the weights' dtype"):
+        editor.edit_tokens(random_turn(0))
+    assert_untouched(model, before)
+    assert editor.turns == 0
+
+
 def test_text_request_with_empty_target():
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -140,7 +140,7 @@ class TurnReport:
 class PendingTurn:
     """Everything a turn will change, computed but not yet applied."""
 
-    shifts: dict[str, torch.Tensor]  # name -> dW (d_in, d_out), statistics dtype
+    shifts: dict[str, torch.Tensor]  # name -> dW (d_in, d_out), in the module weight's dtype
     normalizers: dict[tuple[int, int], LifelongNormalizer]
     report: TurnReport
     requests: Sequence[EditRequest] | None = None  # text requests (set by edit), for the edit log
@@ -266,18 +266,24 @@ class UltraEditor:
             keys = torch.stack([torch.cat([mb.keys[n] for mb in captures]).to(norm.device, dtype) for n in group])
             grads = torch.stack([torch.cat([mb.grads[n] for mb in captures]).to(norm.device, dtype) for n in group])
             values = target_values(keys, grads, norm, self.config.lr)
-            for name, shift in zip(group, ridge_solve(keys, values, self.config.ridge, self.config.solver)):
+            # Held in the weights' dtype (what commit adds anyway: bit-identical weights, half the
+            # memory for bf16), so finiteness is also checked in the dtype that will be applied.
+            weight_dtypes = {self.modules[n].weight.dtype for n in group}
+            out_dtype = weight_dtypes.pop() if len(weight_dtypes) == 1 else None
+            for name, shift in zip(group, ridge_solve(keys, values, self.config.ridge, self.config.solver, out_dtype)):
                 shifts[name] = shift
         bad = [n for n in self.modules if not bool(torch.isfinite(shifts[n]).all())]
         if bad:
-            raise EditError(f"the weight shift of {bad} is not finite; nothing was applied")
+            raise EditError(
+                f"the weight shift of {bad} is not finite in the weights' dtype (lr too large?); nothing was applied"
+            )
         done = time.perf_counter()
         rows = sum(mb.rows for mb in captures)
         report = TurnReport(
             turn=self.turns + 1,
             requests=sum(b["input_ids"].shape[0] for b in batches),
             rows={n: rows for n in self.modules},
-            shift_norms={n: float(shifts[n].norm()) for n in self.modules},
+            shift_norms={n: float(torch.linalg.vector_norm(shifts[n], dtype=torch.float32)) for n in self.modules},
             loss=sum(mb.loss for mb in captures) / len(captures),
             seconds=done - start,
             capture_seconds=captured - start,

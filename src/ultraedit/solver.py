@@ -41,8 +41,27 @@ def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(a, b)
 
 
+def _matmul_to(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """``a @ b`` (batched), each batch element converted to ``out_dtype`` as soon as it is computed,
+    so that at most one element is ever held in the compute dtype (a Llama-3-8B turn's 12
+    float32 ``dW`` are 2.8 GB; in bf16 they are 1.4 GB)."""
+    if out_dtype is None or out_dtype == a.dtype or a.ndim == 2:
+        product = a @ b
+        return product if out_dtype is None else product.to(out_dtype)
+    batch = a.shape[:-2]
+    a, b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    out = torch.empty((a.shape[0], a.shape[-2], b.shape[-1]), dtype=out_dtype, device=a.device)
+    for i in range(a.shape[0]):
+        out[i] = a[i] @ b[i]
+    return out.reshape(*batch, *out.shape[-2:])
+
+
 def ridge_solve(
-    keys: torch.Tensor, values: torch.Tensor, ridge: float, method: SolveMethod = "auto"
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    ridge: float,
+    method: SolveMethod = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Step 6: ``dW = (K^T K + ridge I)^-1 K^T V``.
 
@@ -52,9 +71,11 @@ def ridge_solve(
         ridge: the ``lambda`` of the method (> 0 keeps the system positive definite).
         method: ``"dual"`` solves the ``n x n`` system, ``"primal"`` the ``d_in x d_in`` one,
             ``"auto"`` picks dual when ``n < d_in``. Both give the same ``dW`` up to rounding.
+        out_dtype: the dtype of the returned ``dW`` (default: that of ``keys``). The solve runs in
+            the keys' dtype; a batched result is rounded one module at a time.
 
     Returns:
-        ``dW`` of shape ``(..., d_in, d_out)`` in the dtype of ``keys``.
+        ``dW`` of shape ``(..., d_in, d_out)``.
     """
     n, d_in = keys.shape[-2], keys.shape[-1]
     if method == "auto":
@@ -64,10 +85,11 @@ def ridge_solve(
         gram = keys @ kt
         gram.diagonal(dim1=-2, dim2=-1).add_(ridge)
         if d_in < values.shape[-1]:  # K^T (G^-1 V) = (G^-1 K)^T V: fewer right-hand sides to solve
-            return _spd_solve(gram, keys).transpose(-1, -2) @ values
-        return kt @ _spd_solve(gram, values)
+            return _matmul_to(_spd_solve(gram, keys).transpose(-1, -2), values, out_dtype)
+        return _matmul_to(kt, _spd_solve(gram, values), out_dtype)
     if method == "primal":
         gram = kt @ keys
         gram.diagonal(dim1=-2, dim2=-1).add_(ridge)
-        return _spd_solve(gram, kt @ values)
+        shift = _spd_solve(gram, kt @ values)
+        return shift if out_dtype is None else shift.to(out_dtype)
     raise ValueError(f"solve method must be 'auto', 'dual' or 'primal', got {method!r}")
