@@ -50,13 +50,20 @@ def tokenize_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], 
     """
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     answer_ids = list(tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
+    return teacher_forced_ids(prompt_ids, answer_ids, prompt, answer)
+
+
+def teacher_forced_ids(
+    prompt_ids: list[int], answer_ids: list[int], prompt: str, answer: str, answer_field: str = "target"
+) -> tuple[list[int], list[int]]:
+    """The method's layout of a tokenized pair: ``input = prompt ++ answer[:-1]``,
+    ``labels = [-100] * (len(prompt) - 1) ++ answer``. Raises :class:`EditError` (naming the
+    prompt or the ``answer_field``) if either has no tokens."""
     if not prompt_ids:
         raise EditError(f"prompt {prompt!r} tokenizes to no tokens")
     if not answer_ids:
-        raise EditError(f"target {answer!r} tokenizes to no tokens")
-    input_ids = prompt_ids + answer_ids[:-1]
-    labels = [IGNORE] * (len(prompt_ids) - 1) + answer_ids
-    return input_ids, labels
+        raise EditError(f"{answer_field} {answer!r} tokenizes to no tokens")
+    return prompt_ids + answer_ids[:-1], [IGNORE] * (len(prompt_ids) - 1) + answer_ids
 
 
 def pad_id_of(tokenizer: Any) -> int:

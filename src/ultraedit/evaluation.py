@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .batching import IGNORE, EditError, EditRequest, collate, pad_id_of
+from .batching import IGNORE, EditError, EditRequest, collate, pad_id_of, teacher_forced_ids
 from .capture import TargetHead
 
 
@@ -70,12 +70,10 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tup
     answers = list(tokenizer([" " + a for _, a in pairs], add_special_tokens=False)["input_ids"])
     out = []
     for i, (p_ids, a_ids) in enumerate(zip(prompts, answers)):
-        p_ids, a_ids = list(p_ids), list(a_ids)
-        if not p_ids:
-            raise EditError(f"pair {i}: prompt {pairs[i][0]!r} tokenizes to no tokens")
-        if not a_ids:
-            raise EditError(f"pair {i}: answer {pairs[i][1]!r} tokenizes to no tokens")
-        out.append((p_ids + a_ids[:-1], [IGNORE] * (len(p_ids) - 1) + a_ids))
+        try:
+            out.append(teacher_forced_ids(list(p_ids), list(a_ids), *pairs[i], answer_field="answer"))
+        except EditError as err:
+            raise EditError(f"pair {i}: {err}") from None
     return out
 
 
