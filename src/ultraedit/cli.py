@@ -381,34 +381,16 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations (new text only, special tokens dropped), one prompt at a time."""
-    import torch
-
-    from .batching import pad_id_of
-
-    device = model.get_input_embeddings().weight.device
-    out = []
-    for prompt in prompts:
-        enc = tokenizer(prompt, return_tensors="pt").to(device)
-        with torch.no_grad():
-            ids = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id_of(tokenizer),
-                temperature=None, top_p=None, top_k=None,
-            )
-        out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    return out
-
-
 @_reporting
 def _ask_command(args: argparse.Namespace) -> int:
+    from .evaluation import complete
     from .state import apply_delta
 
     dtype = args.dtype if args.dtype != "auto" else (_state_dtype(args.state) or "auto")
     model, tokenizer = _load_model(args.model, args.device, dtype)
-    before = _generate(model, tokenizer, args.prompt, args.max_new_tokens) if args.compare else None
+    before = complete(model, tokenizer, args.prompt, args.max_new_tokens) if args.compare else None
     apply_delta(model, args.state)
-    after = _generate(model, tokenizer, args.prompt, args.max_new_tokens)
+    after = complete(model, tokenizer, args.prompt, args.max_new_tokens)
     for i, prompt in enumerate(args.prompt):
         if before is None:
             print(after[i] if len(args.prompt) == 1 else f"{prompt} -> {after[i]}")

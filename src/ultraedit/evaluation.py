@@ -189,6 +189,22 @@ def greedy_decode(model: nn.Module, tokenizer: Any, prompt: str, n_tokens: int) 
     return out
 
 
+@torch.no_grad()
+def complete(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 4) -> list[str]:
+    """Greedy continuation of each prompt, for display: the new text only (stops at end of
+    sequence, special tokens dropped, stripped), one prompt at a time (no padding effects)."""
+    device = model.get_input_embeddings().weight.device
+    out = []
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt").to(device)
+        ids = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id_of(tokenizer),
+            temperature=None, top_p=None, top_k=None,
+        )
+        out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return out
+
+
 def agreement(before: Sequence[int], after: Sequence[int]) -> float:
     """Fraction of positions where two argmax sequences (same pair, before/after editing) agree."""
     if len(before) != len(after) or not before:
@@ -316,6 +332,7 @@ __all__ = [
     "PairScores",
     "RequestScores",
     "agreement",
+    "complete",
     "greedy_decode",
     "length_batches",
     "request_pairs",

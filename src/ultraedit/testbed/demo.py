@@ -16,33 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
 from ..batching import EditRequest
 from ..editor import EditConfig, UltraEditor
-from ..evaluation import score_pairs
+from ..evaluation import complete, score_pairs
 
-__all__ = ["add_parser", "complete", "edit_and_score", "run_demo"]
-
-
-@torch.no_grad()
-def complete(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 4) -> list[str]:
-    """Greedy continuation of each prompt (stops at end-of-sequence), stripped, one per prompt."""
-    device = model.get_input_embeddings().weight.device
-    eos = tokenizer.eos_token_id
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            logits = model(input_ids=ids, use_cache=False).logits[0, -1]
-            token = int(logits.argmax())
-            if token == eos:
-                break
-            new.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]], device=device)], 1)
-        out.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return out
+__all__ = ["add_parser", "edit_and_score", "run_demo"]
 
 
 def _mean(values: Sequence[float]) -> float:
