@@ -267,8 +267,9 @@ def _cache_kwarg(model: nn.Module, output: object) -> dict[str, object]:
 
 def _target_logits(model: nn.Module, hooks: "_Hooks", batch: dict[str, torch.Tensor], split: bool):
     """Logits at target positions ``(T, vocab)`` (float32) and their labels ``(T,)``, capturing
-    keys and leaf outputs on the way; ``mask`` (per row, in the pass that was captured) is returned
-    so that the caller can gather gradients."""
+    keys and leaf outputs on the way; also the ``(B, L)`` target ``mask`` of the pass that was
+    captured (its row sums are the rows' target counts; gradients are gathered with each module's
+    ``hooks.key_masks`` entry, which is packed inside an MLP)."""
     parts = _split(batch) if split else None
     if parts is None:
         mask = batch["labels"] != IGNORE
