@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..batching import collate, teacher_forced_ids
 from .world import WorldConfig, generate_world, split_world, write_datasets
 
 __all__ = ["ModelConfig", "TrainConfig", "build_tokenizer", "final_accuracy", "train_testbed"]
@@ -106,18 +107,10 @@ def _encode(tokenizer, pairs: list[tuple[str, str]], eos: bool) -> tuple[torch.T
     """Right-padded ``(input_ids, labels)`` of shape ``(N, L)``; labels only on answer (+EOS) tokens."""
     prompts = tokenizer([p for p, _ in pairs])["input_ids"]
     answers = tokenizer([" " + a for _, a in pairs], add_special_tokens=False)["input_ids"]
-    seqs = []
-    for p, a in zip(prompts, answers):
-        full = p + a + ([tokenizer.eos_token_id] if eos else [])
-        labels = [-100] * (len(p) - 1) + full[len(p):]
-        seqs.append((full[:-1], labels))
-    length = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), length), tokenizer.pad_token_id, dtype=torch.long)
-    lab = torch.full((len(seqs), length), -100, dtype=torch.long)
-    for i, (s, l) in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(l)] = torch.tensor(l)
-    return ids, lab
+    end = [tokenizer.eos_token_id] if eos else []
+    seqs = [teacher_forced_ids(p, a + end, *pair, answer_field="answer") for p, a, pair in zip(prompts, answers, pairs)]
+    batch = collate(seqs, tokenizer.pad_token_id)
+    return batch["input_ids"], batch["labels"]
 
 
 def _loss_and_hits(
