@@ -11,6 +11,7 @@ import torch
 
 from ultraedit import bench
 from ultraedit.bench import BenchConfig, BenchError, register_method, run
+from ultraedit.cli import bench as cli_bench
 from ultraedit.cli import build_parser, main
 from ultraedit.datasets import read_requests
 from ultraedit.editor import EditConfig
@@ -65,7 +66,7 @@ def test_bench_is_a_subcommand():
     )
     assert (args.turn_size, args.batch_size, args.eval_every, args.seed, args.method) == (100, 10, None, 0, "ultraedit")
     assert (args.eval_batch_size, args.eval_max_tokens, args.forward_batch_size) == (64, 16384, 100)
-    assert args.func is bench._command
+    assert args.func is cli_bench._command
 
 
 def test_end_to_end_cli_writes_results_markdown_and_plot(model_dir, tmp_path, capsys):
@@ -203,7 +204,7 @@ def test_testbed_names_need_the_testbed_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "ultraedit.testbed", None)  # as if it were not installed
     monkeypatch.delattr(ultraedit, "testbed", raising=False)
     with pytest.raises(BenchError, match="built-in testbed"):
-        bench.load_model("testbed")
+        bench.edit_fields("testbed")
 
 
 def test_testbed_names_use_the_testbed_module(model_dir, tmp_path, monkeypatch):

@@ -23,7 +23,6 @@ one turn) and ``describe()`` (its hyperparameters, for the results).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -43,10 +42,11 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from .batching import EditError, EditRequest
-from .datasets import DatasetError, read_requests
+from .batching import EditRequest
+from .datasets import read_requests
 from .editor import EditConfig, UltraEditor
 from .evaluation import MetricTotals, score_requests
+from .models import DTYPES, load_model, resolve_device
 
 __all__ = [
     "BenchConfig",
@@ -55,8 +55,6 @@ __all__ = [
     "EditMethod",
     "PAPER_RESULTS",
     "METHODS",
-    "add_parser",
-    "load_model",
     "model_fingerprint",
     "paper_reference",
     "register_method",
@@ -167,19 +165,14 @@ class BenchConfig:
             raise BenchError(f"eval_every must be a positive integer, got {self.eval_every!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise BenchError(f"lr must be a positive finite number, got {self.lr}")
-        if self.dtype not in _DTYPES:
-            raise BenchError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise BenchError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.method not in METHODS:
             raise BenchError(f"unknown method {self.method!r}; registered: {', '.join(sorted(METHODS))}")
 
     @property
     def edits(self) -> int:
         return self.turns * self.turn_size
-
-
-_DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-}
 
 
 # --------------------------------------------------------------------------- methods
@@ -254,41 +247,6 @@ def _testbed() -> Any:
         if not hasattr(testbed, attr):
             raise BenchError(f"ultraedit.testbed has no {attr}(); this installation's testbed is incomplete")
     return testbed
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA if available else CPU; anything else as ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise BenchError(f"bad device {device!r}: {err}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"device {device!r} asked for, but CUDA is not available")
-    return resolved
-
-
-def load_model(
-    name: str, device: str | torch.device = "cpu", dtype: str = "auto", *, tokenizer: bool = True
-) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from a Hugging Face name or local directory, or ``"testbed"``.
-
-    The model is put on ``device`` in eval mode; ``tokenizer=False`` skips the tokenizer (``None``).
-    """
-    torch_dtype = _DTYPES[dtype]
-    if name == "testbed":
-        model, tokenizer = _testbed().load_testbed()
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-    else:
-        import transformers
-
-        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-        kw = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype or "auto"}
-        model = transformers.AutoModelForCausalLM.from_pretrained(name, **kw)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name) if tokenizer else None
-    return model.to(device).eval(), tokenizer
 
 
 class _Source:
@@ -689,69 +647,3 @@ def plot_curve(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
                  fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
-
-
-# --------------------------------------------------------------------------- command line
-def _modules_arg(values: list[str] | None) -> list[str] | None:
-    if not values:
-        return None
-    return [m for v in values for m in v.split(",") if m]
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``ultraedit bench`` on an ``argparse`` subparsers object."""
-    from .presets import PRESETS
-
-    p = subparsers.add_parser(
-        "bench",
-        help="run the lifelong editing benchmark (T turns of N edits, then evaluate every edit)",
-        description="Lifelong editing benchmark: edit T turns of N requests, evaluate every edited request, "
-        "write DIR/results.json, DIR/results.md and DIR/curve.png.",
-    )
-    p.add_argument("--model", default="testbed",
-                   help="Hugging Face name or local path, or 'testbed' (default: the built-in testbed model)")
-    p.add_argument("--dataset", default="testbed", choices=DATASETS,
-                   help="record format of --data (default 'testbed': the built-in testbed's edit requests)")
-    p.add_argument("--data", metavar="FILE", help="dataset file (JSON list or JSON Lines, optionally .gz)")
-    p.add_argument("--turns", type=int, default=20, metavar="T", help="number of turns (default 20)")
-    p.add_argument("--turn-size", type=int, default=100, metavar="N", help="requests per turn (default 100)")
-    p.add_argument("--batch-size", type=int, default=10, help="requests per minibatch (default 10)")
-    p.add_argument("--lr", type=float, default=None, help=f"step size (default {EditConfig.lr})")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--modules", nargs="+", metavar="NAME", help="edit modules (dotted names, space or comma separated)")
-    group.add_argument("--preset", choices=sorted(PRESETS), help="edit-module preset (default: the model family's)")
-    p.add_argument("--eval-every", type=int, default=None, metavar="K", help="also evaluate after every K turns")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=sorted(_DTYPES), help="dtype to load the model in")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="ultraedit", choices=sorted(METHODS), help="editing method")
-    p.add_argument("--skip-invalid", action="store_true", help="skip malformed records (listed in DIR/rejects.jsonl)")
-    p.add_argument("--eval-batch-size", type=int, default=64, help="sequences per evaluation forward (default 64)")
-    p.add_argument("--eval-max-tokens", type=int, default=16384,
-                   help="padded tokens per evaluation forward, bounds logits memory (default 16384)")
-    p.add_argument("--forward-batch-size", type=int, default=100,
-                   help="requests per UltraEdit forward/backward; speed/memory only, same results (default 100)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.set_defaults(func=_command)
-    return p
-
-
-def _command(args: argparse.Namespace) -> int:
-    try:
-        config = BenchConfig(
-            model=args.model, dataset=args.dataset, data=args.data, out=args.out, turns=args.turns,
-            turn_size=args.turn_size, batch_size=args.batch_size, lr=args.lr, modules=_modules_arg(args.modules),
-            preset=args.preset, eval_every=args.eval_every, device=args.device, dtype=args.dtype, seed=args.seed,
-            method=args.method, skip_invalid=args.skip_invalid, eval_batch_size=args.eval_batch_size,
-            eval_max_tokens=args.eval_max_tokens, forward_batch_size=args.forward_batch_size,
-            progress=not args.quiet,
-        )
-        results = run(config)
-    except (BenchError, DatasetError, EditError, KeyError, OSError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"ultraedit bench: error: {message}", file=sys.stderr)
-        return 2
-    print(markdown(results), end="")
-    print(f"wrote {Path(args.out) / 'results.json'}, results.md, curve.png")
-    return 0

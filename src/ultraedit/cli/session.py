@@ -1,9 +1,5 @@
-"""The ``ultraedit`` command line.
-
-Each subcommand lives in the module of its idea and registers itself through an
-``add_parser(subparsers)`` function that sets ``func`` (called with the parsed arguments and
-returning an exit code). This file only assembles them.
-"""
+"""``ultraedit edit``, ``ask``, ``info``, ``merge`` and ``revert``: lifelong sessions on a saved state
+(:mod:`ultraedit.state`)."""
 
 from __future__ import annotations
 
@@ -14,90 +10,20 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from . import __version__
-from . import bench
-from .testbed import demo as testbed_demo
+from .common import (
+    EXIT_INTERRUPTED,
+    CliError,
+    human_bytes,
+    load_model,
+    model_args,
+    plural,
+    reporting,
+    state_dtype,
+)
 
-
-def _presets_command(args: argparse.Namespace) -> int:
-    from .presets import DEFAULT_PRESET, PRESETS
-
-    defaults = {}
-    for model_type, name in DEFAULT_PRESET.items():
-        defaults.setdefault(name, []).append(model_type)
-    for name, preset in PRESETS.items():
-        ranges = ", ".join(f"layers {a}-{b} {s}" for a, b, s in preset.ranges)
-        used = f" [default for {', '.join(defaults[name])}]" if name in defaults else ""
-        print(f"{name:22s} {preset.reference_layers:3d} layers: {ranges}  ({preset.source}){used}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Lifelong sessions: edit / ask / info / merge (saved state in ultraedit.state)
-
-_EXIT_BAD_INPUT = 2
-_EXIT_INTERRUPTED = 130
 _PREFIX_BYTES = 16 << 20  # an edits file is recognised by the SHA-256 of its first 16 MiB
-
-
-class CliError(Exception):
-    """A user-facing error: printed as ``ultraedit <command>: error: ...``, exit code 2."""
-
-
-def _reporting(func: Any) -> Any:
-    """Turn the library's input errors into one clear line on stderr and exit code 2."""
-
-    def run(args: argparse.Namespace) -> int:
-        from .batching import EditError
-        from .datasets import DatasetError
-        from .state import StateError
-
-        try:
-            return int(func(args) or 0)
-        except (CliError, StateError, DatasetError, EditError) as err:
-            print(f"ultraedit {args.command}: error: {err}", file=sys.stderr)
-            return _EXIT_BAD_INPUT
-
-    return run
-
-
-def _state_dtype(state_dir: str) -> str | None:
-    """The dtype the saved state's base model was edited in (None if there is no state)."""
-    from .state import has_state, read_state
-
-    if not has_state(state_dir):
-        return None
-    dtypes = {m["dtype"] for m in read_state(state_dir)[0]["fingerprint"]["modules"].values()}
-    return dtypes.pop() if len(dtypes) == 1 else None
-
-
-def _load_model(name: str, device: str, dtype: str, *, tokenizer: bool = True) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a local directory, a hub name or ``testbed`` (the built-in
-    testbed model), in eval mode on ``device``."""
-    from .bench import load_model, resolve_device
-
-    try:
-        resolved = resolve_device(device)
-    except ValueError as err:
-        raise CliError(f"--device {device}: {err}") from None
-    try:
-        return load_model(name, resolved, dtype, tokenizer=tokenizer)
-    except (OSError, ValueError) as err:
-        raise CliError(f"cannot load --model {name!r}: {err}") from None
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", required=True,
-        help="Hugging Face model directory or hub name (the BASE model), or 'testbed' (built in)",
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available; default)")
-    p.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-        help="model dtype; auto = the saved state's, else the checkpoint's",
-    )
 
 
 def _prefix_digest(path: Path, length: int) -> str:
@@ -177,7 +103,7 @@ class _RejectsSink:
 
     def check(self, path: Path) -> None:
         """Strict mode: raise the first bad record (a :class:`DatasetError` naming file, line, field)."""
-        from .datasets import DatasetError
+        from ..datasets import DatasetError
 
         if self.violation is not None:
             v = self.violation
@@ -195,7 +121,7 @@ class _RejectsSink:
 
 def _check_same_config(config: Any, args: argparse.Namespace, model: Any) -> None:
     """A resumed session keeps its hyperparameters: refuse command-line values that differ."""
-    from .presets import resolve_modules
+    from ..presets import resolve_modules
 
     asked = {"lr": args.lr, "ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
     for key, value in asked.items():
@@ -209,17 +135,17 @@ def _check_same_config(config: Any, args: argparse.Namespace, model: Any) -> Non
         raise CliError(f"the edit modules asked for differ from the saved state's {config.modules}")
 
 
-@_reporting
+@reporting
 def _edit_command(args: argparse.Namespace) -> int:
     import signal
 
     from tqdm import tqdm
 
-    from .batching import EditError, tokenize_pair
-    from .bench import edit_fields
-    from .datasets import DatasetError, read_requests
-    from .editor import EditConfig, UltraEditor
-    from .state import has_state, load, read_state, save, session_lock
+    from ..batching import EditError, tokenize_pair
+    from ..bench import edit_fields
+    from ..datasets import DatasetError, read_requests
+    from ..editor import EditConfig, UltraEditor
+    from ..state import has_state, load, read_state, save, session_lock
 
     edits_path = Path(args.edits)
     if not edits_path.is_file():
@@ -228,8 +154,8 @@ def _edit_command(args: argparse.Namespace) -> int:
         raise CliError("--turn-size and --save-every must be >= 1")
     state_dir = Path(args.state)
     resuming = has_state(state_dir)
-    dtype = args.dtype if args.dtype != "auto" or not resuming else (_state_dtype(args.state) or "auto")
-    model, tokenizer = _load_model(args.model, args.device, dtype)
+    dtype = args.dtype if args.dtype != "auto" or not resuming else (state_dtype(args.state) or "auto")
+    model, tokenizer = load_model(args.model, args.device, dtype)
 
     with session_lock(state_dir):
         if resuming:
@@ -339,7 +265,7 @@ def _edit_command(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             bar.close()
             print(f"ultraedit edit: aborted; {state_dir} holds the last saved turn", file=sys.stderr)
-            return _EXIT_INTERRUPTED
+            return EXIT_INTERRUPTED
         except BaseException as err:
             bar.close()
             if unsaved and not saving["now"]:
@@ -361,18 +287,14 @@ def _edit_command(args: argparse.Namespace) -> int:
         applied = editor.edits - start_edits
         rejected = entry["rejected"]
         print(
-            f"applied {applied} edits in {_plural(editor.turns - start_turns, 'turn')} ({applied / max(seconds, 1e-9):.1f} edits/s); "
+            f"applied {applied} edits in {plural(editor.turns - start_turns, 'turn')} ({applied / max(seconds, 1e-9):.1f} edits/s); "
             f"state {state_dir}: {editor.turns} turns, {editor.edits} edits"
             + (f"; {rejected} invalid records skipped -> {rejects_path}" if args.skip_invalid else "")
         )
         if stop["requested"] and not finished:
             print("ultraedit edit: interrupted; run the same command again to continue", file=sys.stderr)
-            return _EXIT_INTERRUPTED
+            return EXIT_INTERRUPTED
     return 0
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _main_thread() -> bool:
@@ -381,13 +303,13 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-@_reporting
+@reporting
 def _ask_command(args: argparse.Namespace) -> int:
-    from .evaluation import complete
-    from .state import apply_delta
+    from ..evaluation import complete
+    from ..state import apply_delta
 
-    dtype = args.dtype if args.dtype != "auto" else (_state_dtype(args.state) or "auto")
-    model, tokenizer = _load_model(args.model, args.device, dtype)
+    dtype = args.dtype if args.dtype != "auto" else (state_dtype(args.state) or "auto")
+    model, tokenizer = load_model(args.model, args.device, dtype)
     before = complete(model, tokenizer, args.prompt, args.max_new_tokens) if args.compare else None
     apply_delta(model, args.state)
     after = complete(model, tokenizer, args.prompt, args.max_new_tokens)
@@ -399,17 +321,9 @@ def _ask_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
-@_reporting
+@reporting
 def _info_command(args: argparse.Namespace) -> int:
-    from .state import info
+    from ..state import info
 
     data = info(args.state)
     if args.json:
@@ -425,9 +339,9 @@ def _info_command(args: argparse.Namespace) -> int:
     print(f"modules:      {len(data['modules'])} ({data['module_parameters']:,} parameters)")
     for name, spec in data["modules"].items():
         print(f"  {name:48s} {'x'.join(map(str, spec['shape'])):>14s} {spec['dtype']}")
-    files = ", ".join(f"{k} {_human_bytes(v)}" for k, v in data["files"].items())
-    print(f"size:         {_human_bytes(data['state_bytes'])} ({files}); delta dtype {data['delta_dtype']}")
-    print(f"edit log:     {data['log_records']} records, {_human_bytes(data['log_bytes'])}")
+    files = ", ".join(f"{k} {human_bytes(v)}" for k, v in data["files"].items())
+    print(f"size:         {human_bytes(data['state_bytes'])} ({files}); delta dtype {data['delta_dtype']}")
+    print(f"edit log:     {data['log_records']} records, {human_bytes(data['log_bytes'])}")
     undo = data["revertible_turns"]
     print(f"revertible:   {f'turns {undo[0]}-{undo[-1]}' if undo else 'none'} (keep_turn_deltas={data['keep_turn_deltas']})")
     for entry in data["extra"].get("cli", {}).get("inputs", []):
@@ -436,27 +350,27 @@ def _info_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reporting
+@reporting
 def _merge_command(args: argparse.Namespace) -> int:
-    from .state import merge
+    from ..state import merge
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CliError(f"--out {out} exists and is not empty (pass --overwrite to write into it)")
-    dtype = args.dtype if args.dtype != "auto" else (_state_dtype(args.state) or "auto")
-    model, tokenizer = _load_model(args.model, args.device, dtype)
+    dtype = args.dtype if args.dtype != "auto" else (state_dtype(args.state) or "auto")
+    model, tokenizer = load_model(args.model, args.device, dtype)
     kwargs = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
     merge(model, args.state, out, tokenizer=tokenizer, **kwargs)
     print(f"wrote the edited model to {out}")
     return 0
 
 
-@_reporting
+@reporting
 def _revert_command(args: argparse.Namespace) -> int:
-    from .state import load, read_state, save, session_lock
+    from ..state import load, read_state, save, session_lock
 
-    dtype = args.dtype if args.dtype != "auto" else (_state_dtype(args.state) or "auto")
-    model, _ = _load_model(args.model, args.device, dtype, tokenizer=False)
+    dtype = args.dtype if args.dtype != "auto" else (state_dtype(args.state) or "auto")
+    model, _ = load_model(args.model, args.device, dtype, tokenizer=False)
     with session_lock(args.state):
         delta_dtype = read_state(args.state)[0]["delta_dtype"]
         editor = load(model, args.state)
@@ -469,9 +383,9 @@ def _revert_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_session_parsers(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     """Register ``edit``, ``ask``, ``info``, ``merge`` and ``revert``."""
-    from .datasets import DATASET_FORMATS
+    from ..datasets import DATASET_FORMATS
 
     p = sub.add_parser(
         "edit", help="apply edit requests from a file in turns, saving a resumable state",
@@ -481,7 +395,7 @@ def _add_session_parsers(sub: Any) -> None:
         "[{prompt, answer}], 'id'; or the published ZsRE, CounterFact, FEVER, WikiBigEdit, "
         "UltraEditBench files (JSON list or JSONL, field names as published).",
     )
-    _model_args(p)
+    model_args(p)
     p.add_argument("--edits", required=True, metavar="FILE", help="edit requests (JSONL or JSON list, .gz ok)")
     p.add_argument("--state", required=True, metavar="DIR", help="state directory (created, or resumed)")
     p.add_argument("--format", default="auto", choices=["auto", *DATASET_FORMATS], help="input format (default: detect)")
@@ -507,7 +421,7 @@ def _add_session_parsers(sub: Any) -> None:
     p.set_defaults(func=_edit_command)
 
     p = sub.add_parser("ask", help="greedy answer of the edited model (before/after with --compare)")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--state", required=True, metavar="DIR", help="saved state to apply to --model")
     p.add_argument("prompt", nargs="+", help="prompt(s) to continue")
     p.add_argument("--compare", action="store_true", help="also show the base model's answer")
@@ -520,7 +434,7 @@ def _add_session_parsers(sub: Any) -> None:
     p.set_defaults(func=_info_command)
 
     p = sub.add_parser("merge", help="write the full edited model (save_pretrained) for serving anywhere")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--state", required=True, metavar="DIR")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--max-shard-size", help="passed to save_pretrained, e.g. 5GB")
@@ -533,31 +447,7 @@ def _add_session_parsers(sub: Any) -> None:
         "The reverted requests count as consumed: running 'ultraedit edit' on the same file does not "
         "apply them again.",
     )
-    _model_args(p)
+    model_args(p)
     p.add_argument("--state", required=True, metavar="DIR")
     p.add_argument("--turns", type=int, default=1, metavar="K", help="how many of the last turns to undo (default 1)")
     p.set_defaults(func=_revert_command)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ultraedit", description="Lifelong knowledge editing of Hugging Face causal LMs (UltraEdit)."
-    )
-    parser.add_argument("--version", action="version", version=f"ultraedit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    presets = sub.add_parser("presets", help="list the edit-module presets per model family")
-    presets.set_defaults(func=_presets_command)
-    _add_session_parsers(sub)
-    bench.add_parser(sub)
-    testbed_demo.add_parser(sub)  # 'demo' and 'testbed train'
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
