@@ -33,7 +33,7 @@ import sys
 import time
 from array import array
 from collections import abc
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -230,24 +230,41 @@ def configuration_name(config: BenchConfig) -> str:
     return "testbed" if config.model == "testbed" else "recommended"
 
 
+def edit_config(
+    model: nn.Module,
+    spec: str,
+    *,
+    faithful: bool = False,
+    modules: Sequence[str] | None = None,
+    preset: str | None = None,
+    lr: float | None = None,
+    **options: Any,
+) -> EditConfig:
+    """The :class:`EditConfig` for editing ``model`` (loaded from ``spec``) with the options given
+    explicitly (``None`` = not given) on top of its configuration: the authors' method with
+    ``faithful``, the testbed's own for ``spec == "testbed"``, else :meth:`EditConfig.recommended`.
+    ``edit``, ``serve`` and ``bench`` all configure a new editor through this."""
+    if faithful or spec == "testbed":
+        kw = edit_fields("testbed" if spec == "testbed" and not faithful else spec,
+                         modules=modules, preset=preset, lr=lr)
+    else:
+        kw = EditConfig.recommended(model).to_dict()
+        if modules is not None or preset is not None:
+            kw.update(modules=list(modules) if modules is not None else None, preset=preset)
+        if lr is not None:
+            kw["lr"] = lr
+    kw.update({name: value for name, value in options.items() if value is not None})
+    return EditConfig(**kw)
+
+
 def bench_edit_config(model: nn.Module, config: BenchConfig) -> EditConfig:
     """The :class:`EditConfig` of a run: its configuration (:func:`configuration_name`) with the
     options given explicitly on top."""
-    kind = configuration_name(config)
-    if kind == "recommended":
-        kw = EditConfig.recommended(model).to_dict()
-        if config.modules is not None or config.preset is not None:
-            kw.update(modules=config.modules, preset=config.preset)
-        if config.lr is not None:
-            kw["lr"] = config.lr
-    else:
-        kw = edit_fields("testbed" if kind == "testbed" else config.model,
-                         modules=config.modules, preset=config.preset, lr=config.lr)
-    for name in ("refine_steps", "preserve", "lr_scale"):
-        if getattr(config, name) is not None:
-            kw[name] = getattr(config, name)
-    kw.update(capture_batch_size=config.batch_size, forward_batch_size=config.forward_batch_size)
-    return EditConfig(**kw)
+    chosen = edit_config(
+        model, config.model, faithful=config.faithful, modules=config.modules, preset=config.preset, lr=config.lr,
+        refine_steps=config.refine_steps, preserve=config.preserve, lr_scale=config.lr_scale,
+    )
+    return replace(chosen, capture_batch_size=config.batch_size, forward_batch_size=config.forward_batch_size)
 
 
 class UltraEditMethod:

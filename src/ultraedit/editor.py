@@ -282,7 +282,12 @@ class UltraEditor:
                 self.normalizers[shape] = LifelongNormalizer(
                     sum(shape), formula=config.normalizer, dtype=config.torch_dtype, device=module.weight.device
                 )
-        self._moments: dict[str, torch.Tensor] | None = None  # generic-text key moments (preserve > 0)
+        # Generic-text key moments (preserve > 0) are taken on the model as given, i.e. the base model
+        # (state.load builds the editor before applying the saved shift), so a resumed session
+        # solves with the same moments as the uninterrupted one.
+        self._moments: dict[str, torch.Tensor] | None = None
+        if config.preserve > 0 and tokenizer is not None:
+            self._generic_moments()
         self.turns = 0
         self.edits = 0
         from .state import EditSession  # saved state, edit log and undo (state.py)
