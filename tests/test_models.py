@@ -72,7 +72,7 @@ def test_edit_and_merge_a_gguf_model_from_the_cli(tiny_gguf, tmp_path, capsys):
     edits.write_text("".join(json.dumps({"prompt": f"Fact {i} is", "target": f"value {i}"}) + "\n" for i in range(6)))
     state, out = tmp_path / "state", tmp_path / "merged"
     common = ["--model", str(path), "--device", "cpu"]
-    assert main(["edit", *common, "--edits", str(edits), "--state", str(state), "--turn-size", "3",
+    assert main(["edit", *common, "--faithful", "--edits", str(edits), "--state", str(state), "--turn-size", "3",
                  "--modules", "model.layers.1.mlp.up_proj", "--lr", "1e-2", "--quiet"]) == 0
     assert main(["merge", *common, "--state", str(state), "--out", str(out)]) == 0
     merged = T.AutoModelForCausalLM.from_pretrained(out)  # a normal Hugging Face directory

@@ -142,9 +142,9 @@ def _edit_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..batching import EditError, tokenize_pair
-    from ..bench import edit_fields
+    from ..bench import edit_config
     from ..datasets import DatasetError, read_requests
-    from ..editor import EditConfig, UltraEditor
+    from ..editor import UltraEditor
     from ..state import has_state, load, read_state, save, session_lock
 
     edits_path = Path(args.edits)
@@ -162,11 +162,9 @@ def _edit_command(args: argparse.Namespace) -> int:
             editor = load(model, state_dir, tokenizer, keep_turn_deltas=args.keep_turn_deltas)
             _check_same_config(editor.config, args, model)
         else:
-            fields = {"ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
-            config = EditConfig(
-                **edit_fields(args.model, modules=args.modules, preset=args.preset, lr=args.lr),
-                **{k: v for k, v in fields.items() if v is not None},
-            )
+            config = edit_config(model, args.model, faithful=args.faithful, modules=args.modules,
+                                 preset=args.preset, lr=args.lr, ridge=args.ridge,
+                                 capture_batch_size=args.capture_batch_size)
             editor = UltraEditor(model, config, tokenizer, keep_turn_deltas=args.keep_turn_deltas or 0)
         delta_dtype = args.delta_dtype or (read_state(state_dir)[0]["delta_dtype"] if resuming else "float32")
         entry = _input_entry(editor.session.extra.setdefault("cli", {}), edits_path)
@@ -403,7 +401,10 @@ def add_parsers(sub: Any) -> None:
     group.add_argument("--modules", nargs="+", metavar="NAME", help="edit modules (dotted names)")
     group.add_argument("--preset", help="edit-module preset (see 'ultraedit presets'); default: the model family's")
     p.add_argument("--turn-size", type=int, default=100, help="edit requests per turn (default 100, as the paper)")
-    p.add_argument("--lr", type=float, help="UltraEdit step size (default 1e-6)")
+    p.add_argument("--faithful", action="store_true",
+                   help="a new state uses the authors' exact method (lr 1e-6, the family preset) instead of the "
+                   "model's recommended configuration (EditConfig.recommended; see 'ultraedit presets')")
+    p.add_argument("--lr", type=float, help="UltraEdit step size (default: the configuration's)")
     p.add_argument("--ridge", type=float, help="ridge lambda (default 1)")
     p.add_argument("--capture-batch-size", type=int, help="requests per minibatch (default 10)")
     p.add_argument("--save-every", type=int, default=1, metavar="K", help="save the state every K turns (default 1)")
