@@ -342,12 +342,16 @@ class Engine:
                 served[name].weight.copy_(module.weight)
             self.served_turn = self.editor.turns
 
-    def _recent(self) -> list[dict[str, Any]]:
-        """Which submissions the last turns hold (saved with the state; see :func:`reconcile`)."""
+    def _recent(self, new: list[Submission] = (), gone: list[Submission] = ()) -> list[dict[str, Any]]:
+        """Which submissions the last turns hold (saved with the state; see :func:`reconcile`), with
+        ``new`` in the editor's latest turn and without ``gone`` (statuses change only once saved)."""
         turns = self.editor.turns
         window = range(max(1, turns - max(1, self.editor.session.keep_turn_deltas) + 1), turns + 1)
-        return [{"turn": t, "ids": [s.id for s in self.submissions.values() if s.status == "applied" and s.turn == t]}
-                for t in window]
+        held = {t: [s.id for s in self.submissions.values() if s.status == "applied" and s.turn == t and s not in gone]
+                for t in window}
+        if new:
+            held[turns] = [s.id for s in new]
+        return [{"turn": t, "ids": ids} for t, ids in held.items()]
 
     def _save_or_restore(self, snapshot: _Snapshot) -> None:
         """Save the editor's state; on failure put the editor back as it was and re-raise."""
@@ -370,15 +374,11 @@ class Engine:
         snapshot = _Snapshot.take(self.editor)
         try:
             self.editor.edit(requests)
-            for sub in subs:  # provisional, for the saved "recent" list; undone below on failure
-                sub.status, sub.turn = "applied", self.editor.turns
-            self.editor.session.extra["serve"] = {"recent": self._recent()}
+            self.editor.session.extra["serve"] = {"recent": self._recent(new=subs)}
             self._save_or_restore(snapshot)
         except Exception as err:  # noqa: BLE001 - any failure fails the turn, nothing is applied
             if self.editor.turns != snapshot.counters[0]:
                 snapshot.restore(self.editor)
-            for sub in subs:
-                sub.status, sub.turn = "queued", None
             log.warning("turn failed: %s", err)
             self._resolve(subs, "failed", error=f"{type(err).__name__}: {err}")
             return
@@ -419,15 +419,8 @@ class Engine:
         except (StateError, ValueError) as err:
             raise ServeError(409, str(err), param="turns") from None
         undone = [s for s in self.submissions.values() if s.status == "applied" and s.turn in report.reverted_turns]
-        for sub in undone:
-            sub.status = "reverted"  # provisional, for the saved "recent" list
-        editor.session.extra["serve"] = {"recent": self._recent()}
-        try:
-            self._save_or_restore(snapshot)
-        except Exception:
-            for sub in undone:
-                sub.status = "applied"
-            raise
+        editor.session.extra["serve"] = {"recent": self._recent(gone=undone)}
+        self._save_or_restore(snapshot)
         self._sync_weights()
         for turn in report.reverted_turns:
             group = [s for s in undone if s.turn == turn]
