@@ -54,11 +54,11 @@ def record(request, **extra):
 
 
 @contextmanager
-def serving(state, *, keep=3, turn_size=10, limits=None):
+def serving(state, *, keep=3, turn_size=10, limits=None, edit_fields=EDIT_FIELDS):
     """An engine on a fresh testbed model and uvicorn on a free loopback port; yields a client."""
     model, tokenizer = load_model("testbed", "cpu", "auto")
     engine = Engine(model, tokenizer, EngineConfig(state=state, model_name="testbed", turn_size=turn_size,
-                                                   keep_turn_deltas=keep, edit_fields=EDIT_FIELDS))
+                                                   keep_turn_deltas=keep, edit_fields=edit_fields))
     engine.start(timeout=60)
     limits = limits or Limits(api_key=API_KEY, edit_key=EDIT_KEY)
     sock = socket.socket()
@@ -274,6 +274,18 @@ def test_bad_requests_are_refused_and_nothing_is_applied(tmp_path, facts):
         assert client.get("/v1/state").json()["turns"] == 0
         assert engine.metrics.value("ultraedit_edits_submitted_total") == 0
         assert not (tmp_path / "state" / JOURNAL).exists() or (tmp_path / "state" / JOURNAL).read_text() == ""
+        assert client.get("/health").json()["status"] == "ok"
+
+
+def test_failed_turn_reports_why_and_changes_nothing(tmp_path, facts):
+    with serving(tmp_path / "state", edit_fields={**EDIT_FIELDS, "lr": 1e38}) as client:
+        before = answer(client, facts[0].prompt)
+        posted = client.post("/v1/edits", json=[record(facts[0])]).json()
+        status = wait_resolved(client, posted["id"])
+        assert status["status"] == "failed" and "not finite" in status["error"], status
+        assert client.get("/v1/state").json()["turns"] == 0 and client.engine.editor.turns == 0
+        assert answer(client, facts[0].prompt) == before
+        assert "ultraedit_edits_failed_total 1" in client.get("/metrics").text
         assert client.get("/health").json()["status"] == "ok"
 
 

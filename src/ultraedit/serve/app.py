@@ -263,6 +263,10 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     async def serve_error(request: Request, err: ServeError) -> JSONResponse:
         return _error(err)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:  # details go to the log only
+        return JSONResponse(error_body(500, "internal error (see the server log)", "server_error"), status_code=500)
+
     @app.exception_handler(404)
     async def not_found(request: Request, err: Exception) -> JSONResponse:
         return JSONResponse(error_body(404, "no such endpoint", "not_found_error"), status_code=404)

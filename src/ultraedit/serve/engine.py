@@ -394,9 +394,10 @@ class Engine:
             self._journal.append(record)
         except OSError as err:  # the state (saved first) still says what was applied
             log.error("could not journal %s of %s: %s", status, record["ids"], err)
-        for sub in subs:
-            sub.status, sub.turn, sub.error = status, fields.get("turn", sub.turn), fields.get("error")
-            sub.resolved_at = record["time"]
+        with self._cond:  # status() reads a submission's fields together
+            for sub in subs:
+                sub.status, sub.turn, sub.error = status, fields.get("turn", sub.turn), fields.get("error")
+                sub.resolved_at = record["time"]
         self.metrics.add(f"ultraedit_edits_{status}_total", sum(len(s.records) for s in subs))
 
     def _revert_job(self, k: int, future: Future) -> None:
