@@ -264,6 +264,10 @@ def test_bad_requests_are_refused_and_nothing_is_applied(tmp_path, facts):
         for body, param in gen_bad:
             r = client.post("/v1/completions", json=body)
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        r = client.post("/v1/completions", json={"prompt": "a " * 30, "max_tokens": 8})
+        assert r.status_code == 400 and "context of 32 tokens" in r.json()["error"]["message"]
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a " * 28}]})
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= 32  # default max_tokens cut to fit
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "user"}]})
         assert r.status_code == 400 and "messages[0].content" in r.json()["error"]["message"]
         assert client.get("/v1/edits/edit-nope").status_code == 404

@@ -200,6 +200,7 @@ def sampling_params(body: dict, limits: Limits, default_max: int) -> SamplingPar
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         stop=_stops(body),
         seed=_int(body, "seed", None, -(2**63), 2**63 - 1),
+        max_tokens_given=body.get(key) is not None,
     )
 
 

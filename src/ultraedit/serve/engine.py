@@ -162,6 +162,9 @@ class Engine:
         return list(self.tokenizer(prompt)["input_ids"])
 
     def check_length(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Refuse a prompt + ``max_tokens`` past the model's context (a default ``max_tokens`` is cut to fit)."""
+        if self.max_positions and not params.max_tokens_given and len(prompt_ids) < self.max_positions:
+            params.max_tokens = min(params.max_tokens, self.max_positions - len(prompt_ids))
         if self.max_positions and len(prompt_ids) + params.max_tokens > self.max_positions:
             raise ServeError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                                   f"the model's context of {self.max_positions} tokens", param="max_tokens")

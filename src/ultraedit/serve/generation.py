@@ -24,6 +24,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: Sequence[str] = ()
     seed: int | None = None
+    max_tokens_given: bool = True  # False: a default, cut to what the model's context leaves
 
 
 @dataclass
