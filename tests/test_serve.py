@@ -293,6 +293,21 @@ def test_failed_turn_reports_why_and_changes_nothing(tmp_path, facts):
         assert client.get("/health").json()["status"] == "ok"
 
 
+def test_resume_refuses_other_hyperparameters(tmp_path):
+    from ultraedit.state import StateError
+
+    model, tokenizer = load_model("testbed", "cpu", "auto")
+    first = Engine(model, tokenizer, EngineConfig(state=tmp_path / "s", model_name="t", edit_fields=EDIT_FIELDS))
+    first.start(timeout=60)
+    first.stop(30)
+    model, tokenizer = load_model("testbed", "cpu", "auto")
+    again = Engine(model, tokenizer, EngineConfig(state=tmp_path / "s", model_name="t", edit_fields=EDIT_FIELDS,
+                                                  check_fields={"lr": 5e-3}))
+    with pytest.raises(StateError, match="lr=0.005 differs from the saved state's lr=0.01"):
+        again.start(timeout=60)
+    assert not again.healthy
+
+
 def test_openai_client_unchanged(tmp_path, facts):
     openai = pytest.importorskip("openai")
     with serving(tmp_path / "state", limits=Limits(api_key=API_KEY)) as client:
