@@ -236,7 +236,10 @@ def chat_prompt(engine: Engine, messages: Any) -> list[int]:
     msgs = [_message_text(m, i) for i, m in enumerate(messages)]
     tokenizer = engine.tokenizer
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # noqa: BLE001 - e.g. a template that demands alternating roles
+            raise ServeError(400, f"the model's chat template refused these messages: {err}", param="messages") from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return engine.encode("\n".join(m["content"] for m in msgs))
 
