@@ -42,12 +42,12 @@ def _limits(args: argparse.Namespace) -> Any:
     )
 
 
-def _engine_config(args: argparse.Namespace) -> Any:
-    from ..bench import edit_fields
+def _engine_config(args: argparse.Namespace, model: Any) -> Any:
+    from ..bench import edit_config
     from ..serve.engine import EngineConfig
 
-    fields = edit_fields(args.model, modules=args.modules, preset=args.preset, lr=args.lr)
-    fields = {k: v for k, v in fields.items() if v is not None}
+    fields = edit_config(model, args.model, faithful=args.faithful, modules=args.modules, preset=args.preset,
+                         lr=args.lr).to_dict()
     return EngineConfig(
         state=args.state, model_name=args.served_name or args.model, turn_size=args.turn_size,
         keep_turn_deltas=args.keep_turn_deltas, edit_fields=fields,
@@ -75,7 +75,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)
     dtype = args.dtype if args.dtype != "auto" else (state_dtype(args.state) or "auto")
     model, tokenizer = load_model(args.model, args.device, dtype)
-    engine = Engine(model, tokenizer, _engine_config(args))
+    engine = Engine(model, tokenizer, _engine_config(args, model))
     engine.start()
     app = create_app(engine, limits)
     host, port = sock.getsockname()[:2]
@@ -113,7 +113,9 @@ def add_parsers(sub: Any) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--modules", nargs="+", metavar="NAME", help="edit modules of a NEW state (dotted names)")
     group.add_argument("--preset", help="edit-module preset of a NEW state (default: the model family's)")
-    p.add_argument("--lr", type=float, help="UltraEdit step size of a NEW state (default 1e-6; testbed: its own)")
+    p.add_argument("--faithful", action="store_true",
+                   help="a NEW state uses the authors' exact method instead of the model's recommended configuration")
+    p.add_argument("--lr", type=float, help="UltraEdit step size of a NEW state (default: the configuration's)")
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens one request may generate (default 512)")
     p.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt in tokens (default 4096)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
