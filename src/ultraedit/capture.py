@@ -31,7 +31,7 @@ How it is done without waste:
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -135,9 +135,13 @@ class PackedMLPs:
         self._shapes: list[torch.Size | None] = []  # per MLP call in flight: the shape to scatter to
 
     def __enter__(self) -> "PackedMLPs":
-        for mlp in self.mlps:
-            self.handles.append(mlp.register_forward_pre_hook(self._pack))
-            self.handles.append(mlp.register_forward_hook(self._unpack))
+        try:
+            for mlp in self.mlps:
+                self.handles.append(mlp.register_forward_pre_hook(self._pack))
+                self.handles.append(mlp.register_forward_hook(self._unpack))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -178,22 +182,22 @@ class _Hooks:
         self.keys: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.key_masks: dict[str, torch.Tensor] = {}  # the mask each module's key rows were taken with
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.packer = PackedMLPs(model)
+        self._stack = ExitStack()
 
     def __enter__(self) -> "_Hooks":
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(self._module_hook(name)))
-        self.head.__enter__()
-        self.packer.__enter__()
+        # Every hook is registered on the stack as soon as it exists: a failure while registering a
+        # later one removes all earlier ones, so no hook is ever left on the model.
+        with ExitStack() as stack:
+            for name, module in self.modules.items():
+                stack.callback(module.register_forward_hook(self._module_hook(name)).remove)
+            stack.enter_context(self.head)
+            stack.enter_context(self.packer)
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        self.head.__exit__()
-        self.packer.__exit__()
+        self._stack.close()
         self.keys.clear()
         self.outputs.clear()
         self.key_masks.clear()
