@@ -45,3 +45,60 @@ def test_failed_hook_registration_leaves_no_hook(monkeypatch, where):
         editor.edit_tokens(random_turn(0))
     assert hooks_left(model) == []
     assert editor.turns == 0
+
+
+# ------------------------------------------------------------------ 1. commit is all or nothing
+
+@pytest.mark.parametrize("failing_module", [0, 2])
+def test_commit_failing_at_kth_module_restores_every_weight(monkeypatch, failing_module):
+    from ultraedit import editor as editor_module
+
+    model = tiny_model("llama")
+    editor = UltraEditor(model, EditConfig(lr=LR), keep_turn_deltas=1)
+    editor.edit_tokens(random_turn(0))
+    pending = editor.prepare(random_turn(1))
+    before = weights(model)
+    stats = {s: {k: v.clone() for k, v in n.state_dict().items()} for s, n in editor.normalizers.items()}
+    real, calls = editor_module._write_weight, []
+
+    def failing(module, new):
+        calls.append(module)
+        if len(calls) == failing_module + 1:
+            raise RuntimeError("simulated device error while writing a weight")
+        real(module, new)
+
+    monkeypatch.setattr(editor_module, "_write_weight", failing)
+    with pytest.raises(RuntimeError, match="simulated device error"):
+        editor.commit(pending)
+    monkeypatch.undo()
+    assert_untouched(model, before)
+    assert (editor.turns, editor.edits, len(editor.session.undo)) == (1, 20, 1)
+    assert editor.session.log_seq == 1
+    for shape, norm in editor.normalizers.items():
+        for key, value in norm.state_dict().items():
+            assert torch.equal(value, stats[shape][key])
+    editor.commit(pending)  # the same pending turn still applies, once
+    assert editor.turns == 2
+
+
+# ------------------------------------------------------------------ 2. a pending turn is bound to its state
+
+def test_pending_turn_prepared_before_a_revert_and_a_commit_is_refused():
+    from ultraedit import EditError
+
+    editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR), keep_turn_deltas=2)
+    for seed in range(3):
+        editor.edit_tokens(random_turn(seed))
+    stale = editor.prepare(random_turn(10))  # prepared as turn 4
+    editor.revert_last(1)
+    editor.edit_tokens(random_turn(11))  # turn 3 again: the editor is back at turn 3
+    before = weights(editor.model)
+    stats = {s: n.mean.clone() for s, n in editor.normalizers.items()}
+    with pytest.raises(EditError, match="changed since"):
+        editor.commit(stale)
+    assert_untouched(editor.model, before)
+    assert all(torch.equal(n.mean, stats[s]) for s, n in editor.normalizers.items())
+    assert editor.turns == 3
+    fresh = editor.prepare(random_turn(10))
+    editor.commit(fresh)
+    assert editor.turns == 4

@@ -144,6 +144,7 @@ class PendingTurn:
     normalizers: dict[tuple[int, int], LifelongNormalizer]
     report: TurnReport
     requests: Sequence[EditRequest] | None = None  # text requests (set by edit), for the edit log
+    generation: int = 0  # the editor state it was prepared on (UltraEditor.generation)
 
 
 def module_shape(module: nn.Module) -> tuple[int, int]:
@@ -153,6 +154,12 @@ def module_shape(module: nn.Module) -> tuple[int, int]:
     if Conv1D and isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
     raise TypeError(f"cannot edit a {type(module).__name__}: only nn.Linear and Conv1D layers")
+
+
+def _write_weight(module: nn.Module, new: torch.Tensor) -> None:
+    """Copy ``new`` into the module's weight (the one place a turn writes weights)."""
+    with torch.no_grad():
+        module.weight.copy_(new)
 
 
 def apply_shift(module: nn.Module, shift: torch.Tensor, alpha: float = 1.0) -> None:
@@ -178,6 +185,8 @@ class UltraEditor:
         normalizers: one :class:`LifelongNormalizer` per module shape ``(d_in, d_out)``, of width
             ``d_in + d_out``.
         turns, edits: counters over the editor's lifetime.
+        generation: changes at every commit and revert; a :class:`PendingTurn` is valid only on
+            the generation it was prepared on.
     """
 
     def __init__(
@@ -208,6 +217,7 @@ class UltraEditor:
                 )
         self.turns = 0
         self.edits = 0
+        self.generation = 0
         from .state import EditSession  # saved state, edit log and undo (state.py)
 
         self.session = EditSession(self, keep_turn_deltas=keep_turn_deltas)
@@ -290,26 +300,44 @@ class UltraEditor:
             solve_seconds=done - captured,
             order=list(order) if order is not None else list(range(sum(b["input_ids"].shape[0] for b in batches))),
         )
-        return PendingTurn(shifts=shifts, normalizers=normalizers, report=report)
+        return PendingTurn(shifts=shifts, normalizers=normalizers, report=report, generation=self.generation)
 
     def commit(self, pending: PendingTurn) -> None:
         """Apply a prepared turn: add every shift to its weight and adopt the new statistics.
 
-        A pending turn is valid only on the state it was prepared from: committing it after
-        another turn (its statistics would silently replace that turn's) raises :class:`EditError`.
+        All or nothing: if writing any module's weight fails (out of memory, a device error), the
+        modules already written are restored and the error is raised with the editor unchanged.
+        A pending turn is valid only on the exact state it was prepared on: after any other commit
+        or a revert since, it raises :class:`EditError` (its statistics would replace newer ones).
         """
-        if pending.report.turn != self.turns + 1:
+        if pending.generation != self.generation:
             raise EditError(
                 f"this pending turn was prepared as turn {pending.report.turn}, but the editor is at turn "
-                f"{self.turns}; prepare it again"
+                f"{self.turns} and changed since (a turn was committed or reverted); prepare it again"
             )
         undo = self.session.before_commit()
-        for name, module in self.modules.items():
-            apply_shift(module, pending.shifts[name])
+        self._write_shifts(pending.shifts)
         self.normalizers = pending.normalizers
         self.turns += 1
         self.edits += pending.report.requests
+        self.generation += 1
         self.session.after_commit(pending, undo)
+
+    def _write_shifts(self, shifts: dict[str, torch.Tensor]) -> None:
+        """Add every module's shift to its weight; on any error restore the modules already written."""
+        written: list[tuple[nn.Module, torch.Tensor]] = []
+        try:
+            for name, module in self.modules.items():
+                weight = module.weight.detach()
+                delta = shifts[name] if (Conv1D and isinstance(module, Conv1D)) else shifts[name].T
+                new = weight + delta.to(device=weight.device, dtype=weight.dtype)
+                previous = weight.to("cpu", copy=True)
+                _write_weight(module, new)
+                written.append((module, previous))
+        except BaseException:
+            for module, previous in reversed(written):
+                _write_weight(module, previous.to(module.weight.device))
+            raise
 
     # ------------------------------------------------------------------ saved state (state.py)
     def save(self, directory: str | os.PathLike[str], *, delta_dtype: str = "float32") -> Path:

@@ -976,6 +976,7 @@ def revert_last(editor: "UltraEditor", k: int = 1) -> RevertReport:
         norm.load_state_dict(target.normalizers[shape])
     for _ in range(k):
         session.undo.pop()
+    editor.generation += 1  # turns prepared before the revert are stale
     removed = sum(s.requests for s in snaps)
     turns = sorted(s.turn for s in snaps)
     editor.turns -= k
