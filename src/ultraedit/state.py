@@ -55,7 +55,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
@@ -124,6 +124,8 @@ class TurnSnapshot:
         requests: requests of that turn.
         weights: edit-module weights BEFORE the turn, name -> CPU tensor (model dtype, weight layout).
         normalizers: statistics before the turn, ``(d_in, d_out)`` -> CPU state dict.
+        deltas: the float32 cumulative deltas before the turn (modules that accumulate one; see
+            ``UltraEditor(delta_accumulation=...)``), name -> CPU tensor; absent = zero.
     """
 
     turn: int
@@ -131,6 +133,7 @@ class TurnSnapshot:
     weights: dict[str, torch.Tensor]
     normalizers: dict[tuple[int, int], dict[str, torch.Tensor]]
     seq: int = 0  # the edit-log seq of the turn: unique even when turn numbers repeat after a revert
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -165,6 +168,9 @@ class EditSession:
     Attributes:
         base: ORIGINAL weights of the edit modules, name -> CPU tensor (model dtype, the layout of
             ``module.weight``), copied when the editor is built.
+        delta: the exact cumulative shift ``W - W_base`` in float32 (weight layout, on the weight's
+            device) of each module that accumulates one (bf16/fp16 weights, the default); the
+            weight is ``round(base + delta)``. Absent until the module's first turn (= zero).
         keep_turn_deltas: how many recent turns can be reverted (0 = none).
         undo: snapshots of the last ``keep_turn_deltas`` turns, oldest first.
         log_seq: edit-log records created over the session's whole life (saved with the state).
@@ -177,6 +183,7 @@ class EditSession:
             raise ValueError(f"keep_turn_deltas must be a non-negative int, got {keep_turn_deltas!r}")
         self.editor = editor
         self.base: dict[str, torch.Tensor] = {n: _cpu_copy(m.weight) for n, m in editor.modules.items()}
+        self.delta: dict[str, torch.Tensor] = {}
         self.keep_turn_deltas = keep_turn_deltas
         self.undo: deque[TurnSnapshot] = deque()
         self.log_seq = 0
@@ -201,6 +208,7 @@ class EditSession:
             requests=0,
             weights={n: _cpu_copy(m.weight) for n, m in ed.modules.items()},
             normalizers={s: {k: _cpu_copy(v) for k, v in nm.state_dict().items()} for s, nm in ed.normalizers.items()},
+            deltas={n: _cpu_copy(d) for n, d in self.delta.items()},
         )
 
     def after_commit(self, pending: "PendingTurn", snapshot: TurnSnapshot | None) -> None:
@@ -222,7 +230,8 @@ class EditSession:
                 {"id": r.id, "prompt": r.prompt, "target": r.target} for r in pending.requests
             ]
         record.update(
-            shift_norms=report.shift_norms, loss=report.loss, seconds=round(report.seconds, 6)
+            shift_norms=report.shift_norms, applied_norms=report.applied_norms, loss=report.loss,
+            seconds=round(report.seconds, 6),
         )
         self.log(record)
 
@@ -659,6 +668,8 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
             dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
 
         def make(w: torch.Tensor = weight, b: torch.Tensor = base, dt: torch.dtype = dtype, n: str = name) -> torch.Tensor:
+            if n in session.delta:  # the exact float32 sum of the turns; the weight is round(base + it)
+                return session.delta[n].to(device="cpu", dtype=dt)
             delta, index, value = _delta_on_device(w.detach(), b, dt)
             if index is not None and value is not None:
                 fixes[f"{n}/index"], fixes[f"{n}/value"] = index, value
@@ -692,6 +703,7 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
             except OSError:
                 pass  # no hard links here: write it again
         specs = [(f"w/{name}", w.dtype, tuple(w.shape), lambda w=w: w) for name, w in snap.weights.items()]
+        specs += [(f"d/{name}", d.dtype, tuple(d.shape), lambda d=d: d) for name, d in snap.deltas.items()]
         for shape, sd in snap.normalizers.items():
             for key, value in sd.items():
                 specs.append((f"n/{_norm_key(shape)}.{key}", value.dtype, tuple(value.shape), lambda v=value: v))
@@ -710,6 +722,7 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
         "delta_dtype": delta_dtype,
         "normalizer_shapes": [list(s) for s in editor.normalizers],
         "keep_turn_deltas": session.keep_turn_deltas,
+        "delta_accumulation": editor.delta_accumulation,
         "undo": undo_meta,
         "session_id": session.session_id,
         "log_seq": session.log_seq,
@@ -770,7 +783,9 @@ def load(
     _refuse(directory, _structure_diffs(meta["fingerprint"], model))
     config = EditConfig.from_dict(meta["config"])
     keep = meta.get("keep_turn_deltas", 0) if keep_turn_deltas is None else keep_turn_deltas
-    editor = UltraEditor(model, config, tokenizer, keep_turn_deltas=keep)
+    editor = UltraEditor(
+        model, config, tokenizer, keep_turn_deltas=keep, delta_accumulation=meta.get("delta_accumulation", "float32")
+    )
     session = editor.session
     _refuse(directory, _hash_diff(meta["fingerprint"], session.fingerprint()))
 
@@ -783,6 +798,9 @@ def load(
         norm.load_state_dict({k: handle.get_tensor(f"{key}.{k}") for k in ("n", "mean", "var", "std")})
 
     _add_delta(editor.modules, session.base, files, version)
+    for name, module in editor.modules.items():
+        if editor.accumulates(module):  # the weight is round(base + delta): keep the exact delta
+            session.delta[name] = files[DELTA].get_tensor(name).to(device=module.weight.device, dtype=torch.float32)
     editor.turns = int(meta["turns"])
     editor.edits = int(meta["edits"])
     session.log_seq = int(meta["log_seq"])
@@ -803,9 +821,24 @@ def load(
                     for s in editor.normalizers
                 },
                 seq=int(item["seq"]),
+                deltas=_snapshot_deltas(editor, handle),
             )
         )
     return editor
+
+
+def _snapshot_deltas(editor: "UltraEditor", handle: Any) -> dict[str, torch.Tensor]:
+    """The float32 deltas of an undo snapshot: saved ones, else (older states) ``weights - base``."""
+    keys = set(handle.keys())
+    deltas = {}
+    for name, module in editor.modules.items():
+        if not editor.accumulates(module):
+            continue
+        if f"d/{name}" in keys:
+            deltas[name] = handle.get_tensor(f"d/{name}")
+        else:
+            deltas[name] = handle.get_tensor(f"w/{name}").float() - editor.session.base[name].float()
+    return deltas
 
 
 def _open_version(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path, dict[str, Any]]:
@@ -972,6 +1005,7 @@ def revert_last(editor: "UltraEditor", k: int = 1) -> RevertReport:
     with torch.no_grad():
         for name, module in editor.modules.items():
             module.weight.copy_(target.weights[name].to(module.weight.device))
+    session.delta = {n: d.to(editor.modules[n].weight.device) for n, d in target.deltas.items()}
     for shape, norm in editor.normalizers.items():
         norm.load_state_dict(target.normalizers[shape])
     for _ in range(k):
