@@ -102,3 +102,71 @@ def test_pending_turn_prepared_before_a_revert_and_a_commit_is_refused():
     fresh = editor.prepare(random_turn(10))
     editor.commit(fresh)
     assert editor.turns == 4
+
+
+# ------------------------------------------------------------------ 4. a save completes or changes nothing
+
+def listing(directory):
+    return sorted((p.name, p.stat().st_size if p.is_file() else None) for p in directory.iterdir())
+
+
+def saved_editor(directory, seeds=(1,)):
+    editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
+    for seed in seeds:
+        editor.edit_tokens(random_turn(seed))
+    editor.save(directory)
+    return editor
+
+
+def test_a_malformed_edit_log_stops_the_save_before_the_switch(tmp_path):
+    from ultraedit import state as st
+
+    directory = tmp_path / "s"
+    editor = saved_editor(directory)
+    with open(directory / st.LOG, "ab") as f:
+        f.write(b"not a record\n")  # a complete line, so not a torn append: real damage
+    editor.edit_tokens(random_turn(2))
+    before = listing(directory)
+    with pytest.raises(st.StateError, match=r"edits.jsonl: the last line is not an edit-log record"):
+        editor.save(directory)
+    assert listing(directory) == before  # v00000001 is still current; nothing new was written
+    assert st.read_state(directory)[0]["turns"] == 1
+
+
+def test_a_damaged_state_is_reported_not_overwritten(tmp_path):
+    from ultraedit import state as st
+
+    directory = tmp_path / "s"
+    editor = saved_editor(directory)
+    version = directory / (directory / st.CURRENT).read_text().strip()
+    (version / st.STATE_JSON).write_text('{"format": "ultraedit-state", "tur')
+    before = listing(directory)
+    other = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
+    for who in (other, editor):  # neither another session nor the same one writes over it
+        with pytest.raises(st.StateError, match=r"state.json is damaged .*not saving over it"):
+            who.save(directory)
+    assert listing(directory) == before
+    with pytest.raises(st.StateError, match="cannot read .*state.json"):
+        st.read_state(directory)
+
+
+def test_an_io_error_after_the_switch_is_a_warning_and_the_next_save_completes_the_log(tmp_path, monkeypatch):
+    from ultraedit import state as st
+
+    directory = tmp_path / "s"
+    editor = saved_editor(directory)
+    editor.edit_tokens(random_turn(2))
+    real = st._append_log
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(st, "_append_log", disk_full)
+    with pytest.warns(st.StateWarning, match="v00000002 is current.*No space left"):
+        editor.save(directory)
+    monkeypatch.setattr(st, "_append_log", real)
+    assert st.read_state(directory)[0]["turns"] == 2
+    assert [r["turn"] for r in st.read_log(directory)] == [1]
+    assert [r["turn"] for r in editor.session.pending_log] == [2]
+    editor.save(directory)
+    assert [r["turn"] for r in st.read_log(directory)] == [1, 2]

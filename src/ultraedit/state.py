@@ -54,6 +54,7 @@ import struct
 import sys
 import time
 import uuid
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -96,6 +97,11 @@ class StateError(ValueError):
 
 class FingerprintError(StateError):
     """A saved state was made on a different base model than the one it is loaded onto."""
+
+
+class StateWarning(UserWarning):
+    """A save completed (its state is current) but a step after the switch failed; the next save
+    retries it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,8 +471,10 @@ def _last_newline(f: Any, before: int) -> int:
     return -1
 
 
-def _append_log(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    last = _repair_log(path)
+def _append_log(path: Path, records: Sequence[dict[str, Any]], last: int | None = None) -> None:
+    """Append the records whose ``seq`` is past ``last`` (default: the log's last, after repair)."""
+    if last is None:
+        last = _repair_log(path)
     new = [r for r in records if r["seq"] > last]
     if not new:
         return
@@ -563,6 +571,7 @@ def save(editor: "UltraEditor", directory: str | os.PathLike[str], *, delta_dtyp
         old = _current_dir(directory)
         if old is not None:
             _check_same_session(directory, old, session.session_id)
+        last_logged = _repair_log(directory / LOG)  # a damaged log stops the save here, before anything
         _cleanup(directory, old)
         number = int(old.name[1:]) + 1 if old is not None else 1
         final = directory / f"v{number:08d}"
@@ -576,18 +585,37 @@ def save(editor: "UltraEditor", directory: str | os.PathLike[str], *, delta_dtyp
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(directory)
-        _checkpoint("current")
-        pointer_tmp = directory / f".tmp-{CURRENT}-{os.getpid()}"
-        _write_file(pointer_tmp, (final.name + "\n").encode())
+        try:
+            _fsync_dir(directory)
+            _checkpoint("current")
+            pointer_tmp = directory / f".tmp-{CURRENT}-{os.getpid()}"
+            _write_file(pointer_tmp, (final.name + "\n").encode())
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)  # never named by CURRENT: the old state stays current
+            raise
         os.replace(pointer_tmp, directory / CURRENT)
+        _after_switch(directory, final, session, meta["log_tail"], last_logged)
+    return final
+
+
+def _after_switch(directory: Path, final: Path, session: EditSession, log_tail: list[dict[str, Any]], last: int) -> None:
+    """Steps after ``CURRENT`` names the new version: the save is complete whatever happens here.
+    An I/O error is a warning; the records stay pending (they are in the new state's
+    ``log_tail`` too) and the next save appends them."""
+    try:
         _fsync_dir(directory)
         _checkpoint("log")
-        _append_log(directory / LOG, meta["log_tail"])
+        _append_log(directory / LOG, log_tail, last)
         session.pending_log.clear()
         _checkpoint("cleanup")
         _cleanup(directory, final)
-    return final
+    except OSError as err:
+        warnings.warn(
+            f"the state in {directory} was saved ({final.name} is current), but a step after the switch failed: "
+            f"{err}; the next save completes the edit log and removes old versions",
+            StateWarning,
+            stacklevel=3,
+        )
 
 
 def _wide(*dtypes: torch.dtype) -> torch.dtype:
@@ -645,8 +673,13 @@ def _check_same_session(directory: Path, version: Path, session_id: str) -> None
     """Refuse to save one session over another (their edit logs and counters would mix)."""
     try:
         meta = json.loads((version / STATE_JSON).read_text())
-    except (OSError, ValueError):
-        return  # unreadable old state: the new one replaces it
+    except (OSError, ValueError) as err:
+        raise StateError(
+            f"{version / STATE_JSON} is damaged ({err}); not saving over it. Move {directory} away, or restore "
+            "the file, to save here"
+        ) from None
+    if not isinstance(meta, dict):
+        raise StateError(f"{version / STATE_JSON} is damaged (not a JSON object); not saving over it")
     if meta.get("session_id") not in (None, session_id):
         raise StateError(
             f"{directory} holds another editing session ({meta.get('turns')} turns, {meta.get('edits')} edits, "
