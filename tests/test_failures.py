@@ -170,3 +170,103 @@ def test_an_io_error_after_the_switch_is_a_warning_and_the_next_save_completes_t
     assert [r["turn"] for r in editor.session.pending_log] == [2]
     editor.save(directory)
     assert [r["turn"] for r in st.read_log(directory)] == [1, 2]
+
+
+# ------------------------------------------------------------------ 5. load checks everything before applying
+
+def rewrite_safetensors(path, drop=(), change=None):
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v for k, v in load_file(path).items() if k not in drop}
+    if change:
+        tensors.update(change)
+    save_file(tensors, path)
+
+
+def current_version(directory):
+    from ultraedit import state as st
+
+    return directory / (directory / st.CURRENT).read_text().strip()
+
+
+@pytest.mark.parametrize("damage", ["undo key", "normalizer key", "normalizer shape", "state.json field", "delta shape"])
+def test_a_damaged_state_fails_to_load_with_the_file_named_and_the_model_untouched(tmp_path, damage):
+    import json
+
+    from ultraedit import state as st
+
+    directory = tmp_path / "s"
+    editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR), keep_turn_deltas=1)
+    editor.edit_tokens(random_turn(1))
+    editor.save(directory)
+    version = current_version(directory)
+    name = next(iter(editor.modules))
+    undo = next(version.glob("undo-*.safetensors"))
+    if damage == "undo key":
+        rewrite_safetensors(undo, drop=[f"w/{name}"])
+        where = rf"{undo.name}: cannot read 'w/{name}'"
+    elif damage == "normalizer key":
+        rewrite_safetensors(version / st.NORMALIZERS, drop=["32x64.var"])
+        where = r"normalizers.safetensors: cannot read '32x64.var'"
+    elif damage == "normalizer shape":
+        rewrite_safetensors(version / st.NORMALIZERS, change={"32x64.mean": torch.zeros(5)})
+        where = r"normalizers.safetensors: '32x64.mean' has shape \(5,\), expected \(96,\)"
+    elif damage == "state.json field":
+        meta = json.loads((version / st.STATE_JSON).read_text())
+        del meta["turns"]
+        (version / st.STATE_JSON).write_text(json.dumps(meta))
+        where = r"state.json: incomplete state, missing \['turns'\]"
+    else:
+        rewrite_safetensors(version / st.DELTA, change={name: torch.zeros(3, 3)})
+        where = rf"delta.safetensors: shift of '{name}' has shape \(3, 3\)"
+    model = tiny_model("llama")
+    before = weights(model)
+    with pytest.raises(st.StateError, match=where):
+        UltraEditor.load(model, directory)
+    assert_untouched(model, before)
+    assert not hasattr(model, st.APPLIED)
+
+
+def test_a_read_error_while_applying_the_delta_restores_the_model(tmp_path, monkeypatch):
+    from ultraedit import state as st
+
+    directory = tmp_path / "s"
+    editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
+    editor.edit_tokens(random_turn(1))
+    editor.save(directory)
+    last = list(editor.modules)[-1]
+    real = st._tensor
+
+    def failing(handle, path, key, shape=None):
+        if path.name == st.DELTA and key == last:
+            raise st.StateError(f"{path}: cannot read {key!r} (simulated I/O error)")
+        return real(handle, path, key, shape)
+
+    monkeypatch.setattr(st, "_tensor", failing)
+    model = tiny_model("llama")
+    before = weights(model)
+    for apply in (lambda: UltraEditor.load(model, directory), lambda: st.apply_delta(model, directory)):
+        with pytest.raises(st.StateError, match="simulated I/O error"):
+            apply()
+        assert_untouched(model, before)
+
+
+# ------------------------------------------------------------------ 6. a delta is never applied twice
+
+def test_apply_delta_twice_is_refused_even_when_not_strict(tmp_path):
+    from ultraedit import state as st
+
+    directory = tmp_path / "s"
+    editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
+    editor.edit_tokens(random_turn(1))
+    editor.save(directory)
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    st.apply_delta(model, directory, strict=False)
+    once = weights(model)
+    with pytest.raises(st.FingerprintError, match="already edited: it carries the delta of .*s \\(1 turns\\)"):
+        st.apply_delta(model, directory, strict=False)
+    assert_untouched(model, once)
+    loaded = tiny_model("llama")
+    UltraEditor.load(loaded, directory)
+    with pytest.raises(st.FingerprintError, match="already edited"):
+        st.apply_delta(loaded, directory, strict=False)

@@ -771,6 +771,10 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
 # Load, apply, merge, info
 
 
+_REQUIRED_META = ("config", "turns", "edits", "fingerprint", "delta_dtype", "normalizer_shapes", "log_seq", "log_tail", "sizes")
+APPLIED = "_ultraedit_applied"  # set on a model that carries a saved state's delta (load, apply_delta)
+
+
 def read_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     """``(meta, version_dir)`` of the current saved state (``state.json`` as a dict)."""
     directory = Path(directory)
@@ -779,16 +783,23 @@ def read_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]
     version = _current_dir(directory)
     if version is None:
         raise StateError(f"no saved state in {directory} (no {CURRENT} file)")
+    path = version / STATE_JSON
     try:
-        meta = json.loads((version / STATE_JSON).read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise StateError(f"cannot read {version / STATE_JSON}: {err}") from None
-    if meta.get("format") != FORMAT:
-        raise StateError(f"{version / STATE_JSON} is not an ultraedit state")
+        raise StateError(f"cannot read {path}: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StateError(f"{path} is not an ultraedit state")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise StateError(
             f"{version} has state format {meta['format_version']}; this ultraedit reads up to {FORMAT_VERSION}"
         )
+    missing = [key for key in _REQUIRED_META if key not in meta]
+    fp = meta.get("fingerprint")
+    if not missing and not (isinstance(fp, dict) and isinstance(fp.get("modules"), dict) and "weights_sha256" in fp):
+        missing.append("fingerprint.modules/weights_sha256")
+    if missing:
+        raise StateError(f"{path}: incomplete state, missing {missing}")
     return meta, version
 
 
@@ -803,8 +814,10 @@ def load(
 
     The model's edit modules must have the fingerprint stored in the state (architecture, names,
     shapes, dtypes, SHA-256 of the original weights); otherwise :class:`FingerprintError` says
-    what differs. The model is edited in place (``W = W_base + delta``) and the returned editor
-    carries the statistics, counters, undo snapshots and edit-log position of the saved session.
+    what differs. Every file of the state is read and checked before the model is touched; then
+    the model is edited in place (``W = W_base + delta``; restored if that fails midway) and the
+    returned editor carries the statistics, counters, undo snapshots and edit-log position of the
+    saved session. Errors are :class:`StateError` naming the file.
 
     Args:
         keep_turn_deltas: override the saved setting (None keeps it; smaller drops old snapshots).
@@ -813,65 +826,103 @@ def load(
 
     meta, version, files = _open_version(directory)
     directory = Path(directory)
+    _refuse_applied(model)
     _refuse(directory, _structure_diffs(meta["fingerprint"], model))
-    config = EditConfig.from_dict(meta["config"])
-    keep = meta.get("keep_turn_deltas", 0) if keep_turn_deltas is None else keep_turn_deltas
-    editor = UltraEditor(
-        model, config, tokenizer, keep_turn_deltas=keep, delta_accumulation=meta.get("delta_accumulation", "float32")
-    )
+    meta_path = version / STATE_JSON
+    try:
+        config = EditConfig.from_dict(meta["config"])
+        keep = int(meta.get("keep_turn_deltas", 0) if keep_turn_deltas is None else keep_turn_deltas)
+        counters = int(meta["turns"]), int(meta["edits"]), int(meta["log_seq"])
+        editor = UltraEditor(
+            model, config, tokenizer, keep_turn_deltas=keep, delta_accumulation=meta.get("delta_accumulation", "float32")
+        )
+        saved_undo = [(int(u["turn"]), int(u["requests"]), int(u["seq"]), str(u["file"])) for u in meta.get("undo") or []]
+    except StateError:
+        raise
+    except (KeyError, TypeError, ValueError) as err:
+        raise StateError(f"{meta_path}: malformed ({type(err).__name__}: {err})") from None
     session = editor.session
     _refuse(directory, _hash_diff(meta["fingerprint"], session.fingerprint()))
 
+    # Read and check everything first ...
     expected_shapes = sorted(tuple(s) for s in meta["normalizer_shapes"])
     if sorted(editor.normalizers) != expected_shapes:
-        raise StateError(f"{version}: normalizer shapes {expected_shapes} do not match the edit modules")
-    handle = files[NORMALIZERS]
-    for shape, norm in editor.normalizers.items():
-        key = _norm_key(shape)
-        norm.load_state_dict({k: handle.get_tensor(f"{key}.{k}") for k in ("n", "mean", "var", "std")})
+        raise StateError(f"{meta_path}: normalizer shapes {expected_shapes} do not match the edit modules")
+    path = version / NORMALIZERS
+    statistics = {shape: _read_statistics(files[NORMALIZERS], path, "", shape) for shape in editor.normalizers}
+    _check_delta(editor.modules, files, version)
+    snapshots = [
+        _read_snapshot(editor, files[file], version / file, turn, requests, seq)
+        for turn, requests, seq, file in (saved_undo[-keep:] if keep > 0 else [])
+    ]
 
-    _add_delta(editor.modules, session.base, files, version)
-    for name, module in editor.modules.items():
-        if editor.accumulates(module):  # the weight is round(base + delta): keep the exact delta
-            session.delta[name] = files[DELTA].get_tensor(name).to(device=module.weight.device, dtype=torch.float32)
-    editor.turns = int(meta["turns"])
-    editor.edits = int(meta["edits"])
-    session.log_seq = int(meta["log_seq"])
+    # ... then apply.
+    for shape, norm in editor.normalizers.items():
+        norm.load_state_dict(statistics[shape])
+    accumulating = {n for n, m in editor.modules.items() if editor.accumulates(m)}
+    session.delta = _add_delta(editor.modules, session.base, files, version, keep_deltas=accumulating)
+    editor.turns, editor.edits, session.log_seq = counters
     session.pending_log = list(meta["log_tail"])
     session.extra = dict(meta.get("extra") or {})
     session.session_id = meta.get("session_id") or session.session_id
-
-    saved_undo = meta.get("undo") or []
-    for item in saved_undo[-keep:] if keep > 0 else []:
-        handle = files[item["file"]]
-        session.undo.append(
-            TurnSnapshot(
-                turn=int(item["turn"]),
-                requests=int(item["requests"]),
-                weights={n: handle.get_tensor(f"w/{n}") for n in editor.modules},
-                normalizers={
-                    s: {k: handle.get_tensor(f"n/{_norm_key(s)}.{k}") for k in ("n", "mean", "var", "std")}
-                    for s in editor.normalizers
-                },
-                seq=int(item["seq"]),
-                deltas=_snapshot_deltas(editor, handle),
-            )
-        )
+    session.undo.extend(snapshots)
+    _mark_applied(model, directory, meta)
     return editor
 
 
-def _snapshot_deltas(editor: "UltraEditor", handle: Any) -> dict[str, torch.Tensor]:
-    """The float32 deltas of an undo snapshot: saved ones, else (older states) ``weights - base``."""
+def _refuse_applied(model: nn.Module) -> None:
+    """A model that already carries a state's delta cannot take one again (it would add twice)."""
+    applied = getattr(model, APPLIED, None)
+    if applied is not None:
+        raise FingerprintError(
+            f"the model was already edited: it carries the delta of {applied['state']} ({applied['turns']} turns), "
+            "applied to it before; apply or load a state on a freshly loaded base model (twice would double the edit)"
+        )
+
+
+def _mark_applied(model: nn.Module, directory: Path, meta: Mapping[str, Any]) -> None:
+    setattr(model, APPLIED, {"state": str(directory), "turns": meta["turns"], "session_id": meta.get("session_id")})
+
+
+def _tensor(handle: Any, path: Path, key: str, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """Tensor ``key`` of an open safetensors file; a missing key or another shape is a StateError."""
+    try:
+        tensor = handle.get_tensor(key)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise StateError(f"{path}: cannot read {key!r} ({err})") from None
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise StateError(f"{path}: {key!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    return tensor
+
+
+def _read_statistics(handle: Any, path: Path, prefix: str, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    key = f"{prefix}{_norm_key(shape)}"
+    state = {"n": _tensor(handle, path, f"{key}.n", ())}
+    state.update({k: _tensor(handle, path, f"{key}.{k}", (sum(shape),)) for k in ("mean", "var", "std")})
+    return state
+
+
+def _read_snapshot(
+    editor: "UltraEditor", handle: Any, path: Path, turn: int, requests: int, seq: int
+) -> TurnSnapshot:
+    weights = {n: _tensor(handle, path, f"w/{n}", tuple(m.weight.shape)) for n, m in editor.modules.items()}
     keys = set(handle.keys())
     deltas = {}
     for name, module in editor.modules.items():
         if not editor.accumulates(module):
             continue
         if f"d/{name}" in keys:
-            deltas[name] = handle.get_tensor(f"d/{name}")
-        else:
-            deltas[name] = handle.get_tensor(f"w/{name}").float() - editor.session.base[name].float()
-    return deltas
+            deltas[name] = _tensor(handle, path, f"d/{name}", tuple(module.weight.shape)).float()
+        else:  # a state saved before float32 deltas: weights - base is exact for bf16/fp16
+            deltas[name] = weights[name].float() - editor.session.base[name].float()
+    return TurnSnapshot(
+        turn=turn,
+        requests=requests,
+        weights=weights,
+        normalizers={s: _read_statistics(handle, path, "n/", s) for s in editor.normalizers},
+        seq=seq,
+        deltas=deltas,
+    )
 
 
 def _open_version(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path, dict[str, Any]]:
@@ -883,8 +934,14 @@ def _open_version(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Pa
     """
     for attempt in range(3):
         meta, version = read_state(directory)
-        names = [n for n in (NORMALIZERS, DELTA, EXACT) if n in meta["sizes"]]
-        names += [item["file"] for item in meta.get("undo") or []]
+        try:
+            names = [n for n in (NORMALIZERS, DELTA, EXACT) if n in meta["sizes"]]
+            names += [item["file"] for item in meta.get("undo") or []]
+        except (KeyError, TypeError) as err:
+            raise StateError(f"{version / STATE_JSON}: malformed ({type(err).__name__}: {err})") from None
+        for required in (NORMALIZERS, DELTA):
+            if required not in names:
+                raise StateError(f"{version / STATE_JSON}: the state lists no {required}")
         try:
             return meta, version, {n: _read_safetensors(version / n)[0] for n in names}
         except StateError:
@@ -893,34 +950,68 @@ def _open_version(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Pa
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _add_delta(
-    modules: Mapping[str, nn.Module], base: Mapping[str, torch.Tensor] | None, files: Mapping[str, Any], version: Path
-) -> None:
-    """``W = base + delta`` per module (``base`` None: the module's current weight), one at a time."""
+def _check_delta(modules: Mapping[str, nn.Module], files: Mapping[str, Any], version: Path) -> None:
+    """The delta file holds exactly the modules' shifts, each of its weight's shape (headers only)."""
     path = version / DELTA
     handle = files[DELTA]
     names = set(handle.keys())
     if names != set(modules):
         raise StateError(f"{path}: holds shifts for {sorted(names)}, expected {sorted(modules)}")
+    for name, module in modules.items():
+        shape = tuple(handle.get_slice(name).get_shape())
+        if shape != tuple(module.weight.shape):
+            raise StateError(f"{path}: shift of {name!r} has shape {shape}, weight {tuple(module.weight.shape)}")
+    fixes = files.get(EXACT)
+    if fixes is not None:
+        unknown = sorted(k for k in fixes.keys() if k.rsplit("/", 1)[0] not in modules)
+        if unknown:
+            raise StateError(f"{version / EXACT}: fixes for unknown modules {unknown}")
+
+
+def _add_delta(
+    modules: Mapping[str, nn.Module],
+    base: Mapping[str, torch.Tensor] | None,
+    files: Mapping[str, Any],
+    version: Path,
+    keep_deltas: frozenset[str] | set[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
+    """``W = base + delta`` per module (``base`` None: the module's current weight), one at a time.
+    All or nothing: on any error the modules already written are restored. Returns the deltas of
+    ``keep_deltas`` in float32 on their weights' devices."""
+    path = version / DELTA
+    handle = files[DELTA]
     fixes = files.get(EXACT)
     fix_keys = set(fixes.keys()) if fixes is not None else set()
+    written: list[tuple[torch.Tensor, torch.Tensor]] = []
+    kept: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name, module in modules.items():
-            weight = module.weight
-            delta = handle.get_tensor(name)
-            if tuple(delta.shape) != tuple(weight.shape):
-                raise StateError(f"{path}: shift of {name!r} has shape {tuple(delta.shape)}, weight {tuple(weight.shape)}")
-            wide = _wide(delta.dtype, weight.dtype)
-            origin = base[name] if base is not None else weight
-            new = (origin.to(device=weight.device, dtype=wide) + delta.to(device=weight.device, dtype=wide)).to(weight.dtype)
-            if f"{name}/index" in fix_keys:
-                index = fixes.get_tensor(f"{name}/index").to(weight.device)
-                new.view(-1)[index] = fixes.get_tensor(f"{name}/value").to(device=weight.device, dtype=weight.dtype)
-            weight.copy_(new)
+        try:
+            for name, module in modules.items():
+                weight = module.weight
+                delta = _tensor(handle, path, name, tuple(weight.shape))
+                wide = _wide(delta.dtype, weight.dtype)
+                origin = base[name] if base is not None else weight
+                new = (origin.to(device=weight.device, dtype=wide) + delta.to(device=weight.device, dtype=wide)).to(weight.dtype)
+                if f"{name}/index" in fix_keys:
+                    index = _tensor(fixes, version / EXACT, f"{name}/index").to(weight.device)
+                    value = _tensor(fixes, version / EXACT, f"{name}/value", tuple(index.shape))
+                    new.view(-1)[index] = value.to(device=weight.device, dtype=weight.dtype)
+                if name in keep_deltas:
+                    kept[name] = delta.to(device=weight.device, dtype=torch.float32)
+                written.append((weight, weight.detach().to("cpu", copy=True)))
+                weight.copy_(new)
+        except BaseException:
+            for weight, previous in reversed(written):
+                weight.copy_(previous.to(weight.device))
+            raise
+    return kept
 
 
 def apply_delta(model: nn.Module, directory: str | os.PathLike[str], *, strict: bool = True) -> dict[str, Any]:
     """Add a saved state's cumulative shift to a freshly loaded base ``model``, in place.
+
+    The model is marked as carrying the state (``model._ultraedit_applied``): applying a state
+    (or loading one) onto it again raises :class:`FingerprintError` instead of adding twice.
 
     Args:
         strict: check the full fingerprint (including the SHA-256 of the original weights). With
@@ -932,6 +1023,7 @@ def apply_delta(model: nn.Module, directory: str | os.PathLike[str], *, strict: 
     """
     meta, version, files = _open_version(directory)
     directory = Path(directory)
+    _refuse_applied(model)
     diffs = _structure_diffs(meta["fingerprint"], model)
     if not strict:
         diffs = [d for d in diffs if "dtype" not in d and not d.startswith(("model_type", "architecture"))]
@@ -940,7 +1032,10 @@ def apply_delta(model: nn.Module, directory: str | os.PathLike[str], *, strict: 
     if strict:
         _refuse(directory, _hash_diff(meta["fingerprint"], fingerprint(model, names)))
     available = dict(model.named_modules())
-    _add_delta({n: available[n] for n in names}, None, files, version)
+    modules = {n: available[n] for n in names}
+    _check_delta(modules, files, version)
+    _add_delta(modules, None, files, version)
+    _mark_applied(model, directory, meta)
     return meta
 
 
