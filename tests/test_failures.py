@@ -270,3 +270,74 @@ def test_apply_delta_twice_is_refused_even_when_not_strict(tmp_path):
     UltraEditor.load(loaded, directory)
     with pytest.raises(st.FingerprintError, match="already edited"):
         st.apply_delta(loaded, directory, strict=False)
+
+
+# ------------------------------------------------------------------ 9. CLI: one line per user error, bugs keep tracebacks
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from test_cli import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model")
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--preset", "nope"], r"--preset 'nope' is unknown; known: "),
+    (["--lr", "-1"], r"invalid option: EditConfig.lr must be a positive finite number, got -1.0"),
+    (["--ridge", "0"], r"invalid option: EditConfig.ridge must be a positive finite number"),
+    (["--capture-batch-size", "0"], r"invalid option: EditConfig.capture_batch_size must be a positive int"),
+    (["--keep-turn-deltas", "-1"], r"--keep-turn-deltas must be >= 0, got -1"),
+    (["--modules", "model.layers.9.mlp.up_proj"], r"edit module 'model.layers.9.mlp.up_proj' does not exist"),
+])
+def test_edit_option_errors_are_one_line_and_exit_2(tmp_path, checkpoint, capsys, option, message):
+    from test_cli import make_records, write_jsonl
+
+    from ultraedit.cli import main
+
+    edits = write_jsonl(tmp_path / "e.jsonl", make_records(3))
+    code = main(["edit", "--model", str(checkpoint), "--edits", str(edits), "--state", str(tmp_path / "s"),
+                 "--quiet", *option])
+    err = capsys.readouterr().err
+    assert code == 2
+    ours = [line for line in err.splitlines() if "ultraedit" in line or "Traceback" in line]  # (not the loading bar)
+    assert len(ours) == 1 and ours[0].startswith("ultraedit edit: error: "), err
+    assert __import__("re").search(message, ours[0]), err
+    assert not (tmp_path / "s" / "CURRENT").exists()
+
+
+def test_bench_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
+    from ultraedit.cli import bench as bench_cli
+    from ultraedit.cli import main
+
+    def buggy(config):
+        return {}["a key the code forgot"]
+
+    monkeypatch.setattr(bench_cli, "run", buggy)
+    with pytest.raises(KeyError, match="a key the code forgot"):
+        main(["bench", "--out", str(tmp_path / "b"), "--quiet"])
+
+
+def test_iter_requests_collects_every_files_rejects_and_closes_its_readers(tmp_path, monkeypatch):
+    import json
+
+    from ultraedit import datasets
+
+    files = []
+    for i in range(2):
+        path = tmp_path / f"f{i}.jsonl"
+        path.write_text(json.dumps({"prompt": f"p{i}", "target": "t"}) + "\n" + json.dumps({"prompt": f"bad{i}"}) + "\n"
+                        + json.dumps({"prompt": f"q{i}", "target": "t"}) + "\n")
+        files.append(path)
+    opened = []
+    real_open = datasets._open_binary
+    monkeypatch.setattr(datasets, "_open_binary", lambda p: opened.append(real_open(p)) or opened[-1])
+    rejects = tmp_path / "rejects.jsonl"
+    requests = list(datasets.iter_requests(files, "jsonl", skip_invalid=True, rejects=rejects))
+    assert [r.prompt for r in requests] == ["p0", "q0", "p1", "q1"]
+    lines = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(r["record"]["prompt"], r["field"]) for r in lines] == [("bad0", "target"), ("bad1", "target")]
+    assert len(opened) == 2 and all(f.closed for f in opened)
+    stream = datasets.iter_requests(files, "jsonl", skip_invalid=True)
+    assert next(stream).prompt == "p0"
+    stream.close()  # stopped early: the open file is closed too
+    assert len(opened) == 3 and opened[-1].closed

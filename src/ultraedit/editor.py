@@ -236,7 +236,10 @@ class UltraEditor:
         self.model = model
         self.config = config = config or EditConfig()
         self.tokenizer = tokenizer
-        names = config.modules if config.modules is not None else resolve_modules(model, config.preset)
+        try:
+            names = config.modules if config.modules is not None else resolve_modules(model, config.preset)
+        except (KeyError, ValueError) as err:  # unknown preset, or one that does not fit this model
+            raise EditError(err.args[0] if err.args else str(err)) from None
         available = dict(model.named_modules())
         self.modules: dict[str, nn.Module] = {}
         for name in names:
