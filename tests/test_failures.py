@@ -341,3 +341,46 @@ def test_iter_requests_collects_every_files_rejects_and_closes_its_readers(tmp_p
     assert next(stream).prompt == "p0"
     stream.close()  # stopped early: the open file is closed too
     assert len(opened) == 3 and opened[-1].closed
+
+
+# ------------------------------------------------------------------ 10. locking: threads too, and says where it cannot
+
+def test_a_second_writer_thread_is_refused_and_the_lock_is_reentrant_in_its_thread(tmp_path):
+    import threading
+
+    from ultraedit import state as st
+
+    directory = tmp_path / "s"
+    holding, release, seen = threading.Event(), threading.Event(), {}
+
+    def writer():
+        with st.session_lock(directory):
+            with st.session_lock(directory):  # re-entrant in the same thread
+                holding.set()
+                release.wait(30)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert holding.wait(30)
+        try:
+            with st.session_lock(directory):
+                seen["entered"] = True
+        except st.StateError as err:
+            seen["error"] = str(err)
+    finally:
+        release.set()
+        thread.join(30)
+    assert "entered" not in seen and "another thread of this process" in seen["error"]
+    with st.session_lock(directory):  # released by its thread: free again
+        pass
+    assert st._HELD == {}
+
+
+def test_where_it_cannot_lock_it_says_so(tmp_path, monkeypatch):
+    from ultraedit import state as st
+
+    monkeypatch.setattr(st, "fcntl", None)
+    with pytest.warns(st.StateWarning, match="cannot lock the state in .*no fcntl file locks"):
+        with st.session_lock(tmp_path / "s"):
+            pass
