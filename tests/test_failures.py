@@ -384,3 +384,35 @@ def test_where_it_cannot_lock_it_says_so(tmp_path, monkeypatch):
     with pytest.warns(st.StateWarning, match="cannot lock the state in .*no fcntl file locks"):
         with st.session_lock(tmp_path / "s"):
             pass
+
+
+# ------------------------------------------------------------------ 7. models split over devices
+
+SPLIT_DEVICES = [
+    "cpu",  # the accelerate dispatch path on one device: runs everywhere
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for CPU + cuda")),
+]
+
+
+@pytest.mark.parametrize("second", SPLIT_DEVICES)
+def test_a_model_split_over_devices_edits_like_one_on_a_single_device(second):
+    """Layers 0-1 on the CPU, layers 2-3, the final norm and the LM head on ``second``
+    (``accelerate.dispatch_model``, as ``device_map="auto"`` does): logits come from ``second``
+    while inputs, labels and the lower edit modules stay on the CPU."""
+    accelerate = pytest.importorskip("accelerate")
+    names = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.3.mlp.down_proj"]
+    single = UltraEditor(tiny_model("llama"), EditConfig(modules=names, lr=LR))
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "cpu", "model.layers.2": second, "model.layers.3": second,
+                  "model.norm": second, "lm_head": second}
+    model = accelerate.dispatch_model(tiny_model("llama"), device_map=device_map)
+    split = UltraEditor(model, EditConfig(modules=names, lr=LR))
+    assert split.modules[names[-1]].weight.device.type == second
+    for seed in range(2):
+        batches = random_turn(seed)
+        single.edit_tokens(batches)
+        split.edit_tokens(batches)
+    for name in names:
+        torch.testing.assert_close(split.modules[name].weight.cpu(), single.modules[name].weight, rtol=1e-4, atol=1e-6)
+    for shape, norm in split.normalizers.items():
+        torch.testing.assert_close(norm.mean.cpu(), single.normalizers[shape].mean, rtol=1e-4, atol=1e-6)

@@ -294,10 +294,11 @@ def _target_logits(model: nn.Module, hooks: "_Hooks", batch: dict[str, torch.Ten
         labels = parts["tail_labels"][mask]
     logits = out.logits
     if logits.ndim == 3:  # the model bypassed the head hook: select target positions here
-        logits = logits[mask]
+        logits = logits[mask.to(logits.device)]
     if logits.shape[0] != labels.shape[0]:
         raise RuntimeError(f"unexpected logits shape {tuple(logits.shape)} for {labels.shape[0]} target tokens")
-    return logits.float(), labels, mask
+    # A model split over devices returns logits from its last device: labels go where they are.
+    return logits.float(), labels.to(logits.device), mask
 
 
 def capture(
@@ -345,7 +346,6 @@ def capture(
             row_weight.append(1.0 / targets)
     if not split:
         prefix, tail = [0] * len(rows), [p + t for p, t in zip(prefix, tail)]
-    device = rows[0][0].device
     passes = plan_passes(prefix, tail, forward_batch_size or len(rows))
 
     keys: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -363,8 +363,10 @@ def capture(
             missing = [n for n in names if n not in hooks.outputs]
             if missing:
                 raise RuntimeError(f"edit modules {missing} did not run in the forward pass")
-            # Weight 1/t_j per token makes the loss the SUM of per-minibatch mean losses.
-            per_row = mask.sum(1)
+            # Weight 1/t_j per token makes the loss the SUM of per-minibatch mean losses. Built on the
+            # logits' device (the last one of a model split over devices), like the labels.
+            device = logits.device
+            per_row = mask.sum(1).to(device)
             weights = torch.tensor([row_weight[i] for i in members], device=device).repeat_interleave(per_row)
             ce = F.cross_entropy(logits, labels, reduction="none") * weights
             out_grads = torch.autograd.grad(
