@@ -416,3 +416,57 @@ def test_a_model_split_over_devices_edits_like_one_on_a_single_device(second):
         torch.testing.assert_close(split.modules[name].weight.cpu(), single.modules[name].weight, rtol=1e-4, atol=1e-6)
     for shape, norm in split.normalizers.items():
         torch.testing.assert_close(norm.mean.cpu(), single.normalizers[shape].mean, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ paths no test covered before
+
+@pytest.mark.parametrize("solver", ["primal", "dual"])
+def test_welford_float64_and_each_solver_match_the_reference_end_to_end(solver):
+    import copy
+
+    from reference import reference_turn
+    from ultraedit.presets import resolve_modules
+
+    model = tiny_model("llama")
+    ref_model = copy.deepcopy(model)
+    names = resolve_modules(model)
+    base = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    editor = UltraEditor(model, EditConfig(modules=names, lr=LR, normalizer="welford", dtype="float64", solver=solver))
+    ref_norms = {}
+    for seed in range(3):
+        batches = random_turn(200 + seed)
+        editor.edit_tokens(batches)
+        reference_turn(ref_model, names, batches, ref_norms, lr=LR, formula="welford")
+    assert all(norm.dtype == torch.float64 and norm.formula == "welford" for norm in editor.normalizers.values())
+    for shape, norm in editor.normalizers.items():
+        torch.testing.assert_close(norm.var, ref_norms[shape].var, rtol=1e-4, atol=1e-9)
+    for n in names:
+        ours = model.get_submodule(n).weight.detach() - base[n]
+        ref = ref_model.get_submodule(n).weight.detach() - base[n]
+        assert float((ours - ref).norm() / ref.norm()) <= 1e-4, n
+
+
+def test_exact_fixes_reproduce_float32_weights_no_float32_delta_can(tmp_path):
+    """A float32 weight that moved from 1e30 to 1.0: no float32 delta added to 1e30 gives 1.0, so
+    the saved state carries the exact value in exact.safetensors, and load/apply_delta use it."""
+    from ultraedit import state as st
+
+    def base_model():
+        model = tiny_model("llama")
+        with torch.no_grad():
+            model.model.layers[3].mlp.up_proj.weight[0, 0] = 1e30
+        return model
+
+    editor = UltraEditor(base_model(), EditConfig(lr=LR))
+    editor.edit_tokens(random_turn(1))
+    with torch.no_grad():
+        editor.modules["model.layers.3.mlp.up_proj"].weight[0, 0] = 1.0
+    version = editor.save(tmp_path / "s")
+    assert (version / st.EXACT).exists()
+    expected = {n: m.weight.detach().clone() for n, m in editor.modules.items()}
+    loaded = UltraEditor.load(base_model(), tmp_path / "s")
+    applied = base_model()
+    st.apply_delta(applied, tmp_path / "s")
+    for name in expected:
+        assert torch.equal(loaded.modules[name].weight, expected[name]), name
+        assert torch.equal(applied.get_submodule(name).weight, expected[name]), name
