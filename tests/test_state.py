@@ -131,50 +131,71 @@ def test_failure_at_any_save_stage_leaves_old_or_new_state(tmp_path, monkeypatch
     assert sorted(p.name for p in directory.iterdir()) == sorted([".lock", "CURRENT", "edits.jsonl", current])
 
 
-KILLED_SAVER = textwrap.dedent(
+KILLED_AT = {"delta": 2, "rename": 2, "current": 2, "log": 3, "cleanup": 3}  # stage -> turns the state holds
+
+KILLED_AT_EVERY_STAGE = textwrap.dedent(
     """
-    import sys, os
+    import os, shutil, sys
     sys.path.insert(0, {tests!r})
     from tiny import random_turn, tiny_model
     from ultraedit import EditConfig, UltraEditor
+    stages = {stages!r}
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr={lr!r}))
     for seed in (20, 21):
         editor.edit_tokens(random_turn(seed, requests=10, batch_size=5))
-    editor.save({directory!r})
+    editor.save(os.path.join({root!r}, "two-turns"))
+    for stage in stages:  # the same saved session in one directory per stage
+        shutil.copytree(os.path.join({root!r}, "two-turns"), os.path.join({root!r}, stage))
     editor.edit_tokens(random_turn(22, requests=10, batch_size=5))
-    os.environ["ULTRAEDIT_SAVE_PAUSE"] = {stage!r}
-    editor.save({directory!r})
-    print("save finished", flush=True)
+    children = []
+    for stage in stages:  # one forked saver per stage: the import above is paid once
+        pid = os.fork()
+        if pid == 0:
+            os.environ["ULTRAEDIT_SAVE_PAUSE"] = stage
+            editor.save(os.path.join({root!r}, stage))
+            os._exit(0)
+        print(stage, pid, flush=True)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
     """
 )
 
 
-@pytest.mark.parametrize("stage,turns", [("delta", 2)])  # SIGKILL at "log": tests/test_cli.py
-def test_process_killed_mid_save(tmp_path, stage, turns):
-    directory = tmp_path / "s"
-    script = KILLED_SAVER.format(tests=str(TESTS), lr=LR, directory=str(directory), stage=stage)
+def test_process_killed_at_every_stage_of_a_save(tmp_path):
+    """A saver killed with SIGKILL where its save pauses, at every stage: the state is the old or
+    the new one, complete, and the next save tidies up and completes the edit log."""
+    script = KILLED_AT_EVERY_STAGE.format(tests=str(TESTS), lr=LR, root=str(tmp_path), stages=list(KILLED_AT))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=env)
+    killed = set()
     try:
+        pids = dict(proc.stdout.readline().split() for _ in KILLED_AT)
         for line in proc.stderr:
             if line.startswith("ultraedit-save-paused"):
-                assert line.split()[1] == stage
-                proc.send_signal(signal.SIGKILL)
-                break
-        else:
-            pytest.fail(f"the saver never paused: {proc.stdout.read()}")
+                stage = line.split()[1]
+                os.kill(int(pids[stage]), signal.SIGKILL)
+                killed.add(stage)
+                if killed == set(KILLED_AT):
+                    break
+        assert killed == set(KILLED_AT), f"savers that never paused: {set(KILLED_AT) - killed}"
+        assert proc.wait(timeout=60) == 0
     finally:
+        proc.kill()
         proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    if stage == "delta":  # a half-written delta file lies in a temp dir, ignored by readers
-        assert any(p.name.startswith(".tmp-") for p in directory.iterdir())
-    loaded = UltraEditor.load(tiny_model("llama"), directory)
-    assert loaded.turns == turns
-    assert_same_weights(loaded, _expected_after(turns)[0])
-    loaded.save(directory)
-    assert not any(p.name.startswith(".tmp-") for p in directory.iterdir())
-    assert [r["turn"] for r in st.read_log(directory)] == list(range(1, turns + 1))
+    for stage, turns in KILLED_AT.items():
+        directory = tmp_path / stage
+        if stage in ("delta", "rename"):  # a half-written (or unnamed) version lies in a temp dir, ignored by readers
+            assert any(p.name.startswith(".tmp-") for p in directory.iterdir()), stage
+        loaded = UltraEditor.load(tiny_model("llama"), directory)
+        assert loaded.turns == turns, stage
+        assert_same_weights(loaded, _expected_after(turns)[0])
+        assert_same_stats(loaded, _expected_after(turns)[1])
+        loaded.save(directory)
+        current = (directory / st.CURRENT).read_text().strip()
+        assert sorted(p.name for p in directory.iterdir()) == sorted([".lock", "CURRENT", "edits.jsonl", current]), stage
+        assert [r["turn"] for r in st.read_log(directory)] == list(range(1, turns + 1)), stage
 
 
 def test_fingerprint_refuses_another_base_model(tmp_path):

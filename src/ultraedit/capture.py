@@ -31,7 +31,7 @@ How it is done without waste:
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -137,9 +137,13 @@ class PackedMLPs:
         self._shapes: list[torch.Size | None] = []  # per MLP call in flight: the shape to scatter to
 
     def __enter__(self) -> "PackedMLPs":
-        for mlp in self.mlps:
-            self.handles.append(mlp.register_forward_pre_hook(self._pack))
-            self.handles.append(mlp.register_forward_hook(self._unpack))
+        try:
+            for mlp in self.mlps:
+                self.handles.append(mlp.register_forward_pre_hook(self._pack))
+                self.handles.append(mlp.register_forward_hook(self._unpack))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -180,22 +184,22 @@ class _Hooks:
         self.keys: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.key_masks: dict[str, torch.Tensor] = {}  # the mask each module's key rows were taken with
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.packer = PackedMLPs(model)
+        self._stack = ExitStack()
 
     def __enter__(self) -> "_Hooks":
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(self._module_hook(name)))
-        self.head.__enter__()
-        self.packer.__enter__()
+        # Every hook is registered on the stack as soon as it exists: a failure while registering a
+        # later one removes all earlier ones, so no hook is ever left on the model.
+        with ExitStack() as stack:
+            for name, module in self.modules.items():
+                stack.callback(module.register_forward_hook(self._module_hook(name)).remove)
+            stack.enter_context(self.head)
+            stack.enter_context(self.packer)
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        self.head.__exit__()
-        self.packer.__exit__()
+        self._stack.close()
         self.keys.clear()
         self.outputs.clear()
         self.key_masks.clear()
@@ -292,10 +296,11 @@ def _target_logits(model: nn.Module, hooks: "_Hooks", batch: dict[str, torch.Ten
         labels = parts["tail_labels"][mask]
     logits = out.logits
     if logits.ndim == 3:  # the model bypassed the head hook: select target positions here
-        logits = logits[mask]
+        logits = logits[mask.to(logits.device)]
     if logits.shape[0] != labels.shape[0]:
         raise RuntimeError(f"unexpected logits shape {tuple(logits.shape)} for {labels.shape[0]} target tokens")
-    return logits.float(), labels, mask
+    # A model split over devices returns logits from its last device: labels go where they are.
+    return logits.float(), labels.to(logits.device), mask
 
 
 def capture(
@@ -343,7 +348,6 @@ def capture(
             row_weight.append(1.0 / targets)
     if not split:
         prefix, tail = [0] * len(rows), [p + t for p, t in zip(prefix, tail)]
-    device = rows[0][0].device
     passes = plan_passes(prefix, tail, forward_batch_size or len(rows))
 
     keys: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -362,8 +366,10 @@ def capture(
             missing = [n for n in names if n not in hooks.outputs]
             if missing:
                 raise RuntimeError(f"edit modules {missing} did not run in the forward pass")
-            # Weight 1/t_j per token makes the loss the SUM of per-minibatch mean losses.
-            per_row = mask.sum(1)
+            # Weight 1/t_j per token makes the loss the SUM of per-minibatch mean losses. Built on the
+            # logits' device (the last one of a model split over devices), like the labels.
+            device = logits.device
+            per_row = mask.sum(1).to(device)
             weights = torch.tensor([row_weight[i] for i in members], device=device).repeat_interleave(per_row)
             ce = F.cross_entropy(logits, labels, reduction="none") * weights
             out_grads = torch.autograd.grad(

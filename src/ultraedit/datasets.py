@@ -38,7 +38,7 @@ import io
 import json
 import os
 import random
-from itertools import chain
+import contextlib
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence, TextIO
 
@@ -537,6 +537,20 @@ def read_requests(
     return RequestReader(path, format, skip_invalid=skip_invalid, rejects=rejects, seed=seed)
 
 
-def iter_requests(sources: Sequence[str | os.PathLike[str]], format: str = "auto", **kw: Any) -> Iterator[EditRequest]:
-    """Requests of several files, one after another (each file's format detected on its own)."""
-    return chain.from_iterable(read_requests(p, format, **kw) for p in sources)
+def iter_requests(
+    sources: Sequence[str | os.PathLike[str]],
+    format: str = "auto",
+    *,
+    rejects: str | os.PathLike[str] | TextIO | None = None,
+    **kw: Any,
+) -> Iterator[EditRequest]:
+    """Requests of several files, one after another (each file's format detected on its own).
+
+    Each file's reader is closed when the file is done, or when this iterator is closed or
+    dropped early. A ``rejects`` path is opened once and receives the rejects of every file."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(rejects, (str, os.PathLike)):
+            rejects = stack.enter_context(open(rejects, "w", encoding="utf-8"))
+        for source in sources:
+            with read_requests(source, format, rejects=rejects, **kw) as reader:
+                yield from reader

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -41,6 +42,14 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = ()  # type: ignore[assignment]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_NARROW = (torch.bfloat16, torch.float16)  # weights whose rounding step can swallow a turn's shift
+DELTA_ACCUMULATIONS = ("float32", "weights")
+LOST_FRACTION = 0.5  # a turn whose applied shift keeps less than this of the intended one is "mostly lost"
+
+
+class LostShiftWarning(UserWarning):
+    """Most of a turn's weight shift did not reach the (bf16/fp16) weights: it was below their
+    rounding step. Only with ``delta_accumulation="weights"``; the default keeps it."""
 
 #: The options of :meth:`EditConfig.recommended` (measurements in the README).
 RECOMMENDED: dict[str, Any] = {"lr": 5e-6, "lr_scale": "width", "refine_steps": 5, "preserve": 300.0}
@@ -184,7 +193,12 @@ class TurnReport:
         turn: 1-based number of this turn in the editor's lifetime.
         requests: sequences (edit requests) in the turn.
         rows: target-token rows captured per module (equal for all modules).
-        shift_norms: Frobenius norm of each module's weight shift ``dW``.
+        shift_norms: Frobenius norm of each module's weight shift ``dW`` (intended).
+        applied_norms: Frobenius norm of what the weights actually changed by (``W_after -
+            W_before``, float32), after rounding to the weights' dtype.
+        applied_fractions: how much of the intended shift the weights received: the projection
+            ``<W_after - W_before, dW> / ||dW||^2`` (1.0 = all of it; bf16 weights that round a
+            small shift away give ~0). Filled by :meth:`UltraEditor.commit`.
         loss: mean over minibatches of the pre-edit loss (mean CE over target tokens).
         seconds: wall-clock time of the turn; ``capture_seconds`` (first capture) and ``solve_seconds`` split it.
         steps: closed-form steps taken (1 unless ``EditConfig.refine_steps`` > 1).
@@ -200,16 +214,19 @@ class TurnReport:
     solve_seconds: float = 0.0
     order: list[int] = field(default_factory=list)
     steps: int = 1
+    applied_norms: dict[str, float] = field(default_factory=dict)
+    applied_fractions: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class PendingTurn:
     """Everything a turn will change, computed but not yet applied."""
 
-    shifts: dict[str, torch.Tensor]  # name -> dW (d_in, d_out), in the module weight's dtype
+    shifts: dict[str, torch.Tensor]  # name -> dW (d_in, d_out): float32 where it accumulates, else the weight's dtype
     normalizers: dict[tuple[int, int], LifelongNormalizer]
     report: TurnReport
     requests: Sequence[EditRequest] | None = None  # text requests (set by edit), for the edit log
+    generation: int = 0  # the editor state it was prepared on (UltraEditor.generation)
 
 
 def module_shape(module: nn.Module) -> tuple[int, int]:
@@ -219,6 +236,12 @@ def module_shape(module: nn.Module) -> tuple[int, int]:
     if Conv1D and isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
     raise TypeError(f"cannot edit a {type(module).__name__}: only nn.Linear and Conv1D layers")
+
+
+def _write_weight(module: nn.Module, new: torch.Tensor) -> None:
+    """Copy ``new`` into the module's weight (the one place a turn writes weights)."""
+    with torch.no_grad():
+        module.weight.copy_(new)
 
 
 def apply_shift(module: nn.Module, shift: torch.Tensor, alpha: float = 1.0) -> None:
@@ -239,6 +262,15 @@ def _unsolved_rows(batches: Sequence[dict[str, torch.Tensor]], captures: list[Mi
     return out
 
 
+def _applied(weight: torch.Tensor, new: torch.Tensor, shift: torch.Tensor) -> tuple[float, float]:
+    """``(||new - weight||, <new - weight, shift> / ||shift||^2)`` in float32."""
+    change = new.float() - weight.float()
+    intended = shift.float()
+    squared = float(intended.square().sum())
+    fraction = float((change * intended).sum()) / squared if squared > 0 else 1.0
+    return float(torch.linalg.vector_norm(change)), fraction
+
+
 class UltraEditor:
     """Lifelong UltraEdit editor wrapped around a Hugging Face causal LM.
 
@@ -248,21 +280,42 @@ class UltraEditor:
         tokenizer: needed by :meth:`edit` (text requests), not by :meth:`edit_tokens`.
         keep_turn_deltas: how many recent turns :meth:`revert_last` can undo (0 = none); each
             kept turn costs one CPU copy of the edit modules' weights in the model dtype.
+        delta_accumulation: how shifts reach bf16/fp16 weights. ``"float32"`` (default): the
+            cumulative shift ``W - W_base`` is kept in float32 (on the weights' device; twice the
+            bf16 size of the edit modules) and the weights are rewritten as ``round(W_base +
+            delta)`` each turn, so no part of any turn is lost to rounding. ``"weights"``: each
+            turn's shift is rounded and added to the weights (what earlier versions did; a shift
+            below half a rounding step of a weight is lost, with a :class:`LostShiftWarning`).
+            float32/float64 weights always take ``W += dW``.
 
     Attributes:
         modules: edit modules by dotted name, in config order.
         normalizers: one :class:`LifelongNormalizer` per module shape ``(d_in, d_out)``, of width
             ``d_in + d_out``.
         turns, edits: counters over the editor's lifetime.
+        generation: changes at every commit and revert; a :class:`PendingTurn` is valid only on
+            the generation it was prepared on.
     """
 
     def __init__(
-        self, model: nn.Module, config: EditConfig | None = None, tokenizer: Any = None, *, keep_turn_deltas: int = 0
+        self,
+        model: nn.Module,
+        config: EditConfig | None = None,
+        tokenizer: Any = None,
+        *,
+        keep_turn_deltas: int = 0,
+        delta_accumulation: str = "float32",
     ) -> None:
+        if delta_accumulation not in DELTA_ACCUMULATIONS:
+            raise ValueError(f"delta_accumulation must be 'float32' or 'weights', got {delta_accumulation!r}")
+        self.delta_accumulation = delta_accumulation
         self.model = model
         self.config = config = config or EditConfig()
         self.tokenizer = tokenizer
-        names = config.modules if config.modules is not None else resolve_modules(model, config.preset)
+        try:
+            names = config.modules if config.modules is not None else resolve_modules(model, config.preset)
+        except (KeyError, ValueError) as err:  # unknown preset, or one that does not fit this model
+            raise EditError(err.args[0] if err.args else str(err)) from None
         available = dict(model.named_modules())
         self.modules: dict[str, nn.Module] = {}
         for name in names:
@@ -290,6 +343,7 @@ class UltraEditor:
             self._generic_moments()
         self.turns = 0
         self.edits = 0
+        self.generation = 0
         from .state import EditSession  # saved state, edit log and undo (state.py)
 
         self.session = EditSession(self, keep_turn_deltas=keep_turn_deltas)
@@ -344,7 +398,7 @@ class UltraEditor:
             shifts, steps = self._solve(captures, normalizers, out_dtype="weights"), 1
         else:
             shifts, steps = self._refine(batches, order, captures, normalizers)
-        bad = [n for n in self.modules if not bool(torch.isfinite(shifts[n]).all())]
+        bad = [n for n, m in self.modules.items() if not bool(torch.isfinite(shifts[n].to(m.weight.dtype)).all())]
         if bad:
             raise EditError(
                 f"the weight shift of {bad} is not finite in the weights' dtype (lr too large?); nothing was applied"
@@ -364,7 +418,7 @@ class UltraEditor:
             order=list(order) if order is not None else list(range(requests)),
             steps=steps,
         )
-        return PendingTurn(shifts=shifts, normalizers=normalizers, report=report)
+        return PendingTurn(shifts=shifts, normalizers=normalizers, report=report, generation=self.generation)
 
     def _capture(self, batches: list[dict[str, torch.Tensor]], order: Sequence[int] | None) -> list[MinibatchCapture]:
         captures = capture(self.model, self.modules, batches, forward_batch_size=self.config.forward_batch_size)
@@ -397,10 +451,10 @@ class UltraEditor:
                 keys, grads, kept = keys[:, sel], grads[:, sel], keys[:, ~sel]
             values = target_values(keys, grads, norm, self.config.module_lr(shape))
             preserve = self._preserved(group, kept)
-            # Held in the weights' dtype (what commit adds anyway: bit-identical weights, half the
-            # memory for bf16), so finiteness is also checked in the dtype that will be applied.
-            weight_dtypes = {self.modules[n].weight.dtype for n in group}
-            single = weight_dtypes.pop() if len(weight_dtypes) == 1 else None
+            # Held in the dtype commit adds them in: float32 where they accumulate into the float32
+            # delta; otherwise the weights' dtype (bit-identical weights, half the memory for bf16).
+            shift_dtypes = {self._shift_dtype(self.modules[n]) for n in group}
+            single = shift_dtypes.pop() if len(shift_dtypes) == 1 else None
             target = single if out_dtype == "weights" else None
             solved = ridge_solve(keys, values, self.config.ridge, self.config.solver, target, preserve)
             for name, shift in zip(group, solved):
@@ -457,26 +511,86 @@ class UltraEditor:
             with torch.no_grad():
                 for name, module in self.modules.items():
                     module.weight.copy_(saved[name])
-        return {n: total[n].to(self.modules[n].weight.dtype) for n in total}, steps
+        return {n: total[n].to(self._shift_dtype(self.modules[n])) for n in total}, steps
 
     def commit(self, pending: PendingTurn) -> None:
         """Apply a prepared turn: add every shift to its weight and adopt the new statistics.
 
-        A pending turn is valid only on the state it was prepared from: committing it after
-        another turn (its statistics would silently replace that turn's) raises :class:`EditError`.
+        All or nothing: if writing any module's weight fails (out of memory, a device error), the
+        modules already written are restored and the error is raised with the editor unchanged.
+        A pending turn is valid only on the exact state it was prepared on: after any other commit
+        or a revert since, it raises :class:`EditError` (its statistics would replace newer ones).
         """
-        if pending.report.turn != self.turns + 1:
+        if pending.generation != self.generation:
             raise EditError(
                 f"this pending turn was prepared as turn {pending.report.turn}, but the editor is at turn "
-                f"{self.turns}; prepare it again"
+                f"{self.turns} and changed since (a turn was committed or reverted); prepare it again"
             )
         undo = self.session.before_commit()
-        for name, module in self.modules.items():
-            apply_shift(module, pending.shifts[name])
+        self._write_shifts(pending.shifts, pending.report)
         self.normalizers = pending.normalizers
         self.turns += 1
         self.edits += pending.report.requests
+        self.generation += 1
         self.session.after_commit(pending, undo)
+        self._warn_if_lost(pending.report)
+
+    def accumulates(self, module: nn.Module) -> bool:
+        """Whether ``module``'s shifts accumulate in a float32 delta (bf16/fp16 weights, default)."""
+        return self.delta_accumulation == "float32" and module.weight.dtype in _NARROW
+
+    def _shift_dtype(self, module: nn.Module) -> torch.dtype:
+        return torch.float32 if self.accumulates(module) else module.weight.dtype
+
+    def _new_weight(self, name: str, module: nn.Module, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(new weight, new float32 delta or None)`` for a shift in the weight's layout."""
+        weight = module.weight.detach()
+        if not self.accumulates(module):
+            return weight + shift.to(weight.dtype), None
+        delta = self.session.delta.get(name)
+        delta = shift.float() if delta is None else delta + shift.float()
+        base = self.session.base[name].to(device=weight.device, dtype=torch.float32)
+        return (base + delta).to(weight.dtype), delta
+
+    def _write_shifts(self, shifts: dict[str, torch.Tensor], report: TurnReport) -> None:
+        """Write every module's new weight; on any error restore the modules already written.
+        Fills ``report.applied_norms``/``applied_fractions``; adopts the new float32 deltas last."""
+        written: list[tuple[nn.Module, torch.Tensor]] = []
+        deltas: dict[str, torch.Tensor] = {}
+        try:
+            for name, module in self.modules.items():
+                weight = module.weight.detach()
+                shift = shifts[name] if (Conv1D and isinstance(module, Conv1D)) else shifts[name].T
+                shift = shift.to(weight.device)
+                new, delta = self._new_weight(name, module, shift)
+                if not bool(torch.isfinite(new).all()):
+                    raise EditError(f"the new weight of {name!r} is not finite in {weight.dtype}; nothing was applied")
+                report.applied_norms[name], report.applied_fractions[name] = _applied(weight, new, shift)
+                previous = weight.to("cpu", copy=True)
+                _write_weight(module, new)
+                written.append((module, previous))
+                if delta is not None:
+                    deltas[name] = delta
+        except BaseException:
+            for module, previous in reversed(written):
+                _write_weight(module, previous.to(module.weight.device))
+            report.applied_norms.clear()
+            report.applied_fractions.clear()
+            raise
+        self.session.delta.update(deltas)
+
+    def _warn_if_lost(self, report: TurnReport) -> None:
+        lost = {n: f for n, f in report.applied_fractions.items() if f < LOST_FRACTION and not self.accumulates(self.modules[n])}
+        if lost:
+            worst = min(lost, key=lost.__getitem__)
+            dtype = str(self.modules[worst].weight.dtype).removeprefix("torch.")
+            warnings.warn(
+                f"turn {report.turn}: most of the weight shift was lost to {dtype} rounding in {len(lost)} of "
+                f"{len(self.modules)} edit modules (worst {worst}: {lost[worst]:.0%} applied); "
+                "UltraEditor(..., delta_accumulation='float32'), the default, keeps it",
+                LostShiftWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ saved state (state.py)
     def save(self, directory: str | os.PathLike[str], *, delta_dtype: str = "float32") -> Path:

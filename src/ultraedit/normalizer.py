@@ -72,7 +72,7 @@ class LifelongNormalizer:
         m = x.shape[0]
         if m == 0:
             return
-        x = x.to(self.dtype)
+        x = x.to(device=self.device, dtype=self.dtype)  # rows of a module on another device than the normalizer
         n_new = self.n + m
         block_mean = x.mean(0)
         delta = block_mean - self.mean
@@ -88,7 +88,7 @@ class LifelongNormalizer:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - mean) / (std + eps)`` row-wise; ``x`` of shape ``(..., dim)``, returned in ``dtype``."""
-        return (x.to(self.dtype) - self.mean) / (self.std + EPS)
+        return (x.to(device=self.device, dtype=self.dtype) - self.mean) / (self.std + EPS)
 
     def clone(self) -> "LifelongNormalizer":
         other = LifelongNormalizer.__new__(LifelongNormalizer)

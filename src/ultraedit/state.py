@@ -52,10 +52,12 @@ import os
 import shutil
 import struct
 import sys
+import threading
 import time
 import uuid
+import warnings
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
@@ -98,6 +100,11 @@ class FingerprintError(StateError):
     """A saved state was made on a different base model than the one it is loaded onto."""
 
 
+class StateWarning(UserWarning):
+    """A save completed (its state is current) but a step after the switch failed; the next save
+    retries it."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Test hook: ULTRAEDIT_SAVE_PAUSE=<stage> makes a save announce the stage on stderr and sleep
 # there (ULTRAEDIT_SAVE_PAUSE_SECONDS, default 60), so a test can kill the process mid-save.
@@ -124,6 +131,8 @@ class TurnSnapshot:
         requests: requests of that turn.
         weights: edit-module weights BEFORE the turn, name -> CPU tensor (model dtype, weight layout).
         normalizers: statistics before the turn, ``(d_in, d_out)`` -> CPU state dict.
+        deltas: the float32 cumulative deltas before the turn (modules that accumulate one; see
+            ``UltraEditor(delta_accumulation=...)``), name -> CPU tensor; absent = zero.
     """
 
     turn: int
@@ -131,6 +140,7 @@ class TurnSnapshot:
     weights: dict[str, torch.Tensor]
     normalizers: dict[tuple[int, int], dict[str, torch.Tensor]]
     seq: int = 0  # the edit-log seq of the turn: unique even when turn numbers repeat after a revert
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -165,6 +175,9 @@ class EditSession:
     Attributes:
         base: ORIGINAL weights of the edit modules, name -> CPU tensor (model dtype, the layout of
             ``module.weight``), copied when the editor is built.
+        delta: the exact cumulative shift ``W - W_base`` in float32 (weight layout, on the weight's
+            device) of each module that accumulates one (bf16/fp16 weights, the default); the
+            weight is ``round(base + delta)``. Absent until the module's first turn (= zero).
         keep_turn_deltas: how many recent turns can be reverted (0 = none).
         undo: snapshots of the last ``keep_turn_deltas`` turns, oldest first.
         log_seq: edit-log records created over the session's whole life (saved with the state).
@@ -177,6 +190,7 @@ class EditSession:
             raise ValueError(f"keep_turn_deltas must be a non-negative int, got {keep_turn_deltas!r}")
         self.editor = editor
         self.base: dict[str, torch.Tensor] = {n: _cpu_copy(m.weight) for n, m in editor.modules.items()}
+        self.delta: dict[str, torch.Tensor] = {}
         self.keep_turn_deltas = keep_turn_deltas
         self.undo: deque[TurnSnapshot] = deque()
         self.log_seq = 0
@@ -201,6 +215,7 @@ class EditSession:
             requests=0,
             weights={n: _cpu_copy(m.weight) for n, m in ed.modules.items()},
             normalizers={s: {k: _cpu_copy(v) for k, v in nm.state_dict().items()} for s, nm in ed.normalizers.items()},
+            deltas={n: _cpu_copy(d) for n, d in self.delta.items()},
         )
 
     def after_commit(self, pending: "PendingTurn", snapshot: TurnSnapshot | None) -> None:
@@ -222,7 +237,8 @@ class EditSession:
                 {"id": r.id, "prompt": r.prompt, "target": r.target} for r in pending.requests
             ]
         record.update(
-            shift_norms=report.shift_norms, loss=report.loss, seconds=round(report.seconds, 6)
+            shift_norms=report.shift_norms, applied_norms=report.applied_norms, loss=report.loss,
+            seconds=round(report.seconds, 6),
         )
         self.log(record)
 
@@ -380,38 +396,77 @@ def _read_safetensors(path: Path) -> tuple[Any, dict[str, str]]:
     return handle, dict(handle.metadata() or {})
 
 
-_HELD: set[str] = set()
+_HELD: dict[str, tuple[int, int]] = {}  # resolved state directory -> (owning thread id, depth)
+_HELD_GUARD = threading.Lock()
+_NO_LOCK_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 @contextlib.contextmanager
 def session_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
-    """Exclusive advisory lock on ``directory/.lock``: one writing process per state directory.
+    """Exclusive lock on a state directory: one writer (one thread of one process) at a time.
 
-    Re-entrant within a process (:func:`save` takes it too); another process holding it makes
-    this raise :class:`StateError` at once instead of waiting.
+    Re-entrant within a thread (:func:`save` takes it too). Another thread of this process, or
+    another process (advisory ``flock`` on ``directory/.lock``), holding it makes this raise
+    :class:`StateError` at once instead of waiting. Where the file lock is not available (no
+    ``fcntl`` on this platform, a file system without ``flock``) it warns (:class:`StateWarning`)
+    that other processes are not kept out, and still excludes other threads.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     key = str(directory.resolve())
-    if key in _HELD:
-        yield
-        return
-    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        owner, depth = _HELD.get(key, (me, 0))
+        if owner != me:
+            raise StateError(f"another thread of this process is writing the state in {directory}")
+        _HELD[key] = (me, depth + 1)
     try:
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise StateError(f"another process is writing the state in {directory}") from None
-            raise
-        _HELD.add(key)
+        if depth:
+            yield
+            return
+        fd = _lock_file(directory)
         try:
             yield
         finally:
-            _HELD.discard(key)
+            if fd is not None:
+                os.close(fd)
     finally:
+        with _HELD_GUARD:
+            _, depth = _HELD.pop(key)
+            if depth > 1:
+                _HELD[key] = (me, depth - 1)
+
+
+def _lock_file(directory: Path) -> int | None:
+    """Take the inter-process lock on ``directory/.lock``; the open descriptor, or None (warned)
+    where file locks are not available."""
+    if fcntl is None:
+        _warn_unlocked(directory, "this platform has no fcntl file locks")
+        return None
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
         os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise StateError(f"another process is writing the state in {directory}") from None
+        if err.errno in _NO_LOCK_ERRNOS:
+            _warn_unlocked(directory, f"its file system does not support flock ({err.strerror})")
+            return None
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _warn_unlocked(directory: Path, reason: str) -> None:
+    warnings.warn(
+        f"cannot lock the state in {directory}: {reason}; ultraedit cannot keep another process from writing "
+        "it at the same time (run one writer per state directory)",
+        StateWarning,
+        stacklevel=4,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,8 +511,10 @@ def _last_newline(f: Any, before: int) -> int:
     return -1
 
 
-def _append_log(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    last = _repair_log(path)
+def _append_log(path: Path, records: Sequence[dict[str, Any]], last: int | None = None) -> None:
+    """Append the records whose ``seq`` is past ``last`` (default: the log's last, after repair)."""
+    if last is None:
+        last = _repair_log(path)
     new = [r for r in records if r["seq"] > last]
     if not new:
         return
@@ -554,6 +611,7 @@ def save(editor: "UltraEditor", directory: str | os.PathLike[str], *, delta_dtyp
         old = _current_dir(directory)
         if old is not None:
             _check_same_session(directory, old, session.session_id)
+        last_logged = _repair_log(directory / LOG)  # a damaged log stops the save here, before anything
         _cleanup(directory, old)
         number = int(old.name[1:]) + 1 if old is not None else 1
         final = directory / f"v{number:08d}"
@@ -567,18 +625,37 @@ def save(editor: "UltraEditor", directory: str | os.PathLike[str], *, delta_dtyp
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(directory)
-        _checkpoint("current")
-        pointer_tmp = directory / f".tmp-{CURRENT}-{os.getpid()}"
-        _write_file(pointer_tmp, (final.name + "\n").encode())
+        try:
+            _fsync_dir(directory)
+            _checkpoint("current")
+            pointer_tmp = directory / f".tmp-{CURRENT}-{os.getpid()}"
+            _write_file(pointer_tmp, (final.name + "\n").encode())
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)  # never named by CURRENT: the old state stays current
+            raise
         os.replace(pointer_tmp, directory / CURRENT)
+        _after_switch(directory, final, session, meta["log_tail"], last_logged)
+    return final
+
+
+def _after_switch(directory: Path, final: Path, session: EditSession, log_tail: list[dict[str, Any]], last: int) -> None:
+    """Steps after ``CURRENT`` names the new version: the save is complete whatever happens here.
+    An I/O error is a warning; the records stay pending (they are in the new state's
+    ``log_tail`` too) and the next save appends them."""
+    try:
         _fsync_dir(directory)
         _checkpoint("log")
-        _append_log(directory / LOG, meta["log_tail"])
+        _append_log(directory / LOG, log_tail, last)
         session.pending_log.clear()
         _checkpoint("cleanup")
         _cleanup(directory, final)
-    return final
+    except OSError as err:
+        warnings.warn(
+            f"the state in {directory} was saved ({final.name} is current), but a step after the switch failed: "
+            f"{err}; the next save completes the edit log and removes old versions",
+            StateWarning,
+            stacklevel=3,
+        )
 
 
 def _wide(*dtypes: torch.dtype) -> torch.dtype:
@@ -636,8 +713,13 @@ def _check_same_session(directory: Path, version: Path, session_id: str) -> None
     """Refuse to save one session over another (their edit logs and counters would mix)."""
     try:
         meta = json.loads((version / STATE_JSON).read_text())
-    except (OSError, ValueError):
-        return  # unreadable old state: the new one replaces it
+    except (OSError, ValueError) as err:
+        raise StateError(
+            f"{version / STATE_JSON} is damaged ({err}); not saving over it. Move {directory} away, or restore "
+            "the file, to save here"
+        ) from None
+    if not isinstance(meta, dict):
+        raise StateError(f"{version / STATE_JSON} is damaged (not a JSON object); not saving over it")
     if meta.get("session_id") not in (None, session_id):
         raise StateError(
             f"{directory} holds another editing session ({meta.get('turns')} turns, {meta.get('edits')} edits, "
@@ -659,6 +741,8 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
             dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
 
         def make(w: torch.Tensor = weight, b: torch.Tensor = base, dt: torch.dtype = dtype, n: str = name) -> torch.Tensor:
+            if n in session.delta:  # the exact float32 sum of the turns; the weight is round(base + it)
+                return session.delta[n].to(device="cpu", dtype=dt)
             delta, index, value = _delta_on_device(w.detach(), b, dt)
             if index is not None and value is not None:
                 fixes[f"{n}/index"], fixes[f"{n}/value"] = index, value
@@ -692,6 +776,7 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
             except OSError:
                 pass  # no hard links here: write it again
         specs = [(f"w/{name}", w.dtype, tuple(w.shape), lambda w=w: w) for name, w in snap.weights.items()]
+        specs += [(f"d/{name}", d.dtype, tuple(d.shape), lambda d=d: d) for name, d in snap.deltas.items()]
         for shape, sd in snap.normalizers.items():
             for key, value in sd.items():
                 specs.append((f"n/{_norm_key(shape)}.{key}", value.dtype, tuple(value.shape), lambda v=value: v))
@@ -710,6 +795,7 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
         "delta_dtype": delta_dtype,
         "normalizer_shapes": [list(s) for s in editor.normalizers],
         "keep_turn_deltas": session.keep_turn_deltas,
+        "delta_accumulation": editor.delta_accumulation,
         "undo": undo_meta,
         "session_id": session.session_id,
         "log_seq": session.log_seq,
@@ -725,6 +811,10 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
 # Load, apply, merge, info
 
 
+_REQUIRED_META = ("config", "turns", "edits", "fingerprint", "delta_dtype", "normalizer_shapes", "log_seq", "log_tail", "sizes")
+APPLIED = "_ultraedit_applied"  # set on a model that carries a saved state's delta (load, apply_delta)
+
+
 def read_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     """``(meta, version_dir)`` of the current saved state (``state.json`` as a dict)."""
     directory = Path(directory)
@@ -733,16 +823,23 @@ def read_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]
     version = _current_dir(directory)
     if version is None:
         raise StateError(f"no saved state in {directory} (no {CURRENT} file)")
+    path = version / STATE_JSON
     try:
-        meta = json.loads((version / STATE_JSON).read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise StateError(f"cannot read {version / STATE_JSON}: {err}") from None
-    if meta.get("format") != FORMAT:
-        raise StateError(f"{version / STATE_JSON} is not an ultraedit state")
+        raise StateError(f"cannot read {path}: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StateError(f"{path} is not an ultraedit state")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise StateError(
             f"{version} has state format {meta['format_version']}; this ultraedit reads up to {FORMAT_VERSION}"
         )
+    missing = [key for key in _REQUIRED_META if key not in meta]
+    fp = meta.get("fingerprint")
+    if not missing and not (isinstance(fp, dict) and isinstance(fp.get("modules"), dict) and "weights_sha256" in fp):
+        missing.append("fingerprint.modules/weights_sha256")
+    if missing:
+        raise StateError(f"{path}: incomplete state, missing {missing}")
     return meta, version
 
 
@@ -757,8 +854,10 @@ def load(
 
     The model's edit modules must have the fingerprint stored in the state (architecture, names,
     shapes, dtypes, SHA-256 of the original weights); otherwise :class:`FingerprintError` says
-    what differs. The model is edited in place (``W = W_base + delta``) and the returned editor
-    carries the statistics, counters, undo snapshots and edit-log position of the saved session.
+    what differs. Every file of the state is read and checked before the model is touched; then
+    the model is edited in place (``W = W_base + delta``; restored if that fails midway) and the
+    returned editor carries the statistics, counters, undo snapshots and edit-log position of the
+    saved session. Errors are :class:`StateError` naming the file.
 
     Args:
         keep_turn_deltas: override the saved setting (None keeps it; smaller drops old snapshots).
@@ -767,45 +866,103 @@ def load(
 
     meta, version, files = _open_version(directory)
     directory = Path(directory)
+    _refuse_applied(model)
     _refuse(directory, _structure_diffs(meta["fingerprint"], model))
-    config = EditConfig.from_dict(meta["config"])
-    keep = meta.get("keep_turn_deltas", 0) if keep_turn_deltas is None else keep_turn_deltas
-    editor = UltraEditor(model, config, tokenizer, keep_turn_deltas=keep)
+    meta_path = version / STATE_JSON
+    try:
+        config = EditConfig.from_dict(meta["config"])
+        keep = int(meta.get("keep_turn_deltas", 0) if keep_turn_deltas is None else keep_turn_deltas)
+        counters = int(meta["turns"]), int(meta["edits"]), int(meta["log_seq"])
+        editor = UltraEditor(
+            model, config, tokenizer, keep_turn_deltas=keep, delta_accumulation=meta.get("delta_accumulation", "float32")
+        )
+        saved_undo = [(int(u["turn"]), int(u["requests"]), int(u["seq"]), str(u["file"])) for u in meta.get("undo") or []]
+    except StateError:
+        raise
+    except (KeyError, TypeError, ValueError) as err:
+        raise StateError(f"{meta_path}: malformed ({type(err).__name__}: {err})") from None
     session = editor.session
     _refuse(directory, _hash_diff(meta["fingerprint"], session.fingerprint()))
 
+    # Read and check everything first ...
     expected_shapes = sorted(tuple(s) for s in meta["normalizer_shapes"])
     if sorted(editor.normalizers) != expected_shapes:
-        raise StateError(f"{version}: normalizer shapes {expected_shapes} do not match the edit modules")
-    handle = files[NORMALIZERS]
-    for shape, norm in editor.normalizers.items():
-        key = _norm_key(shape)
-        norm.load_state_dict({k: handle.get_tensor(f"{key}.{k}") for k in ("n", "mean", "var", "std")})
+        raise StateError(f"{meta_path}: normalizer shapes {expected_shapes} do not match the edit modules")
+    path = version / NORMALIZERS
+    statistics = {shape: _read_statistics(files[NORMALIZERS], path, "", shape) for shape in editor.normalizers}
+    _check_delta(editor.modules, files, version)
+    snapshots = [
+        _read_snapshot(editor, files[file], version / file, turn, requests, seq)
+        for turn, requests, seq, file in (saved_undo[-keep:] if keep > 0 else [])
+    ]
 
-    _add_delta(editor.modules, session.base, files, version)
-    editor.turns = int(meta["turns"])
-    editor.edits = int(meta["edits"])
-    session.log_seq = int(meta["log_seq"])
+    # ... then apply.
+    for shape, norm in editor.normalizers.items():
+        norm.load_state_dict(statistics[shape])
+    accumulating = {n for n, m in editor.modules.items() if editor.accumulates(m)}
+    session.delta = _add_delta(editor.modules, session.base, files, version, keep_deltas=accumulating)
+    editor.turns, editor.edits, session.log_seq = counters
     session.pending_log = list(meta["log_tail"])
     session.extra = dict(meta.get("extra") or {})
     session.session_id = meta.get("session_id") or session.session_id
-
-    saved_undo = meta.get("undo") or []
-    for item in saved_undo[-keep:] if keep > 0 else []:
-        handle = files[item["file"]]
-        session.undo.append(
-            TurnSnapshot(
-                turn=int(item["turn"]),
-                requests=int(item["requests"]),
-                weights={n: handle.get_tensor(f"w/{n}") for n in editor.modules},
-                normalizers={
-                    s: {k: handle.get_tensor(f"n/{_norm_key(s)}.{k}") for k in ("n", "mean", "var", "std")}
-                    for s in editor.normalizers
-                },
-                seq=int(item["seq"]),
-            )
-        )
+    session.undo.extend(snapshots)
+    _mark_applied(model, directory, meta)
     return editor
+
+
+def _refuse_applied(model: nn.Module) -> None:
+    """A model that already carries a state's delta cannot take one again (it would add twice)."""
+    applied = getattr(model, APPLIED, None)
+    if applied is not None:
+        raise FingerprintError(
+            f"the model was already edited: it carries the delta of {applied['state']} ({applied['turns']} turns), "
+            "applied to it before; apply or load a state on a freshly loaded base model (twice would double the edit)"
+        )
+
+
+def _mark_applied(model: nn.Module, directory: Path, meta: Mapping[str, Any]) -> None:
+    setattr(model, APPLIED, {"state": str(directory), "turns": meta["turns"], "session_id": meta.get("session_id")})
+
+
+def _tensor(handle: Any, path: Path, key: str, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """Tensor ``key`` of an open safetensors file; a missing key or another shape is a StateError."""
+    try:
+        tensor = handle.get_tensor(key)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise StateError(f"{path}: cannot read {key!r} ({err})") from None
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise StateError(f"{path}: {key!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    return tensor
+
+
+def _read_statistics(handle: Any, path: Path, prefix: str, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    key = f"{prefix}{_norm_key(shape)}"
+    state = {"n": _tensor(handle, path, f"{key}.n", ())}
+    state.update({k: _tensor(handle, path, f"{key}.{k}", (sum(shape),)) for k in ("mean", "var", "std")})
+    return state
+
+
+def _read_snapshot(
+    editor: "UltraEditor", handle: Any, path: Path, turn: int, requests: int, seq: int
+) -> TurnSnapshot:
+    weights = {n: _tensor(handle, path, f"w/{n}", tuple(m.weight.shape)) for n, m in editor.modules.items()}
+    keys = set(handle.keys())
+    deltas = {}
+    for name, module in editor.modules.items():
+        if not editor.accumulates(module):
+            continue
+        if f"d/{name}" in keys:
+            deltas[name] = _tensor(handle, path, f"d/{name}", tuple(module.weight.shape)).float()
+        else:  # a state saved before float32 deltas: weights - base is exact for bf16/fp16
+            deltas[name] = weights[name].float() - editor.session.base[name].float()
+    return TurnSnapshot(
+        turn=turn,
+        requests=requests,
+        weights=weights,
+        normalizers={s: _read_statistics(handle, path, "n/", s) for s in editor.normalizers},
+        seq=seq,
+        deltas=deltas,
+    )
 
 
 def _open_version(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path, dict[str, Any]]:
@@ -817,8 +974,14 @@ def _open_version(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Pa
     """
     for attempt in range(3):
         meta, version = read_state(directory)
-        names = [n for n in (NORMALIZERS, DELTA, EXACT) if n in meta["sizes"]]
-        names += [item["file"] for item in meta.get("undo") or []]
+        try:
+            names = [n for n in (NORMALIZERS, DELTA, EXACT) if n in meta["sizes"]]
+            names += [item["file"] for item in meta.get("undo") or []]
+        except (KeyError, TypeError) as err:
+            raise StateError(f"{version / STATE_JSON}: malformed ({type(err).__name__}: {err})") from None
+        for required in (NORMALIZERS, DELTA):
+            if required not in names:
+                raise StateError(f"{version / STATE_JSON}: the state lists no {required}")
         try:
             return meta, version, {n: _read_safetensors(version / n)[0] for n in names}
         except StateError:
@@ -827,34 +990,68 @@ def _open_version(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Pa
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _add_delta(
-    modules: Mapping[str, nn.Module], base: Mapping[str, torch.Tensor] | None, files: Mapping[str, Any], version: Path
-) -> None:
-    """``W = base + delta`` per module (``base`` None: the module's current weight), one at a time."""
+def _check_delta(modules: Mapping[str, nn.Module], files: Mapping[str, Any], version: Path) -> None:
+    """The delta file holds exactly the modules' shifts, each of its weight's shape (headers only)."""
     path = version / DELTA
     handle = files[DELTA]
     names = set(handle.keys())
     if names != set(modules):
         raise StateError(f"{path}: holds shifts for {sorted(names)}, expected {sorted(modules)}")
+    for name, module in modules.items():
+        shape = tuple(handle.get_slice(name).get_shape())
+        if shape != tuple(module.weight.shape):
+            raise StateError(f"{path}: shift of {name!r} has shape {shape}, weight {tuple(module.weight.shape)}")
+    fixes = files.get(EXACT)
+    if fixes is not None:
+        unknown = sorted(k for k in fixes.keys() if k.rsplit("/", 1)[0] not in modules)
+        if unknown:
+            raise StateError(f"{version / EXACT}: fixes for unknown modules {unknown}")
+
+
+def _add_delta(
+    modules: Mapping[str, nn.Module],
+    base: Mapping[str, torch.Tensor] | None,
+    files: Mapping[str, Any],
+    version: Path,
+    keep_deltas: frozenset[str] | set[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
+    """``W = base + delta`` per module (``base`` None: the module's current weight), one at a time.
+    All or nothing: on any error the modules already written are restored. Returns the deltas of
+    ``keep_deltas`` in float32 on their weights' devices."""
+    path = version / DELTA
+    handle = files[DELTA]
     fixes = files.get(EXACT)
     fix_keys = set(fixes.keys()) if fixes is not None else set()
+    written: list[tuple[torch.Tensor, torch.Tensor]] = []
+    kept: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name, module in modules.items():
-            weight = module.weight
-            delta = handle.get_tensor(name)
-            if tuple(delta.shape) != tuple(weight.shape):
-                raise StateError(f"{path}: shift of {name!r} has shape {tuple(delta.shape)}, weight {tuple(weight.shape)}")
-            wide = _wide(delta.dtype, weight.dtype)
-            origin = base[name] if base is not None else weight
-            new = (origin.to(device=weight.device, dtype=wide) + delta.to(device=weight.device, dtype=wide)).to(weight.dtype)
-            if f"{name}/index" in fix_keys:
-                index = fixes.get_tensor(f"{name}/index").to(weight.device)
-                new.view(-1)[index] = fixes.get_tensor(f"{name}/value").to(device=weight.device, dtype=weight.dtype)
-            weight.copy_(new)
+        try:
+            for name, module in modules.items():
+                weight = module.weight
+                delta = _tensor(handle, path, name, tuple(weight.shape))
+                wide = _wide(delta.dtype, weight.dtype)
+                origin = base[name] if base is not None else weight
+                new = (origin.to(device=weight.device, dtype=wide) + delta.to(device=weight.device, dtype=wide)).to(weight.dtype)
+                if f"{name}/index" in fix_keys:
+                    index = _tensor(fixes, version / EXACT, f"{name}/index").to(weight.device)
+                    value = _tensor(fixes, version / EXACT, f"{name}/value", tuple(index.shape))
+                    new.view(-1)[index] = value.to(device=weight.device, dtype=weight.dtype)
+                if name in keep_deltas:
+                    kept[name] = delta.to(device=weight.device, dtype=torch.float32)
+                written.append((weight, weight.detach().to("cpu", copy=True)))
+                weight.copy_(new)
+        except BaseException:
+            for weight, previous in reversed(written):
+                weight.copy_(previous.to(weight.device))
+            raise
+    return kept
 
 
 def apply_delta(model: nn.Module, directory: str | os.PathLike[str], *, strict: bool = True) -> dict[str, Any]:
     """Add a saved state's cumulative shift to a freshly loaded base ``model``, in place.
+
+    The model is marked as carrying the state (``model._ultraedit_applied``): applying a state
+    (or loading one) onto it again raises :class:`FingerprintError` instead of adding twice.
 
     Args:
         strict: check the full fingerprint (including the SHA-256 of the original weights). With
@@ -866,6 +1063,7 @@ def apply_delta(model: nn.Module, directory: str | os.PathLike[str], *, strict: 
     """
     meta, version, files = _open_version(directory)
     directory = Path(directory)
+    _refuse_applied(model)
     diffs = _structure_diffs(meta["fingerprint"], model)
     if not strict:
         diffs = [d for d in diffs if "dtype" not in d and not d.startswith(("model_type", "architecture"))]
@@ -874,7 +1072,10 @@ def apply_delta(model: nn.Module, directory: str | os.PathLike[str], *, strict: 
     if strict:
         _refuse(directory, _hash_diff(meta["fingerprint"], fingerprint(model, names)))
     available = dict(model.named_modules())
-    _add_delta({n: available[n] for n in names}, None, files, version)
+    modules = {n: available[n] for n in names}
+    _check_delta(modules, files, version)
+    _add_delta(modules, None, files, version)
+    _mark_applied(model, directory, meta)
     return meta
 
 
@@ -972,10 +1173,12 @@ def revert_last(editor: "UltraEditor", k: int = 1) -> RevertReport:
     with torch.no_grad():
         for name, module in editor.modules.items():
             module.weight.copy_(target.weights[name].to(module.weight.device))
+    session.delta = {n: d.to(editor.modules[n].weight.device) for n, d in target.deltas.items()}
     for shape, norm in editor.normalizers.items():
         norm.load_state_dict(target.normalizers[shape])
     for _ in range(k):
         session.undo.pop()
+    editor.generation += 1  # turns prepared before the revert are stale
     removed = sum(s.requests for s in snaps)
     turns = sorted(s.turn for s in snaps)
     editor.turns -= k

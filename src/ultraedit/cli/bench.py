@@ -78,9 +78,8 @@ def _command(args: argparse.Namespace) -> int:
             preserve=args.preserve, lr_scale=args.lr_scale,
         )
         results = run(config)
-    except (BenchError, DatasetError, EditError, ModelError, KeyError, OSError, ValueError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"ultraedit bench: error: {message}", file=sys.stderr)
+    except (BenchError, DatasetError, EditError, ModelError, OSError) as err:  # user errors; bugs keep their traceback
+        print(f"ultraedit bench: error: {err}", file=sys.stderr)
         return 2
     print(markdown(results), end="")
     print(f"wrote {Path(args.out) / 'results.json'}, results.md, curve.png")

@@ -135,6 +135,32 @@ def _check_same_config(config: Any, args: argparse.Namespace, model: Any) -> Non
         raise CliError(f"the edit modules asked for differ from the saved state's {config.modules}")
 
 
+def _check_preset(preset: str | None) -> None:
+    from ..presets import PRESETS
+
+    if preset is not None and preset not in PRESETS:
+        raise CliError(f"--preset {preset!r} is unknown; known: {', '.join(sorted(PRESETS))} (see 'ultraedit presets')")
+
+
+def _new_config(args: argparse.Namespace, model: Any = None) -> Any:
+    """The :class:`EditConfig` of a new session (:func:`ultraedit.bench.edit_config`: the model's
+    recommended configuration, or the authors' with ``--faithful``, with the options given on top).
+    Without ``model`` only the options are checked, so bad values fail before the model is loaded;
+    an invalid value is a CliError naming the option."""
+    from ..bench import edit_config, edit_fields
+    from ..editor import EditConfig
+
+    fields = {"ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
+    try:
+        if model is None:
+            return EditConfig(**edit_fields(args.model, modules=args.modules, preset=args.preset, lr=args.lr),
+                              **{k: v for k, v in fields.items() if v is not None})
+        return edit_config(model, args.model, faithful=args.faithful, modules=args.modules, preset=args.preset,
+                           lr=args.lr, **fields)
+    except ValueError as err:  # EditConfig's own checks: one line naming the field
+        raise CliError(f"invalid option: {err}") from None
+
+
 @reporting
 def _edit_command(args: argparse.Namespace) -> int:
     import signal
@@ -142,7 +168,6 @@ def _edit_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..batching import EditError, tokenize_pair
-    from ..bench import edit_config
     from ..datasets import DatasetError, read_requests
     from ..editor import UltraEditor
     from ..state import has_state, load, read_state, save, session_lock
@@ -152,8 +177,15 @@ def _edit_command(args: argparse.Namespace) -> int:
         raise CliError(f"--edits {args.edits}: no such file")
     if args.turn_size < 1 or args.save_every < 1:
         raise CliError("--turn-size and --save-every must be >= 1")
+    if args.keep_turn_deltas is not None and args.keep_turn_deltas < 0:
+        raise CliError(f"--keep-turn-deltas must be >= 0, got {args.keep_turn_deltas}")
+    if args.max_turns is not None and args.max_turns < 1:
+        raise CliError(f"--max-turns must be >= 1, got {args.max_turns}")
+    _check_preset(args.preset)
     state_dir = Path(args.state)
     resuming = has_state(state_dir)
+    if not resuming:
+        _new_config(args)  # bad options fail before the model is loaded
     dtype = args.dtype if args.dtype != "auto" or not resuming else (state_dtype(args.state) or "auto")
     model, tokenizer = load_model(args.model, args.device, dtype)
 
@@ -162,10 +194,7 @@ def _edit_command(args: argparse.Namespace) -> int:
             editor = load(model, state_dir, tokenizer, keep_turn_deltas=args.keep_turn_deltas)
             _check_same_config(editor.config, args, model)
         else:
-            config = edit_config(model, args.model, faithful=args.faithful, modules=args.modules,
-                                 preset=args.preset, lr=args.lr, ridge=args.ridge,
-                                 capture_batch_size=args.capture_batch_size)
-            editor = UltraEditor(model, config, tokenizer, keep_turn_deltas=args.keep_turn_deltas or 0)
+            editor = UltraEditor(model, _new_config(args, model), tokenizer, keep_turn_deltas=args.keep_turn_deltas or 0)
         delta_dtype = args.delta_dtype or (read_state(state_dir)[0]["delta_dtype"] if resuming else "float32")
         entry = _input_entry(editor.session.extra.setdefault("cli", {}), edits_path)
         start_records, start_turns, start_edits = entry["records"], editor.turns, editor.edits
