@@ -23,15 +23,20 @@ TESTS = Path(__file__).resolve().parent
 PROMPT = "The capital of France is Paris."
 
 
+def _tiny(arch: str, tied: bool):
+    tokenizer = T.PreTrainedTokenizerFast.from_pretrained(str(data_path("tokenizer.json").parent), local_files_only=True)
+    config_class = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config}[arch]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(config).float().eval(), tokenizer
+
+
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     """A random 2-layer Llama over the testbed's BPE tokenizer, written to GGUF (F32), and the model."""
-    tokenizer = T.PreTrainedTokenizerFast.from_pretrained(str(data_path("tokenizer.json").parent), local_files_only=True)
-    config = T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(config).eval()
+    model, tokenizer = _tiny("llama", tied=True)
     path = write_gguf(model, tokenizer, tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf")
     return path, model, tokenizer
 
@@ -50,6 +55,13 @@ def test_gguf_loads_as_a_plain_model_that_saves(tiny_gguf, tmp_path):
     model.save_pretrained(tmp_path / "saved")  # a GGUF-marked model refuses this
     again = T.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert torch.equal(_logits(again, tok), _logits(original, tokenizer))
+
+
+def test_gguf_of_another_family_loads_as_a_plain_model(tmp_path):
+    original, tokenizer = _tiny("qwen2", tied=False)
+    model, tok = load_model(str(write_gguf(original, tokenizer, tmp_path / "tiny-qwen2.gguf")))
+    assert type(model) is type(original) and not hasattr(model.config, "quantization_config")
+    assert torch.equal(_logits(model, tok), _logits(original, tokenizer))
 
 
 def test_gguf_in_bfloat16_and_bad_files(tiny_gguf, tmp_path):
