@@ -127,6 +127,7 @@ class BenchConfig:
         eval_batch_size, eval_max_tokens: evaluation forward size, in sequences and padded tokens.
         forward_batch_size: UltraEdit's forward/backward size in requests (speed knob only).
         progress: show progress bars (stderr).
+        method_options: a baseline's hyperparameters by name (``--method-option KEY=VALUE``).
     """
 
     model: str
@@ -149,6 +150,7 @@ class BenchConfig:
     eval_max_tokens: int | None = 16384
     forward_batch_size: int | None = 100
     progress: bool = True
+    method_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -647,3 +649,6 @@ def plot_curve(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
                  fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
+
+
+from . import methods as _methods  # noqa: E402,F401  (registers the baselines: ft, memit, alphaedit, grace)
