@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..capture import _cache_kwarg
 from ..models import cache_dir
 
 
@@ -130,10 +131,10 @@ def _run_generated(model: nn.Module, tokenizer: Any, sequences: int, length: int
     for start in range(0, sequences, batch):
         rows = min(batch, sequences - start)
         ids = torch.full((rows, 1), bos, dtype=torch.long, device=device)
-        cache = None
+        cache: dict[str, Any] = {}
         for _ in range(length):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=ids, use_cache=True, **cache)
+            cache = _cache_kwarg(model, out)
             probs = torch.softmax(out.logits[:, -1].float(), dim=-1).cpu()
             ids = torch.multinomial(probs, 1, generator=gen).to(device)
             bar.update(rows)

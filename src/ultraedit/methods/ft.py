@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..batching import EditRequest
-from .common import MethodError, Tail, apply_options, encode, frozen, layer_of, mlp_out_name, scaled_layers, unfreeze
+from .common import Encoded, MethodError, Tail, apply_options, encode, frozen, layer_of, mlp_out_name, scaled_layers, unfreeze
 
 
 @dataclass
@@ -62,9 +62,12 @@ class FTMethod:
         return cls(model, tokenizer, params, config.batch_size)
 
     def edit(self, requests: Sequence[EditRequest]) -> SimpleNamespace:
-        device = self.module.weight.device
-        batches = [encode(self.tokenizer, requests[i : i + self.batch_size]).to(device)
-                   for i in range(0, len(requests), self.batch_size)]
+        return self.edit_encoded([encode(self.tokenizer, requests[i : i + self.batch_size])
+                                  for i in range(0, len(requests), self.batch_size)])
+
+    def edit_encoded(self, batches: Sequence[Encoded]) -> SimpleNamespace:
+        """One turn from encoded minibatches (in this order, ``num_steps`` times)."""
+        batches = [b.to(self.module.weight.device) for b in batches]
         saved = frozen(self.model)
         weight = self.module.weight
         weight.requires_grad_(True)

@@ -132,7 +132,11 @@ class GraceMethod:
         return self.codebook.replace(args[0], output, self.values)
 
     def edit(self, requests: Sequence[EditRequest]) -> SimpleNamespace:
-        batch = encode(self.tokenizer, requests).to(self.module.weight.device)
+        return self.edit_encoded(encode(self.tokenizer, requests))
+
+    def edit_encoded(self, batch: Encoded) -> SimpleNamespace:
+        """One turn from an encoded batch: codebook updates in order, then joint value training."""
+        batch = batch.to(self.module.weight.device)
         queries = module_io_at(self.model, batch, [self.module_name], batch.prompt_last)[self.module_name]
         for query, label in zip(queries, batch.target_tokens):
             cold = torch.rand(self.codebook.values.shape[1], generator=self.generator).to(query.device)

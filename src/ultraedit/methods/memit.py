@@ -100,17 +100,22 @@ class MEMITMethod:
     name = "memit"
     source = SOURCE
 
-    def __init__(self, model: nn.Module, tokenizer: Any, params: MEMITParams, progress: bool = True) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, params: MEMITParams, progress: bool = True,
+                 moments: dict[str, torch.Tensor] | None = None) -> None:
+        """``moments`` (module name -> ``E[k k^T]``) replaces the statistics :mod:`.covariance` builds."""
         self.model, self.tokenizer, self.params = model, tokenizer, params
         if not params.layers:
             params.layers = scaled_layers([4, 5, 6, 7, 8], 32, num_layers(model))
         params.layers = sorted(params.layers)
         self.names = [mlp_out_name(model, layer) for layer in params.layers]
         self.modules = [model.get_submodule(n) for n in self.names]
-        moments, self.stats_info = second_moments(
-            model, tokenizer, self.names, text_file=params.stats_file or None, sequences=params.stats_sequences,
-            length=params.stats_length, seed=params.stats_seed, progress=progress)
-        self.moments = [moments[n].to(self.modules[0].weight.device) for n in self.names]
+        if moments is None:
+            moments, self.stats_info = second_moments(
+                model, tokenizer, self.names, text_file=params.stats_file or None, sequences=params.stats_sequences,
+                length=params.stats_length, seed=params.stats_seed, progress=progress)
+        else:
+            self.stats_info = {"source": "given"}
+        self.moments = [moments[n].float().to(self.modules[0].weight.device) for n in self.names]
         self.setup()
 
     def setup(self) -> None:
@@ -132,7 +137,11 @@ class MEMITMethod:
         return cls(model, tokenizer, params, progress=config.progress)
 
     def edit(self, requests: Sequence[EditRequest]) -> SimpleNamespace:
-        batch = encode(self.tokenizer, requests).to(self.modules[0].weight.device)
+        return self.edit_encoded(encode(self.tokenizer, requests))
+
+    def edit_encoded(self, batch: Encoded) -> SimpleNamespace:
+        """One turn from an encoded batch (all its requests together)."""
+        batch = batch.to(self.modules[0].weight.device)
         last = self.params.layers[-1]
         z, loss = compute_targets(self.model, batch, last, self.params)
         for j, (name, module) in enumerate(zip(self.names, self.modules)):
