@@ -55,7 +55,7 @@ def stats_paths(model: nn.Module, names: Sequence[str], tag: str) -> dict[str, P
 
 def second_moments(
     model: nn.Module, tokenizer: Any, names: Sequence[str], *, text_file: str | None = None,
-    sequences: int = 64, length: int = 256, seed: int = 0, batch: int = 16, progress: bool = True,
+    sequences: int = 64, length: int = 256, seed: int = 0, batch: int = 64, progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``E[k k^T]`` (float32, ``d_in x d_in``) of each module's input, from the cache or built now.
 
@@ -92,12 +92,15 @@ def second_moments(
 
 
 class _KeyMoments:
-    """Forward pre-hooks summing ``k k^T`` (float64) of each module's input rows; ``mask``
-    (same shape as the batch, or None) selects the real tokens of a padded batch."""
+    """Forward pre-hooks collecting each module's input rows; ``k k^T`` is summed (float64) over
+    blocks of at least ``block`` rows, so that one-token sampling steps do not pay a
+    ``d_in x d_in`` product each. ``mask`` (the batch's shape, or None) selects real tokens."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str], block: int = 2048) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.tokens = 0
+        self.block = block
         self.mask: torch.Tensor | None = None
         self.first = names[0]
         self.handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
@@ -107,15 +110,26 @@ class _KeyMoments:
             keys = args[0].reshape(-1, args[0].shape[-1])
             if self.mask is not None:
                 keys = keys[self.mask.reshape(-1)]
-            keys = keys.double()
-            self.sums[name] = self.sums[name] + keys.T @ keys if name in self.sums else keys.T @ keys
+            self.pending[name].append(keys.detach().float())
             if name == self.first:
                 self.tokens += keys.shape[0]
+            if sum(len(k) for k in self.pending[name]) >= self.block:
+                self._flush(name)
         return hook
+
+    def _flush(self, name: str) -> None:
+        if not self.pending[name]:
+            return
+        keys = torch.cat(self.pending[name]).double()
+        self.pending[name] = []
+        block = keys.T @ keys
+        self.sums[name] = self.sums[name] + block if name in self.sums else block
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+        for name in self.pending:
+            self._flush(name)
 
 
 @torch.no_grad()
