@@ -86,8 +86,11 @@ class Codebook:
         """Module outputs with the codebook applied, ``(B, T, d_out)`` (see the module docstring)."""
         if len(self) == 0:
             return outputs
-        dists = torch.cdist(inputs.float(), self.keys[None].expand(inputs.shape[0], -1, -1))
-        nearest_dist, nearest = dists.min(dim=2)                      # (B, T)
+        x = inputs.detach().float()
+        # nearest key by |x|^2 - 2 x.k + |k|^2 (one matmul), then its exact distance
+        scores = (self.keys * self.keys).sum(1) - 2 * x @ self.keys.T   # (B, T, N)
+        nearest = scores.argmin(dim=2)                                  # (B, T)
+        nearest_dist = torch.linalg.vector_norm(x - self.keys[nearest], dim=-1)
         hit = nearest_dist <= self.radii[nearest]
         first = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(hit[:, 0], -1, dtype=torch.long))
         rows = torch.arange(inputs.shape[0], device=inputs.device)
