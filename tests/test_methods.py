@@ -357,3 +357,12 @@ def test_compare_writes_one_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
     assert main(["compare", str(tmp_path / "cmp")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_ultraedit_refuses_method_options(tmp_path):
+    from ultraedit.bench import BenchConfig, BenchError, run
+
+    config = BenchConfig(model="testbed", dataset="testbed", out=str(tmp_path), turns=1, turn_size=5,
+                         progress=False, method_options={"v_lr": "1"})
+    with pytest.raises(BenchError, match="ultraedit takes no --method-option"):
+        run(config)

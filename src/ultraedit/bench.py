@@ -214,6 +214,8 @@ class UltraEditMethod:
     """UltraEdit (:class:`UltraEditor`) behind the :class:`EditMethod` interface."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: BenchConfig) -> None:
+        if config.method_options:
+            raise BenchError("ultraedit takes no --method-option; use --lr, --modules or --preset")
         kw = edit_fields(config.model, modules=config.modules, preset=config.preset, lr=config.lr)
         kw.update(capture_batch_size=config.batch_size, forward_batch_size=config.forward_batch_size)
         self.config = EditConfig(**kw)
