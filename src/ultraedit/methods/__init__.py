@@ -29,4 +29,4 @@ BASELINES = {
 for _name, _factory in BASELINES.items():
     register_method(_name, _factory)
 
-__all__ = ["AlphaEditMethod", "BASELINES", "FTMethod", "GraceMethod", "MEMITMethod", "MethodError"]
+__all__ = ["BASELINES", "AlphaEditMethod", "FTMethod", "GraceMethod", "MEMITMethod", "MethodError"]

@@ -9,8 +9,9 @@ Every baseline here edits (or wraps) the MLP output projection of a decoder laye
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ def scaled_layers(published: Sequence[int], published_depth: int, depth: int) ->
     """A published layer choice moved proportionally to a model of another depth (deduplicated)."""
     out: list[int] = []
     for layer in published:
-        scaled = min(depth - 1, int(round(layer * depth / published_depth)))
+        scaled = min(depth - 1, round(layer * depth / published_depth))
         if scaled not in out:
             out.append(scaled)
     return out
@@ -140,7 +141,7 @@ class Encoded:
     prompt_last: torch.Tensor
     target_tokens: list[tuple[int, ...]]
 
-    def to(self, device: torch.device) -> "Encoded":
+    def to(self, device: torch.device) -> Encoded:
         return Encoded(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                        self.lookup.to(device), self.prompt_last.to(device), self.target_tokens)
 

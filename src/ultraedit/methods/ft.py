@@ -15,15 +15,27 @@ they are computed once and every step runs only that layer and the ones above it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..batching import EditRequest
-from .common import Encoded, MethodError, Tail, apply_options, encode, frozen, layer_of, mlp_out_name, scaled_layers, unfreeze
+from .common import (
+    Encoded,
+    MethodError,
+    Tail,
+    apply_options,
+    encode,
+    frozen,
+    layer_of,
+    mlp_out_name,
+    scaled_layers,
+    unfreeze,
+)
 
 
 @dataclass
@@ -49,7 +61,7 @@ class FTMethod:
         self.module = model.get_submodule(self.module_name)
 
     @classmethod
-    def from_bench(cls, model: nn.Module, tokenizer: Any, config: Any) -> "FTMethod":
+    def from_bench(cls, model: nn.Module, tokenizer: Any, config: Any) -> FTMethod:
         params = apply_options(FTParams(), getattr(config, "method_options", None), "ft")
         if config.lr is not None:
             params.lr = config.lr

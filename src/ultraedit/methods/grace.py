@@ -23,9 +23,10 @@ except values shared by requests with the same answer).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,8 +34,17 @@ from torch import nn
 from ..batching import EditRequest
 from ..presets import num_layers
 from .common import (
-    Encoded, MethodError, Tail, apply_options, encode, frozen, layer_of, mlp_out_name, module_io_at,
-    scaled_layers, unfreeze,
+    Encoded,
+    MethodError,
+    Tail,
+    apply_options,
+    encode,
+    frozen,
+    layer_of,
+    mlp_out_name,
+    module_io_at,
+    scaled_layers,
+    unfreeze,
 )
 
 
@@ -119,7 +129,7 @@ class GraceMethod:
         self.handle = self.module.register_forward_hook(self._hook)
 
     @classmethod
-    def from_bench(cls, model: nn.Module, tokenizer: Any, config: Any) -> "GraceMethod":
+    def from_bench(cls, model: nn.Module, tokenizer: Any, config: Any) -> GraceMethod:
         params = apply_options(GraceParams(), getattr(config, "method_options", None), "grace")
         if config.lr is not None:
             params.edit_lr = config.lr

@@ -27,9 +27,10 @@ gives each delta its own gradient; Adam's update is per element).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,8 +38,18 @@ from torch import nn
 from ..batching import EditRequest
 from ..presets import num_layers
 from .common import (
-    Encoded, MethodError, Tail, add_update, apply_options, encode, frozen, layer_of, mlp_out_name,
-    module_io_at, scaled_layers, unfreeze,
+    Encoded,
+    MethodError,
+    Tail,
+    add_update,
+    apply_options,
+    encode,
+    frozen,
+    layer_of,
+    mlp_out_name,
+    module_io_at,
+    scaled_layers,
+    unfreeze,
 )
 from .covariance import second_moments
 
@@ -126,7 +137,7 @@ class MEMITMethod:
         return MEMITParams
 
     @classmethod
-    def from_bench(cls, model: nn.Module, tokenizer: Any, config: Any) -> "MEMITMethod":
+    def from_bench(cls, model: nn.Module, tokenizer: Any, config: Any) -> MEMITMethod:
         params = apply_options(cls.params_class()(), getattr(config, "method_options", None), cls.name)
         if config.lr is not None:
             raise MethodError(f"{cls.name} has no --lr; set --method-option v_lr=... for the target values")
