@@ -192,8 +192,8 @@ def test_config_validation():
         BenchConfig(model="m", dataset="zsre", data="f", out="o", turns=1, turn_size=0)
     with pytest.raises(BenchError, match="eval_max_tokens must be a positive integer or None"):
         BenchConfig(model="m", dataset="zsre", data="f", out="o", turns=1, eval_max_tokens=0)
-    with pytest.raises(BenchError, match="unknown method 'memit'"):
-        BenchConfig(model="m", dataset="zsre", data="f", out="o", turns=1, method="memit")
+    with pytest.raises(BenchError, match="unknown method 'rledit'"):
+        BenchConfig(model="m", dataset="zsre", data="f", out="o", turns=1, method="rledit")
     with pytest.raises(BenchError, match="unknown dataset"):
         BenchConfig(model="m", dataset="squad", data="f", out="o", turns=1)
 

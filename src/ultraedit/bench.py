@@ -136,6 +136,7 @@ class BenchConfig:
             preset, no options beyond the paper) instead of ``EditConfig.recommended(model)``.
         refine_steps, preserve, lr_scale: override those :class:`EditConfig` options
             (``None``: the configuration's own).
+        method_options: a baseline's hyperparameters by name (``--method-option KEY=VALUE``).
     """
 
     model: str
@@ -162,6 +163,7 @@ class BenchConfig:
     refine_steps: int | None = None
     preserve: float | None = None
     lr_scale: str | None = None
+    method_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -271,6 +273,9 @@ class UltraEditMethod:
     """UltraEdit (:class:`UltraEditor`) behind the :class:`EditMethod` interface."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: BenchConfig) -> None:
+        if config.method_options:
+            raise BenchError("ultraedit takes no --method-option; use --lr, --modules, --preset, --faithful, "
+                             "--refine-steps, --preserve or --lr-scale")
         self.configuration = configuration_name(config)
         self.config = bench_edit_config(model, config)
         self.editor = UltraEditor(model, self.config, tokenizer=tokenizer)
@@ -727,3 +732,6 @@ def plot_curve(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
                  fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
+
+
+from . import methods as _methods  # noqa: E402,F401  (registers the baselines: ft, memit, alphaedit, grace)

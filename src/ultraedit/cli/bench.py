@@ -19,6 +19,16 @@ def _modules_arg(values: list[str] | None) -> list[str] | None:
     return [m for v in values for m in v.split(",") if m]
 
 
+def _options_arg(values: list[str]) -> dict[str, str] | None:
+    options = {}
+    for value in values:
+        key, sep, raw = value.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--method-option expects KEY=VALUE, got {value!r}")
+        options[key.strip()] = raw.strip()
+    return options or None
+
+
 def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``ultraedit bench`` on an ``argparse`` subparsers object."""
     from ..presets import PRESETS
@@ -46,6 +56,8 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="dtype to load the model in")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="ultraedit", choices=sorted(METHODS), help="editing method")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a baseline's hyperparameter (repeatable), e.g. --method-option v_num_grad_steps=10")
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed records (listed in DIR/rejects.jsonl)")
     p.add_argument("--eval-batch-size", type=int, default=64, help="sequences per evaluation forward (default 64)")
     p.add_argument("--eval-max-tokens", type=int, default=16384,
@@ -75,7 +87,7 @@ def _command(args: argparse.Namespace) -> int:
             method=args.method, skip_invalid=args.skip_invalid, eval_batch_size=args.eval_batch_size,
             eval_max_tokens=args.eval_max_tokens, forward_batch_size=args.forward_batch_size,
             progress=not args.quiet, faithful=args.faithful, refine_steps=args.refine_steps,
-            preserve=args.preserve, lr_scale=args.lr_scale,
+            preserve=args.preserve, lr_scale=args.lr_scale, method_options=_options_arg(args.method_option),
         )
         results = run(config)
     except (BenchError, DatasetError, EditError, ModelError, OSError) as err:  # user errors; bugs keep their traceback
