@@ -98,3 +98,67 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
             else:
                 m.weight += shifts[n].to(m.weight.dtype)
     return shifts
+
+
+def reference_capture(model, names, batches):
+    """Plain per-minibatch capture: keys, output gradients (float64) at target positions, and per
+    row whether every target token is already the argmax."""
+    modules = {n: model.get_submodule(n) for n in names}
+    inputs, outputs = {}, {}
+
+    def make_hook(name):
+        def hook(mod, args, out):
+            inputs[name] = args[0]
+            out.retain_grad()
+            outputs[name] = out
+
+        return hook
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    captured = []
+    for batch in batches:
+        model.zero_grad()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mask = batch["labels"] != -100
+        F.cross_entropy(logits[mask].float(), batch["labels"][mask]).backward()
+        right = [bool((logits[r][mask[r]].argmax(-1) == batch["labels"][r][mask[r]]).all()) for r in range(mask.shape[0])]
+        row_of_token = [r for r in range(mask.shape[0]) for _ in range(int(mask[r].sum()))]
+        captured.append({
+            "keys": {n: inputs[n][mask].detach().double() for n in names},
+            "grads": {n: outputs[n].grad[mask].detach().double() for n in names},
+            "wrong": torch.tensor([not right[r] for r in row_of_token]),
+        })
+    for h in handles:
+        h.remove()
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return captured
+
+
+def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, ridge=1.0):
+    """A turn with refinement steps (EditConfig.refine_steps), plainly: step 1 is reference_turn;
+    each later step re-captures, stops if every request is right, else solves
+    (K_w^T K_w + K_r^T K_r + ridge I) dW = K_w^T V_w for the wrong rows w, the right rows r kept
+    (normalizer statistics from step 1, not updated again), and applies dW."""
+    reference_turn(model, names, batches, normalizers, lr=lr, ridge=ridge)
+    modules = {n: model.get_submodule(n) for n in names}
+    for _ in range(steps - 1):
+        captured = reference_capture(model, names, batches)
+        wrong = torch.cat([c["wrong"] for c in captured])
+        if not bool(wrong.any()):
+            return
+        for n in names:
+            K = torch.cat([c["keys"][n] for c in captured])
+            G = torch.cat([c["grads"][n] for c in captured])
+            norm = normalizers[shape_of(modules[n])]
+            z = (torch.cat([K, G], 1) - norm.mean) / (norm.std + torch.finfo(torch.float32).eps)
+            K_hat, G_hat = z[:, : K.shape[1]], z[:, K.shape[1] :]
+            V = (-lr * (K_hat**2).sum(1, keepdim=True) * G_hat)[wrong]
+            A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)  # all rows: wrong + kept
+            shift = torch.linalg.solve(A, K[wrong].T @ V)
+            with torch.no_grad():
+                m = modules[n]
+                m.weight += (shift.T if isinstance(m, torch.nn.Linear) else shift).to(m.weight.dtype)

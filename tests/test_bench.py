@@ -235,7 +235,7 @@ def test_testbed_names_use_the_testbed_module(model_dir, tmp_path, monkeypatch):
     no_lr = [a for a in ARGS if a not in ("--lr", "1e-2")]
     assert main(["bench", "--model", "testbed", "--dataset", "testbed", *no_lr, "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert calls == ["load_testbed", "requests_path"]
+    assert calls == ["requests_path", "load_testbed"]  # the count check reads the data before the model loads
     # the testbed's recommended settings are the defaults
     assert results["method"]["modules"] == ["model.layers.3.mlp.up_proj"] and results["method"]["lr"] == 5e-3
     assert results["dataset"]["format"] == "jsonl" and results["dataset"]["path"].endswith("requests.jsonl")
@@ -264,3 +264,36 @@ def test_results_name_the_papers_numbers_in_its_setting(model_dir, tmp_path):
     assert results["paper"]["edits"] == 20_000 and results["paper"]["generalization"] == pytest.approx(0.8736)
     md = (tmp_path / "results.md").read_text()
     assert "after 20,000 edits: Efficacy 90.07, Generalization 87.36, Specificity 49.51." in md
+
+
+def test_count_check_comes_before_loading_the_model(model_dir, tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the count check")
+
+    monkeypatch.setattr(bench, "load_model", no_load)
+    config = BenchConfig(model=str(model_dir), dataset="ultraeditbench", data=str(FIXTURES / "ultraeditbench.json"),
+                         out=str(tmp_path), turns=5, turn_size=7, device="cpu", progress=False)
+    with pytest.raises(BenchError, match="provides 32 requests; --turns 5 x --turn-size 7 needs 35"):
+        run(config)
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_results_record_the_configuration_retention_and_perplexity(model_dir, tmp_path, faithful):
+    out = tmp_path / "out"
+    args = ["bench", "--model", str(model_dir), "--dataset", "zsre", "--data", str(FIXTURES / "zsre_eval.json"),
+            "--turns", "1", "--turn-size", "4", "--batch-size", "2", "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main(args + (["--faithful"] if faithful else [])) == 0
+    results = json.loads((out / "results.json").read_text())
+    method = results["method"]
+    if faithful:
+        assert method["configuration"] == "faithful"
+        assert (method["lr"], method["lr_scale"], method["refine_steps"], method["preserve"]) == (1e-6, "none", 1, 0.0)
+    else:
+        assert method["configuration"] == "recommended"
+        assert method["refine_steps"] > 1 and method["preserve"] > 0 and method["lr_scale"] == "width"
+    retention = results["metrics"]["retention"]  # None: the random model knows no locality token
+    assert retention is None or 0.0 <= retention <= 1.0
+    assert "locality_vs_unedited" in results["metrics"]
+    ppl = results["perplexity"]
+    assert ppl["before"] > 1 and ppl["after"] > 1
+    assert ppl["rise"] == pytest.approx(ppl["after"] / ppl["before"] - 1)

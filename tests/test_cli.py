@@ -91,7 +91,7 @@ def assert_same_model(a, b):
 
 def edit(ckpt, edits, state, *extra):
     return main(["edit", "--model", str(ckpt), "--edits", str(edits), "--state", str(state),
-                 "--turn-size", "10", "--lr", LR, "--quiet", *extra])
+                 "--turn-size", "10", "--lr", LR, "--faithful", "--quiet", *extra])
 
 
 def test_edit_info_ask_merge_end_to_end(tmp_path, ckpt, records, capsys):
@@ -163,7 +163,7 @@ def test_crash_mid_save_then_resume_applies_each_turn_once(tmp_path, ckpt, recor
     edits = write_jsonl(tmp_path / "edits.jsonl", records)
     assert edit(ckpt, edits, tmp_path / "s", "--max-turns", "1") == 0
     # Killed while saving turn 2, after the state switch and before the log append.
-    cmd = [sys.executable, "-m", "ultraedit.cli", "edit", "--model", str(ckpt), "--edits", str(edits),
+    cmd = [sys.executable, "-m", "ultraedit.cli", "edit", "--faithful", "--model", str(ckpt), "--edits", str(edits),
            "--state", str(tmp_path / "s"), "--turn-size", "10", "--lr", LR, "--quiet"]
     env = {**os.environ, "ULTRAEDIT_SAVE_PAUSE": "log", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
@@ -252,7 +252,7 @@ def test_refusals(tmp_path, ckpt, records, capsys):
     other = make_checkpoint(tmp_path / "other", seed=1)
     assert edit(other, edits, tmp_path / "s") == 2
     assert "different base model" in capsys.readouterr().err
-    assert main(["edit", "--model", str(ckpt), "--edits", str(edits), "--state", str(tmp_path / "s"),
+    assert main(["edit", "--faithful", "--model", str(ckpt), "--edits", str(edits), "--state", str(tmp_path / "s"),
                  "--lr", "1e-4", "--quiet"]) == 2
     assert "--lr 0.0001 differs from the saved state's lr=0.001" in capsys.readouterr().err
     assert main(["info", "--state", str(tmp_path / "nothing")]) == 2

@@ -343,3 +343,42 @@ def test_streaming_memory_is_flat_in_the_file_size(tmp_path):
     growth_lines = _peak_growth_kb(lines, keep=0)
     print(f"JSON Lines: streaming peak growth {growth_lines} KB")
     assert growth_lines < 8 * 1024, growth_lines
+
+
+FLAT_COUNTERFACT = {
+    "case_id": 7, "prompt": "The mother tongue of Danielle Darrieux is", "target_new": "English",
+    "ground_truth": "French", "subject": "Danielle Darrieux",
+    "rephrase_prompt": "Where Danielle Darrieux is from, people speak the language of",
+    "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French",
+}
+
+
+def test_flat_counterfact_layout_is_detected_and_read(tmp_path):
+    assert detect_format(FLAT_COUNTERFACT) == "counterfact"
+    request = parse_record(FLAT_COUNTERFACT, "counterfact")
+    assert request == EditRequest(
+        "The mother tongue of Danielle Darrieux is", "English",
+        ("Where Danielle Darrieux is from, people speak the language of",),
+        (("Michel Rocard is a native speaker of", "French"),),
+        id="7", extra={"subject": "Danielle Darrieux", "target_true": "French"},
+    )
+    path = tmp_path / "flat.json"
+    path.write_text(json.dumps([FLAT_COUNTERFACT, {**FLAT_COUNTERFACT, "case_id": 8}]))
+    reader = read_requests(path)
+    assert [r.id for r in reader] == ["7", "8"] and reader.format == "counterfact"
+
+
+def test_flat_counterfact_without_locality_answer_is_a_clear_error():
+    record = {k: v for k, v in FLAT_COUNTERFACT.items() if k != "locality_ground_truth"}
+    with pytest.raises(DatasetError, match="locality_ground_truth"):
+        parse_record(record, "counterfact")
+
+
+SHARED_COUNTERFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact-20k.json.gz"
+
+
+@pytest.mark.skipif(not SHARED_COUNTERFACT.exists(), reason="../shared/data not present")
+def test_real_counterfact_slice_reads_in_the_flat_layout():
+    reader = read_requests(SHARED_COUNTERFACT, "counterfact")
+    first = [r for _, r in zip(range(50), reader)]
+    assert len(first) == 50 and all(r.rephrases and len(r.locality) == 1 for r in first)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ultraedit.batching import EditError, EditRequest, tokenize_pair
 from ultraedit.evaluation import (
+    perplexity,
     MetricTotals,
     agreement,
     greedy_decode,
@@ -225,3 +226,31 @@ def test_exact_match_equals_literal_greedy_decoding_on_a_real_model():
         assert got_exact == exact == float(greedy_decode(model, tok, prompt, len(ids)) == ids)
         if acc is not None:
             assert got_acc == pytest.approx(acc)
+
+
+def test_retention_counts_only_locality_tokens_the_unedited_model_got_right():
+    tok = word_tokenizer(WORDS)
+    before = bigram(NEXT, RUNNER_UP)
+    after = bigram({**NEXT, "c": "d"}, RUNNER_UP)
+    requests = [
+        EditRequest("a", "b", locality=(("a b", "c d"), ("d", "a"))),  # before: c right, e/d wrong; f/a wrong
+        EditRequest("b", "c", locality=(("a", "b c e"),)),  # before: b c e all right; after: b c d
+        EditRequest("e", "f"),
+    ]
+    ref = score_requests(before, tok, requests).locality_predictions
+    scores = score_requests(after, tok, requests, reference=ref)
+    assert scores.locality_known == [1, 3, 0]
+    assert scores.locality_kept == [1, 2, 0]
+    totals = MetricTotals()
+    totals.add(scores)
+    assert totals.means()["retention"] == pytest.approx(3 / 4)
+
+
+def test_perplexity_is_exp_of_the_mean_token_nll():
+    tok = word_tokenizer(WORDS)
+    model = bigram(NEXT, RUNNER_UP)
+    lines = ["a b c", "d e"]
+    logp = torch.log_softmax(model.embed.weight, -1)
+    nll = [-float(logp[ID[x], ID[y]]) for line in lines for x, y in zip(line.split(), line.split()[1:])]
+    # one sequence per line: no cross-line tokens
+    assert perplexity(model, tok, lines, lines_per_sequence=1) == pytest.approx(math.exp(float(sum(nll)) / len(nll)))

@@ -383,3 +383,27 @@ def test_another_writer_is_refused(tmp_path):
         os.close(fd)
     editor.save(directory)
     assert st.has_state(directory)
+
+
+def test_resume_equals_one_process_with_the_options_beyond_the_paper(tmp_path):
+    """Refinement steps and generic-text preserved keys (taken on the BASE model, also when a
+    saved state is loaded) resume bit-exactly."""
+    from ultraedit.testbed import TESTBED_CONFIG, load_requests, load_testbed
+
+    requests = load_requests(60)
+    config = EditConfig(modules=TESTBED_CONFIG.modules, lr=3e-3, refine_steps=3, preserve=10.0)
+    model, tokenizer = load_testbed()
+    one = UltraEditor(model, config, tokenizer)
+    for i in range(3):
+        one.edit(requests[20 * i : 20 * i + 20])
+    expected, stats = edited_weights(one), normalizer_states(one)
+
+    model, tokenizer = load_testbed()
+    first = UltraEditor(model, config, tokenizer)
+    first.edit(requests[:20])
+    first.save(tmp_path / "s")
+    resumed = UltraEditor.load(load_testbed()[0], tmp_path / "s", tokenizer)
+    for i in (1, 2):
+        resumed.edit(requests[20 * i : 20 * i + 20])
+    assert_same_weights(resumed, expected)
+    assert_same_stats(resumed, stats)

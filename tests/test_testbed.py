@@ -155,9 +155,9 @@ def test_testbed_preset_matches_config(testbed):
 def test_demo_edits_and_reports_scores(capsys):
     from ultraedit.cli import main
 
-    assert main(["demo", "--edits", "40", "--turn-size", "20", "--show", "2", "--quiet", "--lr", "2e-2"]) == 0
+    assert main(["demo", "--model", "testbed", "--edits", "40", "--turn-size", "20", "--show", "2", "--quiet", "--lr", "2e-2"]) == 0
     out = capsys.readouterr().out
-    for key in ("Efficacy (ES)", "Generalization (GS)", "Specificity (LS)", "before", "neighbour", "rephrase"):
+    for key in ("Efficacy (ES)", "Generalization (GS)", "Specificity (LS)", "before", "untouched", "rephrase"):
         assert key in out
     es, es_before = map(float, re.search(r"Efficacy \(ES\)\s+([0-9.]+)\s+\(before editing ([0-9.]+)", out).groups())
     ls = float(re.search(r"relative ([0-9.]+)\)", out).group(1))

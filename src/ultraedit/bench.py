@@ -33,7 +33,7 @@ import sys
 import time
 from array import array
 from collections import abc
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -45,8 +45,12 @@ from torch import nn
 from .batching import EditRequest
 from .datasets import read_requests
 from .editor import EditConfig, UltraEditor
-from .evaluation import MetricTotals, score_requests
+from .evaluation import MetricTotals, perplexity, score_requests
 from .models import DTYPES, load_model, resolve_device
+from .preserve import package_text
+
+#: The held-out text whose perplexity is reported before and after editing (ships with the package).
+PERPLEXITY_TEXT = "heldout.txt"
 
 __all__ = [
     "BenchConfig",
@@ -73,6 +77,7 @@ METRIC_NAMES: dict[str, str] = {
     "generalization_exact": "Generalization (generation exact match)",
     "specificity_exact": "Specificity (generation exact match)",
     "locality_vs_unedited": "Locality vs unedited model's predictions",
+    "retention": "Retention (locality tokens the unedited model got right, still right)",
     "personas": "Personas (token acc.)",
     "personas_exact": "Personas (generation exact match)",
     "multi_hop": "Multi-hop (token acc.)",
@@ -127,6 +132,10 @@ class BenchConfig:
         eval_batch_size, eval_max_tokens: evaluation forward size, in sequences and padded tokens.
         forward_batch_size: UltraEdit's forward/backward size in requests (speed knob only).
         progress: show progress bars (stderr).
+        faithful: run the authors' exact method (their lr unless ``lr`` is given, the family
+            preset, no options beyond the paper) instead of ``EditConfig.recommended(model)``.
+        refine_steps, preserve, lr_scale: override those :class:`EditConfig` options
+            (``None``: the configuration's own).
     """
 
     model: str
@@ -149,6 +158,10 @@ class BenchConfig:
     eval_max_tokens: int | None = 16384
     forward_batch_size: int | None = 100
     progress: bool = True
+    faithful: bool = False
+    refine_steps: int | None = None
+    preserve: float | None = None
+    lr_scale: str | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -208,20 +221,65 @@ def edit_fields(
     return kw
 
 
+def configuration_name(config: BenchConfig) -> str:
+    """Which UltraEdit configuration a run uses: ``"faithful"`` (the authors' method),
+    ``"testbed"`` (the testbed's own, ``ultraedit.testbed.TESTBED_CONFIG``) or ``"recommended"``
+    (:meth:`EditConfig.recommended` for the model)."""
+    if config.faithful:
+        return "faithful"
+    return "testbed" if config.model == "testbed" else "recommended"
+
+
+def edit_config(
+    model: nn.Module,
+    spec: str,
+    *,
+    faithful: bool = False,
+    modules: Sequence[str] | None = None,
+    preset: str | None = None,
+    lr: float | None = None,
+    **options: Any,
+) -> EditConfig:
+    """The :class:`EditConfig` for editing ``model`` (loaded from ``spec``) with the options given
+    explicitly (``None`` = not given) on top of its configuration: the authors' method with
+    ``faithful``, the testbed's own for ``spec == "testbed"``, else :meth:`EditConfig.recommended`.
+    ``edit``, ``serve`` and ``bench`` all configure a new editor through this."""
+    if faithful or spec == "testbed":
+        kw = edit_fields("testbed" if spec == "testbed" and not faithful else spec,
+                         modules=modules, preset=preset, lr=lr)
+    else:
+        kw = EditConfig.recommended(model).to_dict()
+        if modules is not None or preset is not None:
+            kw.update(modules=list(modules) if modules is not None else None, preset=preset)
+        if lr is not None:
+            kw["lr"] = lr
+    kw.update({name: value for name, value in options.items() if value is not None})
+    return EditConfig(**kw)
+
+
+def bench_edit_config(model: nn.Module, config: BenchConfig) -> EditConfig:
+    """The :class:`EditConfig` of a run: its configuration (:func:`configuration_name`) with the
+    options given explicitly on top."""
+    chosen = edit_config(
+        model, config.model, faithful=config.faithful, modules=config.modules, preset=config.preset, lr=config.lr,
+        refine_steps=config.refine_steps, preserve=config.preserve, lr_scale=config.lr_scale,
+    )
+    return replace(chosen, capture_batch_size=config.batch_size, forward_batch_size=config.forward_batch_size)
+
+
 class UltraEditMethod:
     """UltraEdit (:class:`UltraEditor`) behind the :class:`EditMethod` interface."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: BenchConfig) -> None:
-        kw = edit_fields(config.model, modules=config.modules, preset=config.preset, lr=config.lr)
-        kw.update(capture_batch_size=config.batch_size, forward_batch_size=config.forward_batch_size)
-        self.config = EditConfig(**kw)
+        self.configuration = configuration_name(config)
+        self.config = bench_edit_config(model, config)
         self.editor = UltraEditor(model, self.config, tokenizer=tokenizer)
 
     def edit(self, requests: Sequence[EditRequest]) -> Any:
         return self.editor.edit(requests)
 
     def describe(self) -> dict[str, Any]:
-        return {**self.config.to_dict(), "modules": list(self.editor.modules)}
+        return {**self.config.to_dict(), "modules": list(self.editor.modules), "configuration": self.configuration}
 
 
 #: Registered editing methods: name -> factory ``(model, tokenizer, config) -> EditMethod``.
@@ -422,6 +480,8 @@ def run(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timings: dict[str, float] = {}
+    source = _Source(config, requests, out)
+    _check_count(source, config)  # before the (slow) model load
 
     t = time.perf_counter()
     if model is None:
@@ -431,8 +491,9 @@ def run(
     else:
         model = model.to(device).eval()
     timings["load_seconds"] = time.perf_counter() - t
+    ppl_text = package_text(PERPLEXITY_TEXT)
+    ppl_before = perplexity(model, tokenizer, ppl_text)
 
-    source = _Source(config, requests, out)
     method = METHODS[config.method](model, tokenizer, config)
     description = method.describe()
     fingerprint = model_fingerprint(model, description.get("modules") or [], config.model)
@@ -494,6 +555,7 @@ def run(
     t = time.perf_counter()
     final = _evaluate(model, tokenizer, source, reference, config.edits, chunk, eval_kw, config.progress)
     timings["final_eval_seconds"] = time.perf_counter() - t
+    ppl_after = perplexity(model, tokenizer, ppl_text)
     metrics = final.means()
     curve.append({"turns": config.turns, "edits": config.edits, **metrics})
     timings["edit_seconds"] = edit_seconds
@@ -507,6 +569,8 @@ def run(
         "metrics": metrics,
         "counts": final.counts,
         "unedited": unedited.means(),
+        "perplexity": {"text": f"ultraedit/data/{PERPLEXITY_TEXT}", "before": ppl_before, "after": ppl_after,
+                       "rise": ppl_after / ppl_before - 1},
         "paper": paper_reference(config.dataset, config.model),
         "curve": curve,
         "edits": config.edits,
@@ -527,6 +591,18 @@ def run(
     (out / "results.md").write_text(markdown(results))
     plot_curve(results, out / "curve.png")
     return results
+
+
+def _check_count(source: _Source, config: BenchConfig) -> None:
+    """Refuse a run asking for more requests than the data holds (reads records, loads no model)."""
+    available = sum(1 for _ in source.take(config.edits, record=True))
+    if available < config.edits:
+        where = f"{source.path}" if source.path else "the given requests"
+        skipped = f" (after skipping {source.skipped} invalid records)" if source.skipped else ""
+        raise BenchError(
+            f"{where} provides {available} requests{skipped}; --turns {config.turns} x --turn-size "
+            f"{config.turn_size} needs {config.edits}"
+        )
 
 
 def _evaluate(
@@ -583,8 +659,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Protocol: {cfg['turns']} turn{'s' if cfg['turns'] != 1 else ''} x {cfg['turn_size']} requests = "
         f"{results['edits']:,} edits "
         f"(minibatch {cfg['batch_size']}), then every edited request evaluated",
-        f"- Method: `{results['method']['name']}`, lr {results['method'].get('lr', 'n/a')}, "
-        f"seed {cfg['seed']}, device {cfg['device']}",
+        f"- Method: `{results['method']['name']}` ({results['method'].get('configuration', 'n/a')} configuration), "
+        f"lr {results['method'].get('lr', 'n/a')}, seed {cfg['seed']}, device {cfg['device']}",
         f"- Data: `{results['dataset']['path'] or results['dataset']['format']}` "
         f"({results['dataset']['skipped_invalid']} invalid records skipped)",
         "",
@@ -602,6 +678,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"Efficacy {_pct(paper['efficacy'])}, Generalization {_pct(paper['generalization'])}, "
             f"Specificity {_pct(paper['specificity'])}.",
         ]
+    ppl = results.get("perplexity")
+    if ppl:
+        lines += ["", f"Perplexity on the held-out text (`{ppl['text']}`): {ppl['before']:.3f} before, "
+                      f"{ppl['after']:.3f} after editing ({100 * ppl['rise']:+.2f}%)."]
     eps = results["edits_per_second"]
     lines += [
         "",

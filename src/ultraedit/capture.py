@@ -44,12 +44,14 @@ from .batching import IGNORE
 
 @dataclass
 class MinibatchCapture:
-    """Rows captured for one minibatch: ``keys[name]`` is ``(rows, d_in)``, ``grads[name]`` ``(rows, d_out)``."""
+    """Rows captured for one minibatch: ``keys[name]`` is ``(rows, d_in)``, ``grads[name]`` ``(rows, d_out)``;
+    ``hits`` (``(rows,)`` bool) says where the argmax already is the target token."""
 
     keys: dict[str, torch.Tensor]
     grads: dict[str, torch.Tensor]
     rows: int
     loss: float
+    hits: torch.Tensor | None = None
 
 
 def _row_extent(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -352,6 +354,7 @@ def capture(
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     token_row: list[torch.Tensor] = []
     token_loss: list[torch.Tensor] = []
+    token_hits: list[torch.Tensor] = []
     with _frozen(model), torch.enable_grad(), _Hooks(model, modules) as hooks:
         for members in passes:
             width = max(rows[i][0].shape[0] for i in members)
@@ -377,6 +380,7 @@ def capture(
                 grads[n].append(g[hooks.key_masks[n].to(g.device)].float())
             token_row.append(torch.tensor(members, device=device).repeat_interleave(per_row))
             token_loss.append(ce.detach())
+            token_hits.append(logits.detach().argmax(-1) == labels)
             del logits, ce, out_grads
 
     # Back to the original order (rows in minibatch order, tokens in position order), per minibatch.
@@ -385,12 +389,14 @@ def capture(
     split_keys = {n: (k := torch.cat(keys[n]))[order.to(k.device)].split(sizes) for n in names}
     split_grads = {n: (g := torch.cat(grads[n]))[order.to(g.device)].split(sizes) for n in names}
     losses = torch.cat(token_loss)[order].split(sizes)
+    hits = torch.cat(token_hits)[order].split(sizes)
     return [
         MinibatchCapture(
             keys={n: split_keys[n][j] for n in names},
             grads={n: split_grads[n][j] for n in names},
             rows=sizes[j],
             loss=float(losses[j].sum()),
+            hits=hits[j],
         )
         for j in range(len(batches))
     ]

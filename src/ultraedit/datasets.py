@@ -14,7 +14,10 @@ Each maps to ``EditRequest(prompt, target, rephrases, locality, id, extra)`` as 
 - ``ultraeditbench``: ``prompt`` -> ``ans``; ``rephrase_prompt``; ``loc`` -> ``loc_ans``.
 - ``counterfact``: ``requested_rewrite.prompt`` with ``{}`` := ``requested_rewrite.subject`` ->
   ``requested_rewrite.target_new.str``; ``paraphrase_prompts``; each of ``neighborhood_prompts``
-  -> ``requested_rewrite.target_true.str``; ``id`` = ``case_id``.
+  -> ``requested_rewrite.target_true.str``; ``id`` = ``case_id``. Also the flat layout of
+  editing toolkits (detected per record by ``target_new`` without ``requested_rewrite``):
+  ``prompt`` (subject filled in) -> ``target_new``; ``rephrase_prompt``; ``locality_prompt`` ->
+  ``locality_ground_truth``; ``extra`` keeps ``subject`` and ``ground_truth`` as ``target_true``.
 
 Files may be one JSON list (the published layout) or JSON Lines (one object per line), optionally
 gzip-compressed (``.gz``). JSON lists are parsed incrementally with ``ijson``: a 2M-record file is
@@ -226,9 +229,11 @@ def _parse_ultraeditbench(record: dict[str, Any], index: int, seed: int) -> Edit
 
 
 def _parse_counterfact(record: dict[str, Any], index: int, seed: int) -> EditRequest:
+    if "requested_rewrite" not in record and "target_new" in record:
+        return _parse_counterfact_flat(record)
     rewrite = record.get("requested_rewrite")
     if rewrite is None:
-        raise _FieldError("requested_rewrite", "missing")
+        raise _FieldError("requested_rewrite", "missing (nor is this the flat layout: no 'target_new')")
     if not isinstance(rewrite, dict):
         raise _FieldError("requested_rewrite", f"must be an object, got {type(rewrite).__name__}")
     template = _text(rewrite, "prompt", "requested_rewrite.prompt")
@@ -256,6 +261,23 @@ def _parse_counterfact(record: dict[str, Any], index: int, seed: int) -> EditReq
     )
 
 
+def _parse_counterfact_flat(record: dict[str, Any]) -> EditRequest:
+    """The flat CounterFact layout of editing toolkits: ``prompt`` (subject filled in) ->
+    ``target_new``; ``rephrase_prompt``; ``locality_prompt`` -> ``locality_ground_truth``."""
+    prompt = _text(record, "prompt")
+    target = _text(record, "target_new")
+    rephrases = _text_list(record, "rephrase_prompt", required=False, allow_str=True)
+    locality_prompts = _text_list(record, "locality_prompt", required=False, allow_str=True)
+    locality_answer = _optional_text(record, "locality_ground_truth")
+    if locality_prompts and locality_answer is None:
+        raise _FieldError("locality_ground_truth", "missing while 'locality_prompt' is given")
+    extra = {k: v for k, v in (("subject", record.get("subject")), ("target_true", record.get("ground_truth"))) if isinstance(v, str)}
+    return EditRequest(
+        prompt, target, tuple(rephrases), tuple((p, locality_answer) for p in locality_prompts),
+        id=_record_id(record, "case_id"), extra=extra,
+    )
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any], int, int], EditRequest]] = {
     "jsonl": _parse_jsonl,
     "zsre": _parse_zsre,
@@ -271,7 +293,7 @@ def detect_format(record: Any) -> str | None:
     if not isinstance(record, dict):
         return None
     keys = set(record)
-    if "requested_rewrite" in keys:
+    if "requested_rewrite" in keys or {"target_new", "locality_prompt"} <= keys:
         return "counterfact"
     if "src" in keys and "loc" in keys:
         return "zsre"

@@ -51,6 +51,12 @@ class LostShiftWarning(UserWarning):
     """Most of a turn's weight shift did not reach the (bf16/fp16) weights: it was below their
     rounding step. Only with ``delta_accumulation="weights"``; the default keeps it."""
 
+#: The options of :meth:`EditConfig.recommended` (measurements in the README).
+RECOMMENDED: dict[str, Any] = {"lr": 5e-6, "lr_scale": "width", "refine_steps": 5, "preserve": 300.0}
+
+#: ``(d_in, d_out)`` of the modules the authors' lr 1e-6 was tuned on (Llama-3-8B gate/up_proj).
+LR_REFERENCE_SHAPE = (4096, 14336)
+
 
 @dataclass
 class EditConfig:
@@ -70,6 +76,20 @@ class EditConfig:
         normalizer: ``"paper"`` (the authors' running-variance formula) or ``"welford"``.
         dtype: dtype of statistics and solves, ``"float32"`` or ``"float64"``.
         solver: ``"auto"`` (dual form when rows < d_in), ``"dual"`` or ``"primal"``.
+
+    Options beyond the paper (defaults keep the authors' method exactly):
+        lr_scale: ``"none"`` uses ``lr`` as is; ``"width"`` scales it per module shape by
+            ``4096 * sqrt(14336) / (d_in * sqrt(d_out))``, the inverse of how the row norm of
+            ``V`` grows with the module shape, so ``lr`` keeps the meaning it has on
+            Llama-3-8B's MLP projections (where the authors tuned 1e-6).
+        refine_steps: most closed-form steps per turn. After each step the shift is applied
+            (temporarily), gradients are captured again, and requests whose target tokens are
+            all predicted already are kept fixed (their keys join the preserved set); the turn
+            stops early when every request is right. 1 = the authors' single step.
+        preserve: weight ``alpha`` of preserved generic-text keys in the ridge,
+            ``(K^T K + lambda I + alpha E0[k k^T])^-1 K^T V``, where ``E0[k k^T]`` is the
+            second moment of each edit module's input over a generic English text shipped with
+            the package (MEMIT's covariance term; needs a tokenizer). 0 = off.
     """
 
     modules: list[str] | None = None
@@ -81,6 +101,9 @@ class EditConfig:
     normalizer: str = "paper"
     dtype: str = "float32"
     solver: str = "auto"
+    lr_scale: str = "none"
+    refine_steps: int = 1
+    preserve: float = 0.0
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -105,6 +128,30 @@ class EditConfig:
             raise ValueError(f"EditConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.solver not in ("auto", "dual", "primal"):
             raise ValueError(f"EditConfig.solver must be 'auto', 'dual' or 'primal', got {self.solver!r}")
+        if self.lr_scale not in ("none", "width"):
+            raise ValueError(f"EditConfig.lr_scale must be 'none' or 'width', got {self.lr_scale!r}")
+        if not (isinstance(self.refine_steps, int) and self.refine_steps >= 1):
+            raise ValueError(f"EditConfig.refine_steps must be a positive int, got {self.refine_steps!r}")
+        if not (math.isfinite(self.preserve) and self.preserve >= 0):
+            raise ValueError(f"EditConfig.preserve must be a finite number >= 0, got {self.preserve}")
+
+    def module_lr(self, shape: tuple[int, int]) -> float:
+        """The step size used for modules of shape ``(d_in, d_out)`` (see ``lr_scale``)."""
+        if self.lr_scale == "none":
+            return self.lr
+        d_in, d_out = shape
+        return self.lr * (LR_REFERENCE_SHAPE[0] * math.sqrt(LR_REFERENCE_SHAPE[1])) / (d_in * math.sqrt(d_out))
+
+    @classmethod
+    def recommended(cls, model: nn.Module, **overrides: Any) -> "EditConfig":
+        """The configuration we recommend for ``model``: the family's edit modules at its depth
+        (:func:`ultraedit.presets.resolve_modules`), the step size carried from the authors' lr by
+        the module shapes (``lr_scale="width"``), refinement steps and generic-text preserved
+        keys. Rules, not a per-checkpoint table (measured on SmolLM2-135M; see the README)."""
+        fields: dict[str, Any] = dict(RECOMMENDED)
+        fields["modules"] = resolve_modules(model)
+        fields.update(overrides)
+        return cls(**fields)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -119,6 +166,23 @@ class EditConfig:
         if unknown:
             raise ValueError(f"unknown EditConfig fields: {sorted(unknown)}")
         return cls(**data)
+
+
+def options_summary() -> str:
+    """What ``ultraedit presets`` prints about the configurations and the options beyond the paper."""
+    recommended = ", ".join(f"{k}={v!r}" for k, v in RECOMMENDED.items())
+    return "\n".join([
+        "Configurations:",
+        "  faithful     the authors' method: EditConfig() (lr 1e-6, ridge 1, the family preset); 'bench --faithful'",
+        f"  recommended  EditConfig.recommended(model): the family preset at the model's depth, {recommended};",
+        "               the default of 'ultraedit bench' for a model",
+        "Options beyond the paper (EditConfig fields; off by default):",
+        "  lr_scale     'none' | 'width': lr per module x 4096*sqrt(14336)/(d_in*sqrt(d_out)) (carries the",
+        "               authors' Llama-3-8B lr to other widths)",
+        "  refine_steps most closed-form steps per turn; later steps re-capture gradients and edit only the",
+        "               requests not yet right (the right ones preserved); stops when all are right",
+        "  preserve     alpha of generic-text keys in the ridge: (K^T K + lambda I + alpha E0[k k^T])^-1 K^T V",
+    ])
 
 
 @dataclass
@@ -136,7 +200,8 @@ class TurnReport:
             ``<W_after - W_before, dW> / ||dW||^2`` (1.0 = all of it; bf16 weights that round a
             small shift away give ~0). Filled by :meth:`UltraEditor.commit`.
         loss: mean over minibatches of the pre-edit loss (mean CE over target tokens).
-        seconds: wall-clock time of the turn; ``capture_seconds`` and ``solve_seconds`` split it.
+        seconds: wall-clock time of the turn; ``capture_seconds`` (first capture) and ``solve_seconds`` split it.
+        steps: closed-form steps taken (1 unless ``EditConfig.refine_steps`` > 1).
     """
 
     turn: int
@@ -150,6 +215,7 @@ class TurnReport:
     order: list[int] = field(default_factory=list)
     applied_norms: dict[str, float] = field(default_factory=dict)
     applied_fractions: dict[str, float] = field(default_factory=dict)
+    steps: int = 1
 
 
 @dataclass
@@ -193,6 +259,16 @@ def _applied(weight: torch.Tensor, new: torch.Tensor, shift: torch.Tensor) -> tu
     squared = float(intended.square().sum())
     fraction = float((change * intended).sum()) / squared if squared > 0 else 1.0
     return float(torch.linalg.vector_norm(change)), fraction
+
+
+def _unsolved_rows(batches: Sequence[dict[str, torch.Tensor]], captures: list[MinibatchCapture]) -> list[torch.Tensor]:
+    """Per minibatch, a bool per captured row (target token): does its request still miss a target token?"""
+    out = []
+    for batch, mb in zip(batches, captures):
+        counts = (batch["labels"] != IGNORE).sum(1).to(mb.hits.device)
+        missed = torch.stack([~h.all() for h in mb.hits.split(counts.tolist())])
+        out.append(missed.repeat_interleave(counts))
+    return out
 
 
 class UltraEditor:
@@ -259,6 +335,12 @@ class UltraEditor:
                 self.normalizers[shape] = LifelongNormalizer(
                     sum(shape), formula=config.normalizer, dtype=config.torch_dtype, device=module.weight.device
                 )
+        # Generic-text key moments (preserve > 0) are taken on the model as given, i.e. the base model
+        # (state.load builds the editor before applying the saved shift), so a resumed session
+        # solves with the same moments as the uninterrupted one.
+        self._moments: dict[str, torch.Tensor] | None = None
+        if config.preserve > 0 and tokenizer is not None:
+            self._generic_moments()
         self.turns = 0
         self.edits = 0
         self.generation = 0
@@ -302,8 +384,7 @@ class UltraEditor:
         """Compute a turn's shifts and updated statistics without changing anything."""
         start = time.perf_counter()
         batches = self._validate(batches, order)
-        captures = capture(self.model, self.modules, batches, forward_batch_size=self.config.forward_batch_size)
-        self._check_finite(captures, order, [b["input_ids"].shape[0] for b in batches])
+        captures = self._capture(batches, order)
         captured = time.perf_counter()
 
         # Step 3: lifelong normalizer, fed one minibatch at a time, modules in config order.
@@ -312,20 +393,11 @@ class UltraEditor:
             for name, module in self.modules.items():
                 normalizers[module_shape(module)].update(torch.cat((mb.keys[name], mb.grads[name]), -1))
 
-        # Steps 4-6, batched over modules of equal shape (they have the same rows).
-        shifts: dict[str, torch.Tensor] = {}
-        dtype = self.config.torch_dtype
-        for shape, norm in normalizers.items():
-            group = [n for n, m in self.modules.items() if module_shape(m) == shape]
-            keys = torch.stack([torch.cat([mb.keys[n] for mb in captures]).to(norm.device, dtype) for n in group])
-            grads = torch.stack([torch.cat([mb.grads[n] for mb in captures]).to(norm.device, dtype) for n in group])
-            values = target_values(keys, grads, norm, self.config.lr)
-            # Held in the dtype commit adds them in: float32 where they accumulate into the float32
-            # delta; otherwise the weights' dtype (bit-identical weights, half the memory for bf16).
-            shift_dtypes = {self._shift_dtype(self.modules[n]) for n in group}
-            out_dtype = shift_dtypes.pop() if len(shift_dtypes) == 1 else None
-            for name, shift in zip(group, ridge_solve(keys, values, self.config.ridge, self.config.solver, out_dtype)):
-                shifts[name] = shift
+        # Steps 4-6 (plus refinement steps when configured).
+        if self.config.refine_steps == 1:
+            shifts, steps = self._solve(captures, normalizers, out_dtype="weights"), 1
+        else:
+            shifts, steps = self._refine(batches, order, captures, normalizers)
         bad = [n for n, m in self.modules.items() if not bool(torch.isfinite(shifts[n].to(m.weight.dtype)).all())]
         if bad:
             raise EditError(
@@ -333,18 +405,113 @@ class UltraEditor:
             )
         done = time.perf_counter()
         rows = sum(mb.rows for mb in captures)
+        requests = sum(b["input_ids"].shape[0] for b in batches)
         report = TurnReport(
             turn=self.turns + 1,
-            requests=sum(b["input_ids"].shape[0] for b in batches),
+            requests=requests,
             rows={n: rows for n in self.modules},
             shift_norms={n: float(torch.linalg.vector_norm(shifts[n], dtype=torch.float32)) for n in self.modules},
             loss=sum(mb.loss for mb in captures) / len(captures),
             seconds=done - start,
             capture_seconds=captured - start,
             solve_seconds=done - captured,
-            order=list(order) if order is not None else list(range(sum(b["input_ids"].shape[0] for b in batches))),
+            order=list(order) if order is not None else list(range(requests)),
+            steps=steps,
         )
         return PendingTurn(shifts=shifts, normalizers=normalizers, report=report, generation=self.generation)
+
+    def _capture(self, batches: list[dict[str, torch.Tensor]], order: Sequence[int] | None) -> list[MinibatchCapture]:
+        captures = capture(self.model, self.modules, batches, forward_batch_size=self.config.forward_batch_size)
+        self._check_finite(captures, order, [b["input_ids"].shape[0] for b in batches])
+        return captures
+
+    def _solve(
+        self,
+        captures: list[MinibatchCapture],
+        normalizers: dict[tuple[int, int], LifelongNormalizer],
+        edited: list[torch.Tensor] | None = None,
+        out_dtype: str = "compute",
+    ) -> dict[str, torch.Tensor]:
+        """Steps 4-6 for every module, batched over modules of equal shape (they have the same rows).
+
+        ``edited`` (per minibatch, a bool per captured row) restricts the edit to those rows; the
+        other rows' keys are preserved (added to the ridge, as rows whose value is 0).
+        ``out_dtype="weights"`` returns each shift in its weight's dtype, else in the compute dtype.
+        """
+        shifts: dict[str, torch.Tensor] = {}
+        dtype = self.config.torch_dtype
+        select = torch.cat(edited) if edited is not None else None
+        for shape, norm in normalizers.items():
+            group = [n for n, m in self.modules.items() if module_shape(m) == shape]
+            keys = torch.stack([torch.cat([mb.keys[n] for mb in captures]).to(norm.device, dtype) for n in group])
+            grads = torch.stack([torch.cat([mb.grads[n] for mb in captures]).to(norm.device, dtype) for n in group])
+            kept = None
+            if select is not None:
+                sel = select.to(keys.device)
+                keys, grads, kept = keys[:, sel], grads[:, sel], keys[:, ~sel]
+            values = target_values(keys, grads, norm, self.config.module_lr(shape))
+            preserve = self._preserved(group, kept)
+            # Held in the dtype commit adds them in: float32 where they accumulate into the float32
+            # delta; otherwise the weights' dtype (bit-identical weights, half the memory for bf16).
+            shift_dtypes = {self._shift_dtype(self.modules[n]) for n in group}
+            single = shift_dtypes.pop() if len(shift_dtypes) == 1 else None
+            target = single if out_dtype == "weights" else None
+            solved = ridge_solve(keys, values, self.config.ridge, self.config.solver, target, preserve)
+            for name, shift in zip(group, solved):
+                shifts[name] = shift
+        return shifts
+
+    def _preserved(self, group: list[str], kept: torch.Tensor | None) -> torch.Tensor | None:
+        """The ridge's preserved-key term of a group of modules: ``alpha E0[k k^T]`` (generic text)
+        plus ``K^T K`` of this turn's rows that are already right (refinement steps); or ``None``."""
+        terms = []
+        if self.config.preserve > 0:
+            terms.append(self.config.preserve * torch.stack([self._generic_moments()[n] for n in group]))
+        if kept is not None and kept.shape[-2] > 0:
+            terms.append(kept.transpose(-1, -2) @ kept)
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def _generic_moments(self) -> dict[str, torch.Tensor]:
+        """``E0[k k^T]`` per edit module over the package's generic text (computed once)."""
+        if self._moments is None:
+            if self.tokenizer is None:
+                raise EditError("EditConfig.preserve > 0 needs the tokenizer: UltraEditor(model, config, tokenizer=...)")
+            from .preserve import key_moments
+
+            self._moments = key_moments(self.model, self.tokenizer, self.modules, dtype=self.config.torch_dtype)
+        return self._moments
+
+    def _refine(
+        self,
+        batches: list[dict[str, torch.Tensor]],
+        order: Sequence[int] | None,
+        captures: list[MinibatchCapture],
+        normalizers: dict[tuple[int, int], LifelongNormalizer],
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Refinement steps: apply the shift so far, capture again, solve again for the requests
+        not yet right (the right ones preserved), until all are right or ``refine_steps`` steps.
+        The weights are restored before returning; the shifts are the sum of the steps'."""
+        total = self._solve(captures, normalizers)
+        steps = 1
+        saved = {n: m.weight.detach().clone() for n, m in self.modules.items()}
+        try:
+            while steps < self.config.refine_steps:
+                for name, module in self.modules.items():
+                    with torch.no_grad():
+                        module.weight.copy_(saved[name])
+                    apply_shift(module, total[name])
+                captures = self._capture(batches, order)
+                wrong = _unsolved_rows(batches, captures)
+                if not any(bool(w.any()) for w in wrong):
+                    break
+                step = self._solve(captures, normalizers, edited=wrong)
+                total = {n: total[n] + step[n] for n in total}
+                steps += 1
+        finally:
+            with torch.no_grad():
+                for name, module in self.modules.items():
+                    module.weight.copy_(saved[name])
+        return {n: total[n].to(self._shift_dtype(self.modules[n])) for n in total}, steps
 
     def commit(self, pending: PendingTurn) -> None:
         """Apply a prepared turn: add every shift to its weight and adopt the new statistics.

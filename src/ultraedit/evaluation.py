@@ -8,6 +8,7 @@ locality prompts. Forwards are batched, sorted by length to keep padding small.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -86,12 +87,14 @@ class PairScores:
         exact: 1.0 if greedy decoding reproduces every answer token, else 0.0.
         logprob: summed log-probability (nats) of the answer tokens.
         predictions: argmax token ids at the answer positions (as many as answer tokens).
+        answers: the answer token ids (the labels the predictions are scored against).
     """
 
     accuracy: list[float] = field(default_factory=list)
     exact: list[float] = field(default_factory=list)
     logprob: list[float] = field(default_factory=list)
     predictions: list[tuple[int, ...]] = field(default_factory=list)
+    answers: list[tuple[int, ...]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.accuracy)
@@ -136,7 +139,7 @@ def teacher_forced(
     """
     encoded = tokenize_pairs(tokenizer, pairs)
     n = len(encoded)
-    scores = PairScores([0.0] * n, [0.0] * n, [0.0] * n, [()] * n)
+    scores = PairScores([0.0] * n, [0.0] * n, [0.0] * n, [()] * n, [()] * n)
     if not n:
         return scores
     device = model.get_input_embeddings().weight.device
@@ -159,6 +162,7 @@ def teacher_forced(
                 counts = mask.sum(1).tolist()
                 hit = (pred == gold).cpu().split(counts)
                 pred_rows = pred.cpu().split(counts)
+                gold_rows = gold.cpu().split(counts)
                 logp_rows = logp.cpu().split(counts)
                 for row, i in enumerate(idx):
                     hits = int(hit[row].sum())
@@ -166,6 +170,7 @@ def teacher_forced(
                     scores.exact[i] = 1.0 if hits == counts[row] else 0.0
                     scores.logprob[i] = float(logp_rows[row].sum())
                     scores.predictions[i] = tuple(pred_rows[row].tolist())
+                    scores.answers[i] = tuple(gold_rows[row].tolist())
     finally:
         model.train(training)
     return scores
@@ -235,12 +240,17 @@ class RequestScores:
         locality_predictions: per request, argmax ids of each locality pair (``specificity`` group).
         locality_agreement: per request, mean :func:`agreement` with ``reference`` predictions
             (only when a reference was given).
+        locality_known, locality_kept: per request, the locality answer tokens the reference
+            (unedited) predictions got right, and how many of those are still right now
+            (only when a reference was given); their pooled ratio is ``retention``.
     """
 
     accuracy: dict[str, list[float | None]]
     exact: dict[str, list[float | None]]
     locality_predictions: list[tuple[tuple[int, ...], ...]]
     locality_agreement: list[float | None] | None = None
+    locality_known: list[int] | None = None
+    locality_kept: list[int] | None = None
 
 
 def score_requests(
@@ -276,26 +286,36 @@ def score_requests(
     accuracy = {g: [mean(scores.accuracy, a, b) for a, b in spans[g]] for g in GROUPS}
     exact = {g: [mean(scores.exact, a, b) for a, b in spans[g]] for g in GROUPS}
     predictions = [tuple(scores.predictions[a:b]) for a, b in spans["specificity"]]
-    agree: list[float | None] | None = None
-    if reference is not None:
-        agree = []
-        for r, (ref, now) in enumerate(zip(reference, predictions)):
-            if len(ref) != len(now):
-                raise ValueError(f"request {r}: reference has {len(ref)} locality pairs, the request {len(now)}")
-            agree.append(sum(agreement(x, y) for x, y in zip(ref, now)) / len(now) if now else None)
-    return RequestScores(accuracy, exact, predictions, agree)
+    answers = [tuple(scores.answers[a:b]) for a, b in spans["specificity"]]
+    if reference is None:
+        return RequestScores(accuracy, exact, predictions)
+    agree: list[float | None] = []
+    known: list[int] = []
+    kept: list[int] = []
+    for r, (ref, now, gold) in enumerate(zip(reference, predictions, answers)):
+        if len(ref) != len(now):
+            raise ValueError(f"request {r}: reference has {len(ref)} locality pairs, the request {len(now)}")
+        agree.append(sum(agreement(x, y) for x, y in zip(ref, now)) / len(now) if now else None)
+        right_before = [(p, g) for x, y, z in zip(ref, now, gold) for b, p, g in zip(x, y, z) if b == g]
+        known.append(len(right_before))
+        kept.append(sum(p == g for p, g in right_before))
+    return RequestScores(accuracy, exact, predictions, agree, known, kept)
 
 
 class MetricTotals:
     """Running means of request-level scores, fed chunk by chunk (memory independent of request count).
 
     A group's value is the mean over the requests that have at least one pair of it of their mean
-    over those pairs (the authors' per-record averaging).
+    over those pairs (the authors' per-record averaging). ``retention`` is pooled over tokens: of
+    the locality answer tokens the unedited model predicted right, the share still right.
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
+        self.known_tokens = 0
+        self.kept_tokens = 0
+        self.retention_scored = False
 
     def _add(self, name: str, values: Iterable[float | None]) -> None:
         for v in values:
@@ -309,13 +329,43 @@ class MetricTotals:
             self._add(f"{group}_exact", scores.exact[group])
         if scores.locality_agreement is not None:
             self._add("locality_vs_unedited", scores.locality_agreement)
+        if scores.locality_known is not None and scores.locality_kept is not None:
+            self.retention_scored = True
+            self.known_tokens += sum(scores.locality_known)
+            self.kept_tokens += sum(scores.locality_kept)
 
-    def means(self) -> dict[str, float]:
-        """Metric name -> mean in [0, 1] (only metrics with at least one request)."""
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+    def means(self) -> dict[str, float | None]:
+        """Metric name -> mean in [0, 1] (only metrics with at least one request; ``retention`` is
+        ``None`` when scored against a reference that got no locality token right)."""
+        means: dict[str, float | None] = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        if self.retention_scored:
+            means["retention"] = self.kept_tokens / self.known_tokens if self.known_tokens else None
+        return means
 
     def as_dict(self) -> dict[str, Any]:
         return {"metrics": self.means(), "counts": dict(self.counts)}
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer: Any, lines: Sequence[str], *, lines_per_sequence: int = 4) -> float:
+    """``exp`` of the mean next-token negative log-likelihood over every token of ``lines``
+    (joined ``lines_per_sequence`` at a time into sequences)."""
+    from .preserve import text_batches
+
+    device = model.get_input_embeddings().weight.device
+    total, count = 0.0, 0
+    training = model.training
+    model.eval()
+    try:
+        for batch in text_batches(tokenizer, list(lines), lines_per_sequence=lines_per_sequence):
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)
+            total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"))
+            count += int((labels != IGNORE).sum())
+    finally:
+        model.train(training)
+    return math.exp(total / count)
 
 
 def _progress(items: Sequence[Any], enabled: bool, desc: str, unit: str) -> Iterator[Any] | Sequence[Any]:
@@ -335,6 +385,7 @@ __all__ = [
     "complete",
     "greedy_decode",
     "length_batches",
+    "perplexity",
     "request_pairs",
     "score_pairs",
     "score_requests",

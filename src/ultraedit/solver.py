@@ -62,8 +62,9 @@ def ridge_solve(
     ridge: float,
     method: SolveMethod = "auto",
     out_dtype: torch.dtype | None = None,
+    preserve: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Step 6: ``dW = (K^T K + ridge I)^-1 K^T V``.
+    """Step 6: ``dW = (K^T K + ridge I)^-1 K^T V`` (with ``preserve``: ``(K^T K + ridge I + P)^-1 K^T V``).
 
     Args:
         keys: ``(..., n, d_in)`` raw (un-normalized) keys.
@@ -73,12 +74,17 @@ def ridge_solve(
             ``"auto"`` picks dual when ``n < d_in``. Both give the same ``dW`` up to rounding.
         out_dtype: the dtype of the returned ``dW`` (default: that of ``keys``). The solve runs in
             the keys' dtype; a batched result is rounded one module at a time.
+        preserve: ``(..., d_in, d_in)`` symmetric positive semi-definite ``P`` added to the
+            primal system (keys whose outputs should stay put: ``P = sum k k^T`` over them, each
+            weighted). Not part of the authors' method; forces the primal form.
 
     Returns:
         ``dW`` of shape ``(..., d_in, d_out)``.
     """
     n, d_in = keys.shape[-2], keys.shape[-1]
-    if method == "auto":
+    if preserve is not None:
+        method = "primal"
+    elif method == "auto":
         method = "dual" if n < d_in else "primal"
     kt = keys.transpose(-1, -2)
     if method == "dual":
@@ -90,6 +96,8 @@ def ridge_solve(
     if method == "primal":
         gram = kt @ keys
         gram.diagonal(dim1=-2, dim2=-1).add_(ridge)
+        if preserve is not None:
+            gram = gram + preserve.to(gram.dtype)
         shift = _spd_solve(gram, kt @ values)
         return shift if out_dtype is None else shift.to(out_dtype)
     raise ValueError(f"solve method must be 'auto', 'dual' or 'primal', got {method!r}")

@@ -11,7 +11,7 @@ import sys
 from typing import Sequence
 
 from .. import __version__
-from . import bench, demo, models, presets, session
+from . import bench, demo, models, presets, serve, session
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ultraedit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (demo, session, bench, models, presets):
+    for group in (demo, session, bench, models, presets, serve):
         group.add_parsers(sub)
     return parser
 

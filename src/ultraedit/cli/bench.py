@@ -52,6 +52,14 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
                    help="padded tokens per evaluation forward, bounds logits memory (default 16384)")
     p.add_argument("--forward-batch-size", type=int, default=100,
                    help="requests per UltraEdit forward/backward; speed/memory only, same results (default 100)")
+    p.add_argument("--faithful", action="store_true",
+                   help="the authors' exact method (their lr 1e-6 and family preset); default: the model's "
+                   "recommended configuration (EditConfig.recommended, see 'ultraedit presets')")
+    p.add_argument("--refine-steps", type=int, default=None, metavar="S",
+                   help="override EditConfig.refine_steps (closed-form steps per turn)")
+    p.add_argument("--preserve", type=float, default=None, metavar="ALPHA",
+                   help="override EditConfig.preserve (weight of generic-text keys in the ridge)")
+    p.add_argument("--lr-scale", choices=("none", "width"), default=None, help="override EditConfig.lr_scale")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_command)
@@ -66,10 +74,11 @@ def _command(args: argparse.Namespace) -> int:
             preset=args.preset, eval_every=args.eval_every, device=args.device, dtype=args.dtype, seed=args.seed,
             method=args.method, skip_invalid=args.skip_invalid, eval_batch_size=args.eval_batch_size,
             eval_max_tokens=args.eval_max_tokens, forward_batch_size=args.forward_batch_size,
-            progress=not args.quiet,
+            progress=not args.quiet, faithful=args.faithful, refine_steps=args.refine_steps,
+            preserve=args.preserve, lr_scale=args.lr_scale,
         )
         results = run(config)
-    except (BenchError, DatasetError, EditError, ModelError, OSError) as err:  # user errors; bugs keep their traceback
+    except (BenchError, DatasetError, EditError, ModelError, OSError, ValueError) as err:  # not KeyError: bugs keep their traceback
         print(f"ultraedit bench: error: {err}", file=sys.stderr)
         return 2
     print(markdown(results), end="")

@@ -9,20 +9,33 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..testbed.demo import run_demo
+from .common import EXIT_BAD_INPUT
+
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from ..testbed import TESTBED_CONFIG
+    from ..demo import run_demo
+    from ..models import ModelError
+    from ..testbed.demo import run_demo as run_testbed_demo
 
-    config = TESTBED_CONFIG
-    if args.lr is not None:
-        config = replace(config, lr=args.lr)
     try:
-        scores = run_demo(edits=args.edits, turn_size=args.turn_size, show=args.show, config=config,
-                          device=args.device, data_dir=args.data_dir, progress=not args.quiet)
+        if args.model == "testbed":
+            from ..testbed import TESTBED_CONFIG
+
+            config = replace(TESTBED_CONFIG, lr=args.lr) if args.lr is not None else TESTBED_CONFIG
+            scores = run_testbed_demo(edits=args.edits or 300, turn_size=args.turn_size, show=args.show,
+                                      config=config, device=args.device, data_dir=args.data_dir,
+                                      progress=not args.quiet)
+        else:
+            scores = run_demo(args.model, edits=args.edits, turn_size=args.turn_size, show=args.show,
+                              lr=args.lr, device=args.device, progress=not args.quiet)
+    except ModelError as err:
+        print(f"ultraedit demo: error: {err}", file=sys.stderr)
+        print("ultraedit demo: 'ultraedit demo --model testbed' runs fully offline on the built-in testbed model",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (ValueError, FileNotFoundError) as err:
         print(f"ultraedit demo: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if args.json:
         Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
     return 0
@@ -49,15 +62,19 @@ def _positive(value: str) -> int:
 def add_parsers(subparsers: Any) -> None:
     """Register ``ultraedit demo`` and ``ultraedit testbed train`` on the CLI's subparsers."""
     demo = subparsers.add_parser(
-        "demo", help="edit the built-in testbed model (no download) and show before/after and ES/GS/LS",
+        "demo", help="edit a real model (built in, fetched once) and show before/after and ES/GS/LS",
         description="Edit a model, show answers before/after and ES/GS/LS.",
     )
-    demo.add_argument("--edits", type=_positive, default=300, help="edit requests to apply (default 300)")
+    demo.add_argument("--model", default="smollm2-135m",
+                      help="the model to edit (default smollm2-135m, the built-in real model, fetched once); "
+                      "'testbed' for the offline toy; or any --model spec")
+    demo.add_argument("--edits", type=_positive, default=None,
+                      help="edit requests to apply (default: all shipped ones; testbed 300)")
     demo.add_argument("--turn-size", type=_positive, default=100, help="requests per lifelong turn (default 100)")
     demo.add_argument("--show", type=int, default=3, help="edits to show before/after (default 3)")
-    demo.add_argument("--lr", type=float, default=None, help="override the testbed preset's lr")
+    demo.add_argument("--lr", type=float, default=None, help="override the step size of the model's recommended configuration")
     demo.add_argument("--device", default="cpu")
-    demo.add_argument("--data-dir", default=None, help="a directory from 'ultraedit testbed train' (default: shipped)")
+    demo.add_argument("--data-dir", default=None, help="--model testbed: a directory from 'ultraedit testbed train' (default: shipped)")
     demo.add_argument("--json", default=None, metavar="PATH", help="also write the scores as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo_command)

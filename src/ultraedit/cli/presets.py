@@ -16,9 +16,13 @@ def _presets_command(args: argparse.Namespace) -> int:
         ranges = ", ".join(f"layers {a}-{b} {s}" for a, b, s in preset.ranges)
         used = f" [default for {', '.join(defaults[name])}]" if name in defaults else ""
         print(f"{name:22s} {preset.reference_layers:3d} layers: {ranges}  ({preset.source}){used}")
+    from ..editor import options_summary
+
+    print()
+    print(options_summary())
     return 0
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("presets", help="list the edit-module presets per model family")
+    p = sub.add_parser("presets", help="list the edit-module presets per model family and the editing options")
     p.set_defaults(func=_presets_command)

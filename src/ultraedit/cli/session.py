@@ -142,17 +142,28 @@ def _check_preset(preset: str | None) -> None:
         raise CliError(f"--preset {preset!r} is unknown; known: {', '.join(sorted(PRESETS))} (see 'ultraedit presets')")
 
 
-def _new_config(args: argparse.Namespace) -> Any:
-    """The :class:`EditConfig` of a new session; an invalid value is a CliError naming the option."""
-    from ..bench import edit_fields
+def _check_options(args: argparse.Namespace) -> None:
+    """``--lr``/``--ridge``/``--capture-batch-size`` through :class:`EditConfig`'s own checks, before
+    the model is loaded: an invalid value is a CliError naming the field."""
     from ..editor import EditConfig
 
-    fields = {"ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
+    given = {"lr": args.lr, "ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
     try:
-        return EditConfig(
-            **edit_fields(args.model, modules=args.modules, preset=args.preset, lr=args.lr),
-            **{k: v for k, v in fields.items() if v is not None},
-        )
+        EditConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as err:
+        raise CliError(f"invalid option: {err}") from None
+
+
+def _new_config(args: argparse.Namespace, model: Any) -> Any:
+    """The :class:`EditConfig` of a new session (:func:`ultraedit.bench.edit_config`)."""
+    from ..batching import EditError
+    from ..bench import edit_config
+
+    try:
+        return edit_config(model, args.model, faithful=args.faithful, modules=args.modules, preset=args.preset,
+                           lr=args.lr, ridge=args.ridge, capture_batch_size=args.capture_batch_size)
+    except EditError:
+        raise
     except ValueError as err:  # EditConfig's own checks: one line naming the field
         raise CliError(f"invalid option: {err}") from None
 
@@ -180,7 +191,7 @@ def _edit_command(args: argparse.Namespace) -> int:
     _check_preset(args.preset)
     state_dir = Path(args.state)
     resuming = has_state(state_dir)
-    config = None if resuming else _new_config(args)  # bad options fail before the model is loaded
+    _check_options(args)  # bad options fail before the model is loaded
     dtype = args.dtype if args.dtype != "auto" or not resuming else (state_dtype(args.state) or "auto")
     model, tokenizer = load_model(args.model, args.device, dtype)
 
@@ -189,6 +200,7 @@ def _edit_command(args: argparse.Namespace) -> int:
             editor = load(model, state_dir, tokenizer, keep_turn_deltas=args.keep_turn_deltas)
             _check_same_config(editor.config, args, model)
         else:
+            config = _new_config(args, model)
             editor = UltraEditor(model, config, tokenizer, keep_turn_deltas=args.keep_turn_deltas or 0)
         delta_dtype = args.delta_dtype or (read_state(state_dir)[0]["delta_dtype"] if resuming else "float32")
         entry = _input_entry(editor.session.extra.setdefault("cli", {}), edits_path)
@@ -425,7 +437,10 @@ def add_parsers(sub: Any) -> None:
     group.add_argument("--modules", nargs="+", metavar="NAME", help="edit modules (dotted names)")
     group.add_argument("--preset", help="edit-module preset (see 'ultraedit presets'); default: the model family's")
     p.add_argument("--turn-size", type=int, default=100, help="edit requests per turn (default 100, as the paper)")
-    p.add_argument("--lr", type=float, help="UltraEdit step size (default 1e-6)")
+    p.add_argument("--faithful", action="store_true",
+                   help="a new state uses the authors' exact method (lr 1e-6, the family preset) instead of the "
+                   "model's recommended configuration (EditConfig.recommended; see 'ultraedit presets')")
+    p.add_argument("--lr", type=float, help="UltraEdit step size (default: the configuration's)")
     p.add_argument("--ridge", type=float, help="ridge lambda (default 1)")
     p.add_argument("--capture-batch-size", type=int, help="requests per minibatch (default 10)")
     p.add_argument("--save-every", type=int, default=1, metavar="K", help="save the state every K turns (default 1)")

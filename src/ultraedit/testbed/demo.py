@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 from ..batching import EditRequest
 from ..editor import EditConfig, UltraEditor
+from ..demo import pick, print_answers, questions
 from ..evaluation import complete, score_pairs
 
 __all__ = ["edit_and_score", "run_demo"]
@@ -104,25 +105,6 @@ def edit_and_score(
     }
 
 
-def _pick(requests: Sequence[EditRequest], show: int) -> list[EditRequest]:
-    if show <= 0:
-        return []
-    step = max(1, len(requests) // show)
-    return [requests[i] for i in range(0, len(requests), step)][:show]
-
-
-def _questions(examples: Sequence[EditRequest]) -> list[tuple[str, str, str]]:
-    """``(kind, prompt, expected_after)`` rows shown before and after editing."""
-    rows = []
-    for r in examples:
-        rows.append(("edit", r.prompt, r.target))
-        if r.rephrases:
-            rows.append(("rephrase", r.rephrases[0], r.target))
-        if r.locality:
-            rows.append(("neighbour", r.locality[0][0], r.locality[0][1]))
-    return rows
-
-
 def run_demo(
     edits: int = 300,
     turn_size: int = 100,
@@ -147,18 +129,14 @@ def run_demo(
         f"{n_params / 1e6:.2f}M parameters, trained on a fictional world (no download).")
     out(f"Editing {len(requests)} facts in turns of {turn_size} with UltraEdit "
         f"(lr {config.lr:g}, {len(config.modules or [])} modules: {', '.join(config.modules or ['preset'])}).")
-    rows = _questions(_pick(requests, show))
+    rows = questions(pick(requests, show))
     answers_before = complete(model, tokenizer, [p for _, p, _ in rows])
 
     scores = edit_and_score(model, tokenizer, requests, config, turn_size=turn_size, progress=progress)
     answers_after = complete(model, tokenizer, [p for _, p, _ in rows])
 
     out("")
-    width = max((len(p) for _, p, _ in rows), default=10)
-    out(f"{'':10s} {'question':{width}s}  {'before':>16s} -> {'after':16s} (wanted)")
-    for (kind, prompt, wanted), a, b in zip(rows, answers_before, answers_after):
-        mark = "ok" if b == wanted else "--"
-        out(f"{kind:10s} {prompt:{width}s}  {a:>16s} -> {b:16s} ({wanted}) {mark}")
+    print_answers(rows, answers_before, answers_after, out)
     out("")
     out(f"After {scores['edits']} edits ({scores['turns']} turns), teacher-forced token accuracy:")
     out(f"  Efficacy (ES)       {scores['efficacy']:.3f}   (before editing {scores['efficacy_before']:.3f})")

@@ -1,0 +1,78 @@
+"""Preserved keys of generic text: what the edit should leave alone (``EditConfig.preserve``).
+
+MEMIT (Meng et al., 2023) and AlphaEdit (Fang et al., 2025) protect a model's unrelated knowledge
+by keeping ``dW`` small on the keys (module inputs) of ordinary text: MEMIT adds the keys'
+second-moment matrix ``E0[k k^T]`` (estimated on Wikipedia) to the least-squares system,
+AlphaEdit projects ``dW`` onto its null space. UltraEdit has neither. We take MEMIT's form, which
+fits UltraEdit's ridge solve as one extra term and stays closed-form:
+
+    dW = (K^T K + lambda I + alpha E0[k k^T])^-1 K^T V
+
+``E0[k k^T]`` is estimated per edit module on a short generic English text that ships with the
+package (``data/generic.txt``, written for this purpose; not the perplexity text
+``data/heldout.txt``), over every token position.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batching import pad_id_of
+
+
+def package_text(name: str) -> list[str]:
+    """Non-empty lines of a text file shipped in ``ultraedit/data``."""
+    text = resources.files("ultraedit").joinpath("data", name).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def text_batches(tokenizer: Any, lines: list[str], *, lines_per_sequence: int = 4, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Right-padded ``input_ids``/``attention_mask`` batches, ``lines_per_sequence`` lines joined per sequence."""
+    texts = [" ".join(lines[i : i + lines_per_sequence]) for i in range(0, len(lines), lines_per_sequence)]
+    pad = pad_id_of(tokenizer)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        ids = [list(tokenizer(t)["input_ids"]) for t in texts[start : start + batch_size]]
+        width = max(map(len, ids))
+        out.append({
+            "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+        })
+    return out
+
+
+@torch.no_grad()
+def key_moments(
+    model: nn.Module, tokenizer: Any, modules: dict[str, nn.Module], *, text: str = "generic.txt",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """``E0[k k^T]`` (``(d_in, d_in)``, in ``dtype``) of each module's input over every real token of ``text``."""
+    device = model.get_input_embeddings().weight.device
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    mask: torch.Tensor | None = None
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            keys = args[0][mask.to(args[0].device)].to(dtype)
+            sums[name] = sums.get(name, 0) + keys.T @ keys
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    training = model.training
+    model.eval()
+    try:
+        for batch in text_batches(tokenizer, package_text(text)):
+            mask = batch["attention_mask"].bool()
+            count += int(mask.sum())
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    return {n: sums[n] / count for n in modules}
