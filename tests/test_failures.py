@@ -189,7 +189,9 @@ def current_version(directory):
     return directory / (directory / st.CURRENT).read_text().strip()
 
 
-@pytest.mark.parametrize("damage", ["undo key", "normalizer key", "normalizer shape", "state.json field", "delta shape"])
+@pytest.mark.parametrize(
+    "damage", ["undo key", "normalizer key", "normalizer shape", "state.json field", "fingerprint field", "delta shape"]
+)
 def test_a_damaged_state_fails_to_load_with_the_file_named_and_the_model_untouched(tmp_path, damage):
     import json
 
@@ -216,6 +218,11 @@ def test_a_damaged_state_fails_to_load_with_the_file_named_and_the_model_untouch
         del meta["turns"]
         (version / st.STATE_JSON).write_text(json.dumps(meta))
         where = r"state.json: incomplete state, missing \['turns'\]"
+    elif damage == "fingerprint field":
+        meta = json.loads((version / st.STATE_JSON).read_text())
+        del meta["fingerprint"]["modules"][name]["shape"]
+        (version / st.STATE_JSON).write_text(json.dumps(meta))
+        where = r"state.json: incomplete state, missing \['fingerprint.modules \(shape, dtype\)/weights_sha256'\]"
     else:
         rewrite_safetensors(version / st.DELTA, change={name: torch.zeros(3, 3)})
         where = rf"delta.safetensors: shift of '{name}' has shape \(3, 3\)"

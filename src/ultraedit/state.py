@@ -836,8 +836,9 @@ def read_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]
         )
     missing = [key for key in _REQUIRED_META if key not in meta]
     fp = meta.get("fingerprint")
-    if not missing and not (isinstance(fp, dict) and isinstance(fp.get("modules"), dict) and "weights_sha256" in fp):
-        missing.append("fingerprint.modules/weights_sha256")
+    if not missing and not (isinstance(fp, dict) and isinstance(fp.get("modules"), dict) and "weights_sha256" in fp
+                            and all(isinstance(m, dict) and {"shape", "dtype"} <= set(m) for m in fp["modules"].values())):
+        missing.append("fingerprint.modules (shape, dtype)/weights_sha256")
     if missing:
         raise StateError(f"{path}: incomplete state, missing {missing}")
     return meta, version
