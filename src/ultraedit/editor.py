@@ -213,9 +213,9 @@ class TurnReport:
     capture_seconds: float = 0.0
     solve_seconds: float = 0.0
     order: list[int] = field(default_factory=list)
+    steps: int = 1
     applied_norms: dict[str, float] = field(default_factory=dict)
     applied_fractions: dict[str, float] = field(default_factory=dict)
-    steps: int = 1
 
 
 @dataclass
@@ -252,15 +252,6 @@ def apply_shift(module: nn.Module, shift: torch.Tensor, alpha: float = 1.0) -> N
         weight.add_(delta.to(device=weight.device, dtype=weight.dtype), alpha=alpha)
 
 
-def _applied(weight: torch.Tensor, new: torch.Tensor, shift: torch.Tensor) -> tuple[float, float]:
-    """``(||new - weight||, <new - weight, shift> / ||shift||^2)`` in float32."""
-    change = new.float() - weight.float()
-    intended = shift.float()
-    squared = float(intended.square().sum())
-    fraction = float((change * intended).sum()) / squared if squared > 0 else 1.0
-    return float(torch.linalg.vector_norm(change)), fraction
-
-
 def _unsolved_rows(batches: Sequence[dict[str, torch.Tensor]], captures: list[MinibatchCapture]) -> list[torch.Tensor]:
     """Per minibatch, a bool per captured row (target token): does its request still miss a target token?"""
     out = []
@@ -269,6 +260,15 @@ def _unsolved_rows(batches: Sequence[dict[str, torch.Tensor]], captures: list[Mi
         missed = torch.stack([~h.all() for h in mb.hits.split(counts.tolist())])
         out.append(missed.repeat_interleave(counts))
     return out
+
+
+def _applied(weight: torch.Tensor, new: torch.Tensor, shift: torch.Tensor) -> tuple[float, float]:
+    """``(||new - weight||, <new - weight, shift> / ||shift||^2)`` in float32."""
+    change = new.float() - weight.float()
+    intended = shift.float()
+    squared = float(intended.square().sum())
+    fraction = float((change * intended).sum()) / squared if squared > 0 else 1.0
+    return float(torch.linalg.vector_norm(change)), fraction
 
 
 class UltraEditor:

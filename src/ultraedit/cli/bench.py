@@ -78,7 +78,7 @@ def _command(args: argparse.Namespace) -> int:
             preserve=args.preserve, lr_scale=args.lr_scale,
         )
         results = run(config)
-    except (BenchError, DatasetError, EditError, ModelError, OSError, ValueError) as err:  # not KeyError: bugs keep their traceback
+    except (BenchError, DatasetError, EditError, ModelError, OSError) as err:  # user errors; bugs keep their traceback
         print(f"ultraedit bench: error: {err}", file=sys.stderr)
         return 2
     print(markdown(results), end="")

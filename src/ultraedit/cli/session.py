@@ -142,28 +142,21 @@ def _check_preset(preset: str | None) -> None:
         raise CliError(f"--preset {preset!r} is unknown; known: {', '.join(sorted(PRESETS))} (see 'ultraedit presets')")
 
 
-def _check_options(args: argparse.Namespace) -> None:
-    """``--lr``/``--ridge``/``--capture-batch-size`` through :class:`EditConfig`'s own checks, before
-    the model is loaded: an invalid value is a CliError naming the field."""
+def _new_config(args: argparse.Namespace, model: Any = None) -> Any:
+    """The :class:`EditConfig` of a new session (:func:`ultraedit.bench.edit_config`: the model's
+    recommended configuration, or the authors' with ``--faithful``, with the options given on top).
+    Without ``model`` only the options are checked, so bad values fail before the model is loaded;
+    an invalid value is a CliError naming the option."""
+    from ..bench import edit_config, edit_fields
     from ..editor import EditConfig
 
-    given = {"lr": args.lr, "ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
+    fields = {"ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
     try:
-        EditConfig(**{k: v for k, v in given.items() if v is not None})
-    except ValueError as err:
-        raise CliError(f"invalid option: {err}") from None
-
-
-def _new_config(args: argparse.Namespace, model: Any) -> Any:
-    """The :class:`EditConfig` of a new session (:func:`ultraedit.bench.edit_config`)."""
-    from ..batching import EditError
-    from ..bench import edit_config
-
-    try:
+        if model is None:
+            return EditConfig(**edit_fields(args.model, modules=args.modules, preset=args.preset, lr=args.lr),
+                              **{k: v for k, v in fields.items() if v is not None})
         return edit_config(model, args.model, faithful=args.faithful, modules=args.modules, preset=args.preset,
-                           lr=args.lr, ridge=args.ridge, capture_batch_size=args.capture_batch_size)
-    except EditError:
-        raise
+                           lr=args.lr, **fields)
     except ValueError as err:  # EditConfig's own checks: one line naming the field
         raise CliError(f"invalid option: {err}") from None
 
@@ -191,7 +184,8 @@ def _edit_command(args: argparse.Namespace) -> int:
     _check_preset(args.preset)
     state_dir = Path(args.state)
     resuming = has_state(state_dir)
-    _check_options(args)  # bad options fail before the model is loaded
+    if not resuming:
+        _new_config(args)  # bad options fail before the model is loaded
     dtype = args.dtype if args.dtype != "auto" or not resuming else (state_dtype(args.state) or "auto")
     model, tokenizer = load_model(args.model, args.device, dtype)
 
@@ -200,8 +194,7 @@ def _edit_command(args: argparse.Namespace) -> int:
             editor = load(model, state_dir, tokenizer, keep_turn_deltas=args.keep_turn_deltas)
             _check_same_config(editor.config, args, model)
         else:
-            config = _new_config(args, model)
-            editor = UltraEditor(model, config, tokenizer, keep_turn_deltas=args.keep_turn_deltas or 0)
+            editor = UltraEditor(model, _new_config(args, model), tokenizer, keep_turn_deltas=args.keep_turn_deltas or 0)
         delta_dtype = args.delta_dtype or (read_state(state_dir)[0]["delta_dtype"] if resuming else "float32")
         entry = _input_entry(editor.session.extra.setdefault("cli", {}), edits_path)
         start_records, start_turns, start_edits = entry["records"], editor.turns, editor.edits
