@@ -49,16 +49,18 @@ def test_failed_hook_registration_leaves_no_hook(monkeypatch, where):
 
 # ------------------------------------------------------------------ 1. commit is all or nothing
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("failing_module", [0, 2])
-def test_commit_failing_at_kth_module_restores_every_weight(monkeypatch, failing_module):
+def test_commit_failing_at_kth_module_restores_every_weight(monkeypatch, failing_module, dtype):
     from ultraedit import editor as editor_module
 
-    model = tiny_model("llama")
+    model = tiny_model("llama", dtype=dtype)
     editor = UltraEditor(model, EditConfig(lr=LR), keep_turn_deltas=1)
     editor.edit_tokens(random_turn(0))
     pending = editor.prepare(random_turn(1))
     before = weights(model)
     stats = {s: {k: v.clone() for k, v in n.state_dict().items()} for s, n in editor.normalizers.items()}
+    deltas = {n: d.clone() for n, d in editor.session.delta.items()}
     real, calls = editor_module._write_weight, []
 
     def failing(module, new):
@@ -77,6 +79,7 @@ def test_commit_failing_at_kth_module_restores_every_weight(monkeypatch, failing
     for shape, norm in editor.normalizers.items():
         for key, value in norm.state_dict().items():
             assert torch.equal(value, stats[shape][key])
+    assert all(torch.equal(d, deltas[n]) for n, d in editor.session.delta.items()) and len(deltas) == len(editor.session.delta)
     editor.commit(pending)  # the same pending turn still applies, once
     assert editor.turns == 2
 
@@ -189,7 +192,9 @@ def current_version(directory):
     return directory / (directory / st.CURRENT).read_text().strip()
 
 
-@pytest.mark.parametrize("damage", ["undo key", "normalizer key", "normalizer shape", "state.json field", "delta shape"])
+@pytest.mark.parametrize(
+    "damage", ["undo key", "normalizer key", "normalizer shape", "state.json field", "fingerprint field", "delta shape"]
+)
 def test_a_damaged_state_fails_to_load_with_the_file_named_and_the_model_untouched(tmp_path, damage):
     import json
 
@@ -216,6 +221,11 @@ def test_a_damaged_state_fails_to_load_with_the_file_named_and_the_model_untouch
         del meta["turns"]
         (version / st.STATE_JSON).write_text(json.dumps(meta))
         where = r"state.json: incomplete state, missing \['turns'\]"
+    elif damage == "fingerprint field":
+        meta = json.loads((version / st.STATE_JSON).read_text())
+        del meta["fingerprint"]["modules"][name]["shape"]
+        (version / st.STATE_JSON).write_text(json.dumps(meta))
+        where = r"state.json: incomplete state, missing \['fingerprint.modules \(shape, dtype\)/weights_sha256'\]"
     else:
         rewrite_safetensors(version / st.DELTA, change={name: torch.zeros(3, 3)})
         where = rf"delta.safetensors: shift of '{name}' has shape \(3, 3\)"

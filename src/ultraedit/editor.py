@@ -555,7 +555,8 @@ class UltraEditor:
     def _write_shifts(self, shifts: dict[str, torch.Tensor], report: TurnReport) -> None:
         """Write every module's new weight; on any error restore the modules already written.
         Fills ``report.applied_norms``/``applied_fractions``; adopts the new float32 deltas last."""
-        written: list[tuple[nn.Module, torch.Tensor]] = []
+        written: list[str] = []
+        previous: dict[str, torch.Tensor] = {}  # CPU copies, for modules whose old weight cannot be rebuilt
         deltas: dict[str, torch.Tensor] = {}
         try:
             for name, module in self.modules.items():
@@ -566,18 +567,29 @@ class UltraEditor:
                 if not bool(torch.isfinite(new).all()):
                     raise EditError(f"the new weight of {name!r} is not finite in {weight.dtype}; nothing was applied")
                 report.applied_norms[name], report.applied_fractions[name] = _applied(weight, new, shift)
-                previous = weight.to("cpu", copy=True)
+                if delta is None:  # an accumulating module's old weight is round(base + old delta)
+                    previous[name] = weight.to("cpu", copy=True)
                 _write_weight(module, new)
-                written.append((module, previous))
+                written.append(name)
                 if delta is not None:
                     deltas[name] = delta
         except BaseException:
-            for module, previous in reversed(written):
-                _write_weight(module, previous.to(module.weight.device))
+            for name in reversed(written):
+                self._restore_weight(name, previous.get(name))
             report.applied_norms.clear()
             report.applied_fractions.clear()
             raise
         self.session.delta.update(deltas)
+
+    def _restore_weight(self, name: str, previous: torch.Tensor | None) -> None:
+        """Undo a write of this turn: ``previous`` (a copy), or ``round(base + delta)`` as before it."""
+        module = self.modules[name]
+        if previous is None:
+            weight = module.weight
+            delta = self.session.delta.get(name)
+            previous = self.session.base[name].to(device=weight.device, dtype=torch.float32)
+            previous = (previous + delta if delta is not None else previous).to(weight.dtype)
+        _write_weight(module, previous.to(module.weight.device))
 
     def _warn_if_lost(self, report: TurnReport) -> None:
         lost = {n: f for n, f in report.applied_fractions.items() if f < LOST_FRACTION and not self.accumulates(self.modules[n])}

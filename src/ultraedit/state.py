@@ -13,8 +13,9 @@ A lifelong editing session is a directory::
                            "<module>/value": elements where W_base + delta misses W_now by an ulp
         normalizers.safetensors   lifelong statistics per module shape: "<d_in>x<d_out>.{n,mean,var,std}"
         undo-<seq>.safetensors   (only with keep_turn_deltas) one per revertible turn: edit-module
-                           weights ("w/<module>", model dtype) and statistics ("n/<d_in>x<d_out>.*")
-                           from before that turn, for exact revert; hard-linked between versions
+                           weights ("w/<module>", model dtype), float32 deltas of bf16/fp16 modules
+                           ("d/<module>") and statistics ("n/<d_in>x<d_out>.*") from before that
+                           turn, for exact revert; hard-linked between versions
       edits.jsonl          append-only edit log, one JSON object per line (``seq`` increasing)
 
 Atomicity: a save writes a whole new version into ``.tmp-*``, fsyncs every file and the directory,
@@ -27,6 +28,9 @@ Edit log: records reach ``edits.jsonl`` only after the state that contains them 
 record's ``seq`` is appended only if it is larger than the last one in the file; the records not
 yet known to be in the file travel inside ``state.json`` (``log_tail``) and are appended by the next
 save. So no turn is ever logged twice, and a torn last line (crash mid-append) is cut off.
+
+For bf16/fp16 weights (default ``delta_accumulation="float32"``) the delta saved is the editor's
+float32 sum of the turns' shifts, and the weights are ``round(W_base + delta)`` by construction.
 
 Resume is exact: the state stores ``W_now - W_base`` (not a sum of per-turn shifts), so loading it
 onto the base weights reproduces the live model bit for bit (bf16/fp16 weights: a float32 delta is
@@ -836,8 +840,9 @@ def read_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]
         )
     missing = [key for key in _REQUIRED_META if key not in meta]
     fp = meta.get("fingerprint")
-    if not missing and not (isinstance(fp, dict) and isinstance(fp.get("modules"), dict) and "weights_sha256" in fp):
-        missing.append("fingerprint.modules/weights_sha256")
+    if not missing and not (isinstance(fp, dict) and isinstance(fp.get("modules"), dict) and "weights_sha256" in fp
+                            and all(isinstance(m, dict) and {"shape", "dtype"} <= set(m) for m in fp["modules"].values())):
+        missing.append("fingerprint.modules (shape, dtype)/weights_sha256")
     if missing:
         raise StateError(f"{path}: incomplete state, missing {missing}")
     return meta, version
