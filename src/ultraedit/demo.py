@@ -96,7 +96,7 @@ def score(model: Any, tokenizer: Any, requests: Sequence[EditRequest]) -> dict[s
 def run_demo(
     model: str = DEMO_MODEL,
     edits: int | None = None,
-    turn_size: int = 50,
+    turn_size: int = 100,
     show: int = 3,
     config: EditConfig | None = None,
     lr: float | None = None,
