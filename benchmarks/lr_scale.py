@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from ultraedit import EditConfig  # noqa: E402
 from ultraedit.batching import minibatches  # noqa: E402
-from ultraedit.bench import load_model  # noqa: E402
+from ultraedit.models import load_model  # noqa: E402
 from ultraedit.capture import capture  # noqa: E402
 from ultraedit.datasets import read_requests  # noqa: E402
 from ultraedit.normalizer import LifelongNormalizer  # noqa: E402
