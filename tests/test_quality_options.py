@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ultraedit import EditConfig, UltraEditor
+from ultraedit import EditConfig, EditError, UltraEditor
 from ultraedit.capture import capture
 from ultraedit.presets import resolve_modules
 from ultraedit.solver import ridge_solve
@@ -85,3 +85,46 @@ def test_one_refine_step_is_the_faithful_turn():
     reference_turn(ref_model, names, batches, {}, lr=1e-3)
     for n in names:
         torch.testing.assert_close(model.get_submodule(n).weight, ref_model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_recommended_config_comes_from_rules_for_any_supported_family(arch):
+    model = tiny_model(arch)
+    config = EditConfig.recommended(model)
+    assert config.modules == resolve_modules(model)
+    assert config.lr_scale == "width" and config.refine_steps > 1 and config.preserve > 0
+    assert EditConfig.recommended(model, refine_steps=2).refine_steps == 2
+    with pytest.raises(EditError, match="needs the tokenizer"):
+        UltraEditor(model, config).edit_tokens(random_turn(1))
+
+
+def test_generic_key_moments_match_a_plain_one_sequence_at_a_time_computation():
+    from test_bench import _tokenizer
+    from ultraedit.preserve import key_moments, package_text, text_batches
+    import transformers as T
+    from tiny import tiny_config
+
+    tok = _tokenizer()
+    config = tiny_config("llama")
+    config.vocab_size = len(tok)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    names = resolve_modules(model)
+    modules = {n: model.get_submodule(n) for n in names}
+    ours = key_moments(model, tok, modules)
+
+    inputs = {}
+    handles = [m.register_forward_hook(lambda mod, args, out, n=n: inputs.__setitem__(n, args[0][0])) for n, m in modules.items()]
+    sums = {n: 0 for n in names}
+    count = 0
+    lines = package_text("generic.txt")
+    with torch.no_grad():
+        for batch in text_batches(tok, lines, batch_size=1):  # one unpadded sequence per forward
+            model(input_ids=batch["input_ids"])
+            count += batch["input_ids"].shape[1]
+            for n in names:
+                sums[n] = sums[n] + inputs[n].double().T @ inputs[n].double()
+    for h in handles:
+        h.remove()
+    for n in names:
+        torch.testing.assert_close(ours[n].double(), sums[n] / count, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,222 @@
+"""Edit quality on a real model: the faithful method next to the recommended configuration.
+
+Reproduces the README's table "Edit quality on a real model": for each row (a data set and a
+number of edits), the model is edited in turns of 100 requests, then every edited request is
+scored (teacher-forced token accuracy: ES on the edit prompts, GS on the rephrases; retention and
+agreement on the locality prompts) and the perplexity of the package's held-out text is compared
+with the unedited model's. The unedited model is scored once per row and restored between
+configurations. A forgetting curve follows the first turn's requests (``--eval-every K``).
+
+    python benchmarks/quality_real.py --model /tmp/smol/hf --rows zsre:500 counterfact:2000
+    python benchmarks/quality_real.py --model /tmp/smol/hf --sweep zsre:100   # Pareto points
+
+Writes ``benchmarks/results/quality_real.json`` (or ``--out``); ``--plot`` draws the Pareto plot
+and the forgetting curves from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ultraedit import EditConfig, UltraEditor  # noqa: E402
+from ultraedit.models import load_model  # noqa: E402
+from ultraedit.datasets import read_requests  # noqa: E402
+from ultraedit.evaluation import MetricTotals, perplexity, score_requests  # noqa: E402
+from ultraedit.preserve import package_text  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+FILES = {"zsre": DATA / "zsre-500.json", "counterfact": DATA / "counterfact-20k.json.gz"}
+TURN = 100
+
+#: Pareto sweep: (label, EditConfig fields) on top of the faithful or recommended configuration.
+SWEEP = [
+    ("faithful lr 1e-6 (authors)", {"lr": 1e-6}),
+    ("faithful lr 2e-5", {"lr": 2e-5}),
+    ("faithful lr 1e-4", {"lr": 1e-4}),
+    ("faithful lr 3e-4", {"lr": 3e-4}),
+    ("width lr 1e-6", {"lr": 1e-6, "lr_scale": "width"}),
+    ("width lr 5e-6", {"lr": 5e-6, "lr_scale": "width"}),
+    ("steps 4, width lr 5e-6", {"lr": 5e-6, "lr_scale": "width", "refine_steps": 4}),
+    ("recommended", "recommended"),
+    ("recommended, preserve 100", {"recommended": True, "preserve": 100.0}),
+    ("recommended, preserve 10000", {"recommended": True, "preserve": 10000.0}),
+]
+
+
+def requests_of(dataset: str, count: int) -> list:
+    path = FILES[dataset]
+    reqs = [r for _, r in zip(range(count), read_requests(path, dataset, skip_invalid=True))]
+    if len(reqs) < count:
+        raise SystemExit(f"{path} provides {len(reqs)} requests; {count} asked for")
+    return reqs
+
+
+def config_of(kind, model) -> EditConfig:
+    if kind == "faithful":
+        return EditConfig()
+    if kind == "recommended":
+        return EditConfig.recommended(model)
+    fields = dict(kind)
+    if fields.pop("recommended", False):
+        return EditConfig.recommended(model, **fields)
+    return EditConfig(**fields)
+
+
+def scores(model, tok, reqs, ref) -> dict:
+    totals = MetricTotals()
+    totals.add(score_requests(model, tok, reqs, reference=ref))
+    return totals.means()
+
+
+def run_config(model, tok, saved, reqs, ref, ppl_lines, ppl_before, config, eval_every) -> dict:
+    model.load_state_dict(saved)
+    editor = UltraEditor(model, config, tokenizer=tok)
+    first, first_ref = reqs[:TURN], ref[:TURN]
+    curve, seconds, steps = [], 0.0, []
+    for turn, start in enumerate(range(0, len(reqs), TURN), 1):
+        t = time.perf_counter()
+        steps.append(editor.edit(reqs[start : start + TURN]).steps)
+        seconds += time.perf_counter() - t
+        if eval_every and (turn == 1 or turn % eval_every == 0):
+            m = scores(model, tok, first, first_ref)
+            curve.append({"turns": turn, "edits": turn * TURN, **{k: m.get(k) for k in ("efficacy", "generalization", "retention")}})
+            print(f"  turn {turn}: first turn's requests {curve[-1]}", flush=True)
+    m = scores(model, tok, reqs, ref)
+    ppl_after = perplexity(model, tok, ppl_lines)
+    return {
+        "config": {k: v for k, v in config.to_dict().items() if k != "modules"},
+        "modules": list(editor.modules),
+        "efficacy": m["efficacy"], "generalization": m["generalization"], "retention": m["retention"],
+        "locality_vs_unedited": m["locality_vs_unedited"], "specificity": m.get("specificity"),
+        "perplexity_before": ppl_before, "perplexity_after": ppl_after, "perplexity_rise": ppl_after / ppl_before - 1,
+        "seconds_per_edit": seconds / len(reqs), "mean_steps": sum(steps) / len(steps), "forgetting_curve": curve,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="/tmp/smol/hf", help="model name, path or ultraedit model spec")
+    p.add_argument("--rows", nargs="*", default=[], metavar="DATASET:EDITS", help="table rows, e.g. zsre:500")
+    p.add_argument("--sweep", metavar="DATASET:EDITS", help="Pareto sweep (SWEEP configurations) on these edits")
+    p.add_argument("--configs", nargs="+", default=["faithful", "recommended"], choices=["faithful", "recommended"])
+    p.add_argument("--eval-every", type=int, default=0, metavar="K", help="forgetting curve: first turn's requests every K turns")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality_real.json"))
+    p.add_argument("--plot", action="store_true", help="only draw the PNGs from --out")
+    p.add_argument("--table", action="store_true", help="only print the README table from --out")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.plot:
+        plot(out)
+        return 0
+    if args.table:
+        print(table(json.loads(out.read_text())))
+        return 0
+    rows = [(d, int(n)) for d, n in (r.split(":") for r in args.rows)]
+    for dataset, n in rows + ([tuple(args.sweep.split(":"))] if args.sweep else []):
+        requests_of(dataset, int(n))  # count check before loading the model
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, "cpu")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    ppl_lines = package_text("heldout.txt")
+    ppl_before = perplexity(model, tok, ppl_lines)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results.setdefault("rows", {})
+    results["model"] = args.model
+    jobs = [(f"{d}:{n}", d, n, [(k, k) for k in args.configs], args.eval_every) for d, n in rows]
+    if args.sweep:
+        d, n = args.sweep.split(":")
+        jobs.append((f"sweep {d}:{n}", d, int(n), SWEEP, 0))
+    for key, dataset, n, configs, eval_every in jobs:
+        reqs = requests_of(dataset, n)
+        t = time.perf_counter()
+        ref = score_requests(model, tok, reqs).locality_predictions
+        base = scores(model, tok, reqs, ref)
+        row = results["rows"].setdefault(key, {})
+        row["unedited"] = {"efficacy": base["efficacy"], "generalization": base["generalization"],
+                           "specificity": base.get("specificity"), "perplexity": ppl_before,
+                           "seconds": time.perf_counter() - t}
+        for label, kind in configs:
+            print(f"{key}: {label}", flush=True)
+            row[label] = run_config(model, tok, saved, reqs, ref, ppl_lines, ppl_before, config_of(kind, model), eval_every)
+            print(json.dumps({k: v for k, v in row[label].items() if k not in ("modules", "forgetting_curve")}), flush=True)
+            out.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def table(results: dict) -> str:
+    """The README table: one line per (row, configuration), metrics as measured."""
+    lines = ["| set | edits | configuration | ES | GS | retention | agreement | perplexity rise | s/edit | steps/turn |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, row in results["rows"].items():
+        if key.startswith("sweep"):
+            continue
+        dataset, edits = key.split(":")
+        base = row["unedited"]
+        lines.append(f"| {dataset} | {edits} | unedited | {base['efficacy']:.3f} | {base['generalization']:.3f} | 1 | 1 | 0 | | |")
+        for label, r in row.items():
+            if label == "unedited":
+                continue
+            lines.append(
+                f"| {dataset} | {edits} | {label} | {r['efficacy']:.3f} | {r['generalization']:.3f} | {r['retention']:.3f} | "
+                f"{r['locality_vs_unedited']:.3f} | {100 * r['perplexity_rise']:+.1f}% | {r['seconds_per_edit']:.2f} | "
+                f"{r['mean_steps']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(path: Path) -> None:
+    """``pareto.png`` (ES and GS against retention, sweep points) and ``forgetting.png`` next to ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    results = json.loads(path.read_text())
+    sweeps = {k: v for k, v in results["rows"].items() if k.startswith("sweep")}
+    fig = Figure(figsize=(7.5, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    for i, metric in enumerate(("efficacy", "generalization")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for key, row in sweeps.items():
+            for label, r in row.items():
+                if label == "unedited":
+                    continue
+                marker = "*" if label == "recommended" else ("s" if label.startswith("faithful") else "o")
+                ax.scatter(r["retention"], r[metric], marker=marker, s=60 if marker == "*" else 25)
+                ax.annotate(label, (r["retention"], r[metric]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        ax.set_xlabel("retention")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Pareto: {', '.join(sweeps)} ({results['model']})", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path.with_name("pareto.png"))
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, row in results["rows"].items():
+        for label, r in row.items():
+            curve = r.get("forgetting_curve") if isinstance(r, dict) else None
+            if curve:
+                edits = [c["edits"] for c in curve]
+                ax.plot(edits, [c["efficacy"] for c in curve], marker="o", label=f"{key} {label}: ES")
+                ax.plot(edits, [c["generalization"] for c in curve], marker="x", linestyle="--", label=f"{key} {label}: GS")
+    ax.set_xlabel("edits applied")
+    ax.set_ylabel("first turn's requests: token accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path.with_name("forgetting.png"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
