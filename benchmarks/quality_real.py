@@ -36,6 +36,7 @@ from ultraedit.preserve import package_text  # noqa: E402
 DATA = ROOT.parent / "shared" / "data"
 FILES = {"zsre": DATA / "zsre-500.json", "counterfact": DATA / "counterfact-20k.json.gz"}
 TURN = 100
+CURVE_KEYS = ("efficacy", "generalization", "retention")
 
 #: Pareto sweep: (label, EditConfig fields) on top of the faithful or recommended configuration.
 SWEEP = [
@@ -71,10 +72,20 @@ def config_of(kind, model) -> EditConfig:
     return EditConfig(**fields)
 
 
-def scores(model, tok, reqs, ref) -> dict:
+def scores(model, tok, reqs, ref, first: int | None = None):
+    """Metric means over ``reqs`` (and, with ``first``, also over the first ``first`` of them)."""
+    scored = score_requests(model, tok, reqs, reference=ref)
     totals = MetricTotals()
-    totals.add(score_requests(model, tok, reqs, reference=ref))
-    return totals.means()
+    totals.add(scored)
+    if first is None:
+        return totals.means()
+    head = MetricTotals()
+    head.add(type(scored)(
+        {g: v[:first] for g, v in scored.accuracy.items()}, {g: v[:first] for g, v in scored.exact.items()},
+        scored.locality_predictions[:first], scored.locality_agreement[:first],
+        scored.locality_known[:first], scored.locality_kept[:first],
+    ))
+    return totals.means(), head.means()
 
 
 def run_config(model, tok, saved, reqs, ref, ppl_lines, ppl_before, config, eval_every) -> dict:
@@ -86,11 +97,14 @@ def run_config(model, tok, saved, reqs, ref, ppl_lines, ppl_before, config, eval
         t = time.perf_counter()
         steps.append(editor.edit(reqs[start : start + TURN]).steps)
         seconds += time.perf_counter() - t
-        if eval_every and (turn == 1 or turn % eval_every == 0):
-            m = scores(model, tok, first, first_ref)
-            curve.append({"turns": turn, "edits": turn * TURN, **{k: m.get(k) for k in ("efficacy", "generalization", "retention")}})
+        last = start + TURN >= len(reqs)
+        if eval_every and not last and (turn == 1 or turn % eval_every == 0):
+            point = scores(model, tok, first, first_ref)
+            curve.append({"turns": turn, "edits": turn * TURN, **{k: point.get(k) for k in CURVE_KEYS}})
             print(f"  turn {turn}: first turn's requests {curve[-1]}", flush=True)
-    m = scores(model, tok, reqs, ref)
+    m, point = scores(model, tok, reqs, ref, first=TURN)
+    if eval_every:
+        curve.append({"turns": turn, "edits": len(reqs), **{k: point.get(k) for k in CURVE_KEYS}})
     ppl_after = perplexity(model, tok, ppl_lines)
     return {
         "config": {k: v for k, v in config.to_dict().items() if k != "modules"},
@@ -107,7 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="/tmp/smol/hf", help="model name, path or ultraedit model spec")
     p.add_argument("--rows", nargs="*", default=[], metavar="DATASET:EDITS", help="table rows, e.g. zsre:500")
     p.add_argument("--sweep", metavar="DATASET:EDITS", help="Pareto sweep (SWEEP configurations) on these edits")
-    p.add_argument("--configs", nargs="+", default=["faithful", "recommended"], choices=["faithful", "recommended"])
+    p.add_argument("--configs", nargs="+", default=["recommended", "faithful"], choices=["faithful", "recommended"])
+    p.add_argument("--curve-configs", nargs="*", default=["recommended"], help="configurations that get the forgetting curve")
     p.add_argument("--eval-every", type=int, default=0, metavar="K", help="forgetting curve: first turn's requests every K turns")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality_real.json"))
@@ -139,15 +154,19 @@ def main(argv=None) -> int:
     for key, dataset, n, configs, eval_every in jobs:
         reqs = requests_of(dataset, n)
         t = time.perf_counter()
-        ref = score_requests(model, tok, reqs).locality_predictions
-        base = scores(model, tok, reqs, ref)
+        unedited = score_requests(model, tok, reqs)
+        ref = unedited.locality_predictions
+        totals = MetricTotals()
+        totals.add(unedited)
+        base = totals.means()
         row = results["rows"].setdefault(key, {})
         row["unedited"] = {"efficacy": base["efficacy"], "generalization": base["generalization"],
                            "specificity": base.get("specificity"), "perplexity": ppl_before,
                            "seconds": time.perf_counter() - t}
         for label, kind in configs:
             print(f"{key}: {label}", flush=True)
-            row[label] = run_config(model, tok, saved, reqs, ref, ppl_lines, ppl_before, config_of(kind, model), eval_every)
+            every = eval_every if label in args.curve_configs else 0
+            row[label] = run_config(model, tok, saved, reqs, ref, ppl_lines, ppl_before, config_of(kind, model), every)
             print(json.dumps({k: v for k, v in row[label].items() if k not in ("modules", "forgetting_curve")}), flush=True)
             out.write_text(json.dumps(results, indent=1) + "\n")
     return 0

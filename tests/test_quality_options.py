@@ -128,3 +128,28 @@ def test_generic_key_moments_match_a_plain_one_sequence_at_a_time_computation():
         h.remove()
     for n in names:
         torch.testing.assert_close(ours[n].double(), sums[n] / count, rtol=1e-4, atol=1e-6)
+
+
+def test_a_resumed_session_with_the_new_options_equals_an_uninterrupted_one(tmp_path):
+    from test_bench import _tokenizer
+    import transformers as T
+    from tiny import tiny_config
+
+    tok = _tokenizer()
+    config = tiny_config("llama")
+    config.vocab_size = len(tok)
+    torch.manual_seed(0)
+    base = T.AutoModelForCausalLM.from_config(config).eval()
+    options = EditConfig.recommended(base, lr=1e-3)
+    turns = [random_turn(40 + t, vocab=len(tok)) for t in range(2)]
+
+    straight = UltraEditor(copy.deepcopy(base), options, tokenizer=tok)
+    for batches in turns:
+        straight.edit_tokens(batches)
+    first = UltraEditor(copy.deepcopy(base), options, tokenizer=tok)
+    first.edit_tokens(turns[0])
+    first.save(tmp_path / "state")
+    resumed = UltraEditor.load(copy.deepcopy(base), tmp_path / "state", tok)
+    resumed.edit_tokens(turns[1])
+    for name in options.modules:
+        torch.testing.assert_close(resumed.model.get_submodule(name).weight, straight.model.get_submodule(name).weight)
