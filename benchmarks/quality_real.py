@@ -195,11 +195,17 @@ def table(results: dict) -> str:
 
 def plot(path: Path) -> None:
     """``pareto.png`` (ES and GS against retention, sweep points) and ``forgetting.png`` next to ``path``."""
+    results = json.loads(path.read_text())
+    sweeps = {k: v for k, v in results["rows"].items() if k.startswith("sweep")}
+    if sweeps:
+        plot_pareto(results, sweeps, path.with_name("pareto.png"))
+    plot_forgetting(results, path.with_name("forgetting.png"))
+
+
+def plot_pareto(results: dict, sweeps: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    results = json.loads(path.read_text())
-    sweeps = {k: v for k, v in results["rows"].items() if k.startswith("sweep")}
     fig = Figure(figsize=(7.5, 4.2), dpi=120)
     FigureCanvasAgg(fig)
     for i, metric in enumerate(("efficacy", "generalization")):
@@ -216,7 +222,12 @@ def plot(path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"Pareto: {', '.join(sweeps)} ({results['model']})", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path.with_name("pareto.png"))
+    fig.savefig(path)
+
+
+def plot_forgetting(results: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.0), dpi=120)
     FigureCanvasAgg(fig)
@@ -234,7 +245,7 @@ def plot(path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small")
     fig.tight_layout()
-    fig.savefig(path.with_name("forgetting.png"))
+    fig.savefig(path)
 
 
 if __name__ == "__main__":
