@@ -153,3 +153,17 @@ def test_a_resumed_session_with_the_new_options_equals_an_uninterrupted_one(tmp_
     resumed.edit_tokens(turns[1])
     for name in options.modules:
         torch.testing.assert_close(resumed.model.get_submodule(name).weight, straight.model.get_submodule(name).weight)
+
+
+def test_bench_configurations_and_explicit_overrides():
+    from ultraedit.bench import BenchConfig, bench_edit_config
+
+    model = tiny_model("llama")
+    common = dict(model="m", dataset="zsre", data="f", out="o", turns=1)
+    recommended = bench_edit_config(model, BenchConfig(**common))
+    assert recommended == EditConfig.recommended(model)
+    faithful = bench_edit_config(model, BenchConfig(**common, faithful=True))
+    assert faithful == EditConfig()
+    tuned = bench_edit_config(model, BenchConfig(**common, lr=2e-6, refine_steps=2, preserve=0.0, preset="llama3-fever"))
+    assert (tuned.lr, tuned.lr_scale, tuned.refine_steps, tuned.preserve) == (2e-6, "width", 2, 0.0)
+    assert tuned.modules is None and tuned.preset == "llama3-fever"
