@@ -23,13 +23,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ultraedit import EditConfig  # noqa: E402
-from ultraedit.batching import minibatches  # noqa: E402
-from ultraedit.models import load_model  # noqa: E402
-from ultraedit.capture import capture  # noqa: E402
-from ultraedit.datasets import read_requests  # noqa: E402
-from ultraedit.normalizer import LifelongNormalizer  # noqa: E402
-from ultraedit.solver import ridge_solve, target_values  # noqa: E402
+from ultraedit import EditConfig
+from ultraedit.batching import minibatches
+from ultraedit.capture import capture
+from ultraedit.datasets import read_requests
+from ultraedit.models import load_model
+from ultraedit.normalizer import LifelongNormalizer
+from ultraedit.solver import ridge_solve, target_values
 
 
 def measure(model, batches, names) -> list[dict]:

@@ -27,11 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ultraedit import EditConfig, UltraEditor  # noqa: E402
-from ultraedit.models import load_model  # noqa: E402
-from ultraedit.datasets import read_requests  # noqa: E402
-from ultraedit.evaluation import MetricTotals, perplexity, score_requests  # noqa: E402
-from ultraedit.preserve import package_text  # noqa: E402
+from ultraedit import EditConfig, UltraEditor
+from ultraedit.datasets import read_requests
+from ultraedit.evaluation import MetricTotals, perplexity, score_requests
+from ultraedit.models import load_model
+from ultraedit.preserve import package_text
 
 DATA = ROOT.parent / "shared" / "data"
 FILES = {"zsre": DATA / "zsre-500.json", "counterfact": DATA / "counterfact-20k.json.gz"}
@@ -210,7 +210,7 @@ def plot_pareto(results: dict, sweeps: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     for i, metric in enumerate(("efficacy", "generalization")):
         ax = fig.add_subplot(1, 2, i + 1)
-        for key, row in sweeps.items():
+        for row in sweeps.values():
             for label, r in row.items():
                 if label == "unedited":
                     continue

@@ -5,14 +5,13 @@ import math
 
 import pytest
 import torch
+from reference import reference_refined_turn, reference_turn
+from tiny import random_turn, tiny_model
 
 from ultraedit import EditConfig, EditError, UltraEditor
 from ultraedit.capture import capture
 from ultraedit.presets import resolve_modules
 from ultraedit.solver import ridge_solve
-
-from reference import reference_refined_turn, reference_turn
-from tiny import random_turn, tiny_model
 
 
 def test_new_options_default_to_the_authors_method():
@@ -99,10 +98,11 @@ def test_recommended_config_comes_from_rules_for_any_supported_family(arch):
 
 
 def test_generic_key_moments_match_a_plain_one_sequence_at_a_time_computation():
-    from test_bench import _tokenizer
-    from ultraedit.preserve import key_moments, package_text, text_batches
     import transformers as T
+    from test_bench import _tokenizer
     from tiny import tiny_config
+
+    from ultraedit.preserve import key_moments, package_text, text_batches
 
     tok = _tokenizer()
     config = tiny_config("llama")
@@ -131,8 +131,8 @@ def test_generic_key_moments_match_a_plain_one_sequence_at_a_time_computation():
 
 
 def test_a_resumed_session_with_the_new_options_equals_an_uninterrupted_one(tmp_path):
-    from test_bench import _tokenizer
     import transformers as T
+    from test_bench import _tokenizer
     from tiny import tiny_config
 
     tok = _tokenizer()
