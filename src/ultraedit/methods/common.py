@@ -60,6 +60,18 @@ def layer_of(model: nn.Module, module_name: str) -> int:
     return int(match.group(1))
 
 
+def single_layer(model: nn.Module, config: Any, method: str) -> int | None:
+    """The layer a one-layer method (FT-M, GRACE) is pointed at with ``--modules NAME``; ``None`` if
+    not given. ``--preset`` or several modules are errors."""
+    if config.preset is not None:
+        raise MethodError(f"{method} edits one layer: pass --modules NAME instead of --preset")
+    if not config.modules:
+        return None
+    if len(config.modules) != 1:
+        raise MethodError(f"{method} edits exactly one module, got {len(config.modules)}")
+    return layer_of(model, config.modules[0])
+
+
 def scaled_layers(published: Sequence[int], published_depth: int, depth: int) -> list[int]:
     """A published layer choice moved proportionally to a model of another depth (deduplicated)."""
     out: list[int] = []

@@ -26,14 +26,13 @@ from torch import nn
 from ..batching import EditRequest
 from .common import (
     Encoded,
-    MethodError,
     Tail,
     apply_options,
     encode,
     frozen,
-    layer_of,
     mlp_out_name,
     scaled_layers,
+    single_layer,
     unfreeze,
 )
 
@@ -65,12 +64,9 @@ class FTMethod:
         params = apply_options(FTParams(), getattr(config, "method_options", None), "ft")
         if config.lr is not None:
             params.lr = config.lr
-        if config.preset is not None:
-            raise MethodError("ft edits one layer: pass --modules NAME instead of --preset")
-        if config.modules:
-            if len(config.modules) != 1:
-                raise MethodError(f"ft edits exactly one module, got {len(config.modules)}")
-            params.layer = layer_of(model, config.modules[0])
+        layer = single_layer(model, config, "ft")
+        if layer is not None:
+            params.layer = layer
         return cls(model, tokenizer, params, config.batch_size)
 
     def edit(self, requests: Sequence[EditRequest]) -> SimpleNamespace:

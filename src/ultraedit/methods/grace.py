@@ -35,15 +35,14 @@ from ..batching import EditRequest
 from ..presets import num_layers
 from .common import (
     Encoded,
-    MethodError,
     Tail,
     apply_options,
     encode,
     frozen,
-    layer_of,
     mlp_out_name,
     module_io_at,
     scaled_layers,
+    single_layer,
     unfreeze,
 )
 
@@ -133,12 +132,9 @@ class GraceMethod:
         params = apply_options(GraceParams(), getattr(config, "method_options", None), "grace")
         if config.lr is not None:
             params.edit_lr = config.lr
-        if config.preset is not None:
-            raise MethodError("grace wraps one layer: pass --modules NAME instead of --preset")
-        if config.modules:
-            if len(config.modules) != 1:
-                raise MethodError(f"grace wraps exactly one module, got {len(config.modules)}")
-            params.layer = layer_of(model, config.modules[0])
+        layer = single_layer(model, config, "grace")
+        if layer is not None:
+            params.layer = layer
         return cls(model, tokenizer, params, seed=config.seed)
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
