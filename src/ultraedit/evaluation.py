@@ -350,14 +350,15 @@ class MetricTotals:
 def perplexity(model: nn.Module, tokenizer: Any, lines: Sequence[str], *, lines_per_sequence: int = 4) -> float:
     """``exp`` of the mean next-token negative log-likelihood over every token of ``lines``
     (joined ``lines_per_sequence`` at a time into sequences)."""
-    from .preserve import text_batches
+    from .preserve import context_length, text_batches
 
     device = model.get_input_embeddings().weight.device
     total, count = 0.0, 0
     training = model.training
     model.eval()
     try:
-        for batch in text_batches(tokenizer, list(lines), lines_per_sequence=lines_per_sequence):
+        for batch in text_batches(tokenizer, list(lines), lines_per_sequence=lines_per_sequence,
+                                  max_tokens=context_length(model)):
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)

@@ -30,19 +30,28 @@ def package_text(name: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def text_batches(tokenizer: Any, lines: list[str], *, lines_per_sequence: int = 4, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
-    """Right-padded ``input_ids``/``attention_mask`` batches, ``lines_per_sequence`` lines joined per sequence."""
+def text_batches(
+    tokenizer: Any, lines: list[str], *, lines_per_sequence: int = 4, batch_size: int = 16, max_tokens: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Right-padded ``input_ids``/``attention_mask`` batches, ``lines_per_sequence`` lines joined per
+    sequence, each cut to ``max_tokens`` (the model's context) when given."""
     texts = [" ".join(lines[i : i + lines_per_sequence]) for i in range(0, len(lines), lines_per_sequence)]
     pad = pad_id_of(tokenizer)
     out = []
     for start in range(0, len(texts), batch_size):
-        ids = [list(tokenizer(t)["input_ids"]) for t in texts[start : start + batch_size]]
+        ids = [list(tokenizer(t)["input_ids"])[:max_tokens] for t in texts[start : start + batch_size]]
         width = max(map(len, ids))
         out.append({
             "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
         })
     return out
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions the model was built for (``max_position_embeddings``), if it says."""
+    value = getattr(model.config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 @torch.no_grad()
@@ -67,7 +76,7 @@ def key_moments(
     training = model.training
     model.eval()
     try:
-        for batch in text_batches(tokenizer, package_text(text)):
+        for batch in text_batches(tokenizer, package_text(text), max_tokens=context_length(model)):
             mask = batch["attention_mask"].bool()
             count += int(mask.sum())
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
