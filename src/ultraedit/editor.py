@@ -175,7 +175,7 @@ def options_summary() -> str:
         "Configurations:",
         "  faithful     the authors' method: EditConfig() (lr 1e-6, ridge 1, the family preset); 'bench --faithful'",
         f"  recommended  EditConfig.recommended(model): the family preset at the model's depth, {recommended};",
-        "               the default of 'ultraedit bench' for a model",
+        "               the default of 'ultraedit edit', 'serve', 'bench' and 'demo' for a model ('--faithful': the authors')",
         "Options beyond the paper (EditConfig fields; off by default):",
         "  lr_scale     'none' | 'width': lr per module x 4096*sqrt(14336)/(d_in*sqrt(d_out)) (carries the",
         "               authors' Llama-3-8B lr to other widths)",
