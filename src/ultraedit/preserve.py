@@ -50,7 +50,7 @@ def text_batches(
 
 def context_length(model: nn.Module) -> int | None:
     """The most positions the model was built for (``max_position_embeddings``), if it says."""
-    value = getattr(model.config, "max_position_embeddings", None)
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None
 
 
