@@ -519,13 +519,8 @@ def run(
         bar.update(len(requests_))
     bar.close()
     timings["unedited_eval_seconds"] = time.perf_counter() - t
-    if total < config.edits:
-        where = f"{source.path}" if source.path else "the given requests"
-        skipped = f" (after skipping {source.skipped} invalid records)" if source.skipped else ""
-        raise BenchError(
-            f"{where} provides {total} requests{skipped}; --turns {config.turns} x --turn-size "
-            f"{config.turn_size} needs {config.edits}"
-        )
+    if total < config.edits:  # the file changed since the count check
+        raise _too_few(source, config, total)
 
     # 2. The lifelong sequence, with curve evaluations every eval_every turns.
     per_turn: list[dict[str, Any]] = []
@@ -602,12 +597,16 @@ def _check_count(source: _Source, config: BenchConfig) -> None:
     """Refuse a run asking for more requests than the data holds (reads records, loads no model)."""
     available = sum(1 for _ in source.take(config.edits, record=True))
     if available < config.edits:
-        where = f"{source.path}" if source.path else "the given requests"
-        skipped = f" (after skipping {source.skipped} invalid records)" if source.skipped else ""
-        raise BenchError(
-            f"{where} provides {available} requests{skipped}; --turns {config.turns} x --turn-size "
-            f"{config.turn_size} needs {config.edits}"
-        )
+        raise _too_few(source, config, available)
+
+
+def _too_few(source: _Source, config: BenchConfig, available: int) -> BenchError:
+    where = f"{source.path}" if source.path else "the given requests"
+    skipped = f" (after skipping {source.skipped} invalid records)" if source.skipped else ""
+    return BenchError(
+        f"{where} provides {available} requests{skipped}; --turns {config.turns} x --turn-size "
+        f"{config.turn_size} needs {config.edits}"
+    )
 
 
 def _evaluate(
