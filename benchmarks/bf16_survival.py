@@ -84,7 +84,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="/tmp/smol/hf")
+    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="/work/shared/data/zsre-500.json")
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--turn-size", type=int, default=10)

@@ -7,7 +7,7 @@ If the three ratios stay near 1 across shapes, ||V_row|| grows as d_in * sqrt(d_
 lr_scale="width" (lr * 4096 sqrt(14336) / (d_in sqrt(d_out))) gives every shape the row norm the
 authors' lr gives Llama-3-8B's MLP projections (4096 -> 14336).
 
-    python benchmarks/lr_scale.py --model /tmp/smol/hf --data ../shared/data/zsre-500.json
+    python benchmarks/lr_scale.py --model smollm2-135m --data ../shared/data/zsre-500.json
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def measure(model, batches, names) -> list[dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="/tmp/smol/hf")
+    p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "zsre-500.json"))
     p.add_argument("--requests", type=int, default=30)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lr_scale.json"))

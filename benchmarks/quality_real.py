@@ -7,8 +7,8 @@ agreement on the locality prompts) and the perplexity of the package's held-out 
 with the unedited model's. The unedited model is scored once per row and restored between
 configurations. A forgetting curve follows the first turn's requests (``--eval-every K``).
 
-    python benchmarks/quality_real.py --model /tmp/smol/hf --rows zsre:500 counterfact:2000
-    python benchmarks/quality_real.py --model /tmp/smol/hf --sweep zsre:100   # Pareto points
+    python benchmarks/quality_real.py --model smollm2-135m --rows zsre:500 counterfact:2000
+    python benchmarks/quality_real.py --model smollm2-135m --sweep zsre:100   # Pareto points
 
 Writes ``benchmarks/results/quality_real.json`` (or ``--out``); ``--plot`` draws the Pareto plot
 and the forgetting curves from it.
@@ -32,6 +32,7 @@ from ultraedit.datasets import read_requests
 from ultraedit.evaluation import MetricTotals, perplexity, score_requests
 from ultraedit.models import load_model
 from ultraedit.preserve import package_text
+from ultraedit.presets import resolve_modules
 
 DATA = ROOT.parent / "shared" / "data"
 FILES = {"zsre": DATA / "zsre-500.json", "counterfact": DATA / "counterfact-20k.json.gz"}
@@ -45,6 +46,20 @@ SWEEP = [
     ("width lr 5e-6", {"lr": 5e-6, "lr_scale": "width"}),
     ("5 steps, width lr 5e-6, no preserve", {"recommended": True, "preserve": 0.0}),
     ("recommended", "recommended"),
+]
+
+#: The family preset's modules (gate/up_proj for Llama) instead of the recommended layers.
+PRESET = {"recommended": True, "modules": "preset"}
+
+#: Ablation, one option at a time from the previous recommended configuration (the family preset,
+#: width lr 5e-6, 5 steps, preserve 300) to the current one (``--ladder zsre:500``).
+LADDER = [
+    ("preset modules, 5 steps, preserve 300 (stop 9)", {**PRESET, "memory": 0.0, "confidence": 0.0, "prefixes": 0}),
+    ("+ memory 1", {**PRESET, "confidence": 0.0, "prefixes": 0}),
+    ("+ confidence 0.8", {**PRESET, "prefixes": 0}),
+    ("+ prefixes 2", PRESET),
+    ("+ neighbours 4", {**PRESET, "neighbours": 4}),
+    ("recommended (MLP output layers)", "recommended"),
 ]
 
 
@@ -62,6 +77,8 @@ def config_of(kind, model) -> EditConfig:
     if kind == "recommended":
         return EditConfig.recommended(model)
     fields = dict(kind)
+    if fields.get("modules") == "preset":
+        fields["modules"] = resolve_modules(model)
     if fields.pop("recommended", False):
         return EditConfig.recommended(model, **fields)
     return EditConfig(**fields)
@@ -113,9 +130,10 @@ def run_config(model, tok, saved, reqs, ref, ppl_lines, ppl_before, config, eval
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="/tmp/smol/hf", help="model name, path or ultraedit model spec")
+    p.add_argument("--model", default="smollm2-135m", help="model name, path or ultraedit model spec")
     p.add_argument("--rows", nargs="*", default=[], metavar="DATASET:EDITS", help="table rows, e.g. zsre:500")
     p.add_argument("--sweep", metavar="DATASET:EDITS", help="Pareto sweep (SWEEP configurations) on these edits")
+    p.add_argument("--ladder", metavar="DATASET:EDITS", help="ablation (LADDER configurations) on these edits")
     p.add_argument("--configs", nargs="+", default=["recommended", "faithful"], choices=["faithful", "recommended"])
     p.add_argument("--curve-configs", nargs="*", default=["recommended"], help="configurations that get the forgetting curve")
     p.add_argument("--eval-every", type=int, default=0, metavar="K", help="forgetting curve: first turn's requests every K turns")
@@ -132,7 +150,8 @@ def main(argv=None) -> int:
         print(table(json.loads(out.read_text())))
         return 0
     rows = [(d, int(n)) for d, n in (r.split(":") for r in args.rows)]
-    for dataset, n in rows + ([tuple(args.sweep.split(":"))] if args.sweep else []):
+    extra = [tuple(spec.split(":")) for spec in (args.sweep, args.ladder) if spec]
+    for dataset, n in rows + extra:
         requests_of(dataset, int(n))  # count check before loading the model
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, "cpu")
@@ -143,9 +162,10 @@ def main(argv=None) -> int:
     results.setdefault("rows", {})
     results["model"] = args.model
     jobs = [(f"{d}:{n}", d, n, [(k, k) for k in args.configs], args.eval_every) for d, n in rows]
-    if args.sweep:
-        d, n = args.sweep.split(":")
-        jobs.append((f"sweep {d}:{n}", d, int(n), SWEEP, 0))
+    for name, spec, configs in (("sweep", args.sweep, SWEEP), ("ladder", args.ladder, LADDER)):
+        if spec:
+            d, n = spec.split(":")
+            jobs.append((f"{name} {d}:{n}", d, int(n), configs, 0))
     for key, dataset, n, configs, eval_every in jobs:
         reqs = requests_of(dataset, n)
         t = time.perf_counter()
@@ -168,12 +188,17 @@ def main(argv=None) -> int:
 
 
 def table(results: dict) -> str:
-    """The README table: one line per (row, configuration), metrics as measured."""
+    """The README tables: the rows (one line per configuration), then each sweep or ladder."""
+    out = [_table({k: v for k, v in results["rows"].items() if not k.startswith(("sweep", "ladder"))})]
+    out += [f"\n{key}:\n\n" + _table({key.split(" ", 1)[1]: row})
+            for key, row in results["rows"].items() if key.startswith(("sweep", "ladder"))]
+    return "\n".join(out)
+
+
+def _table(rows: dict) -> str:
     lines = ["| set | edits | configuration | ES | GS | retention | agreement | perplexity rise | s/edit | steps/turn |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for key, row in results["rows"].items():
-        if key.startswith("sweep"):
-            continue
+    for key, row in rows.items():
         dataset, edits = key.split(":")
         base = row["unedited"]
         lines.append(f"| {dataset} | {edits} | unedited | {base['efficacy']:.3f} | {base['generalization']:.3f} | 1 | 1 | 0 | | |")
@@ -191,7 +216,7 @@ def table(results: dict) -> str:
 def plot(path: Path) -> None:
     """``pareto.png`` (ES and GS against retention, sweep points) and ``forgetting.png`` next to ``path``."""
     results = json.loads(path.read_text())
-    sweeps = {k: v for k, v in results["rows"].items() if k.startswith("sweep")}
+    sweeps = {k: v for k, v in results["rows"].items() if k.startswith(("sweep", "ladder"))}
     if sweeps:
         plot_pareto(results, sweeps, path.with_name("pareto.png"))
     plot_forgetting(results, path.with_name("forgetting.png"))

@@ -42,8 +42,10 @@ def shape_of(module) -> tuple[int, int]:
     return (module.weight.shape[0], module.weight.shape[1])  # Conv1D
 
 
-def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper"):
-    """Apply one turn to ``model`` in place; ``normalizers`` (shape -> RefNormalizer) is updated."""
+def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper", preserve=None, keys_out=None):
+    """Apply one turn to ``model`` in place; ``normalizers`` (shape -> RefNormalizer) is updated.
+    ``preserve`` (name -> d_in x d_in) is added to the ridge system; ``keys_out`` (a dict) receives
+    each module's keys of the turn (float64)."""
     modules = {n: model.get_submodule(n) for n in names}
     for p in model.parameters():
         p.requires_grad_(True)
@@ -90,6 +92,10 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
         K_hat, G_hat = z[:, : K.shape[1]], z[:, K.shape[1] :]
         V = -lr * (K_hat**2).sum(1, keepdim=True) * G_hat
         A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)
+        if preserve is not None:
+            A = A + preserve[n].double()
+        if keys_out is not None:
+            keys_out[n] = K
         shifts[n] = torch.linalg.solve(A, K.T @ V)
     with torch.no_grad():
         for n, m in modules.items():

@@ -1,4 +1,4 @@
-"""Options beyond the paper (EditConfig.lr_scale, refine_steps, preserve) against plain computations."""
+"""Options beyond the paper (EditConfig.lr_scale, refine_steps, preserve, memory) against plain computations."""
 
 import copy
 import math
@@ -8,15 +8,16 @@ import torch
 from reference import reference_refined_turn, reference_turn
 from tiny import random_turn, tiny_model
 
-from ultraedit import EditConfig, EditError, UltraEditor
+from ultraedit import EditConfig, EditError, EditRequest, UltraEditor
 from ultraedit.capture import capture
+from ultraedit.neighbours import neighbour_grams, neighbour_pairs, subject_of
 from ultraedit.presets import resolve_modules
 from ultraedit.solver import ridge_solve
 
 
 def test_new_options_default_to_the_authors_method():
     config = EditConfig()
-    assert (config.lr_scale, config.refine_steps, config.preserve) == ("none", 1, 0.0)
+    assert (config.lr_scale, config.refine_steps, config.preserve, config.memory) == ("none", 1, 0.0, 0.0)
     assert config.module_lr((576, 1536)) == config.lr
 
 
@@ -26,7 +27,8 @@ def test_width_lr_scale_keeps_the_row_norm_of_v_at_the_reference_shape():
     assert config.module_lr((576, 1536)) == pytest.approx(1e-6 * 4096 * math.sqrt(14336) / (576 * math.sqrt(1536)))
 
 
-@pytest.mark.parametrize("bad", [{"lr_scale": "auto"}, {"refine_steps": 0}, {"preserve": -1.0}])
+@pytest.mark.parametrize("bad", [{"lr_scale": "auto"}, {"refine_steps": 0}, {"preserve": -1.0}, {"memory": float("nan")}, {"confidence": 1.0},
+                                 {"neighbours": -1}, {"neighbour_weight": -1.0}])
 def test_bad_option_values_are_refused(bad):
     with pytest.raises(ValueError, match="EditConfig"):
         EditConfig(**bad)
@@ -42,6 +44,47 @@ def test_ridge_solve_with_preserved_keys_matches_a_plain_solve():
         k, v = keys[m].double(), values[m].double()
         a = k.T @ k + 0.5 * torch.eye(5, dtype=torch.float64) + preserve[m].double()
         torch.testing.assert_close(ours[m].double(), torch.linalg.solve(a, k.T @ v), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_key_memory_matches_a_plain_sum_of_earlier_turns_keys(arch):
+    """With ``memory=beta``, turn t solves ``(K^T K + lambda I + beta sum_{s<t} K_s^T K_s)^-1 K^T V``,
+    with each K_s as captured in its own turn (before that turn's shift)."""
+    model = tiny_model(arch)
+    ref_model = copy.deepcopy(model)
+    names = resolve_modules(model)
+    beta, lr = 2.0, 1e-3
+    editor = UltraEditor(model, EditConfig(modules=names, lr=lr, memory=beta))
+    ref_norms, memory = {}, None
+    for turn in range(3):
+        batches = random_turn(300 + turn)
+        editor.edit_tokens(batches)
+        keys = {}
+        preserve = None if memory is None else {n: beta * memory[n] for n in names}
+        reference_turn(ref_model, names, batches, ref_norms, lr=lr, preserve=preserve, keys_out=keys)
+        memory = {n: keys[n].T @ keys[n] + (0 if memory is None else memory[n]) for n in names}
+        for n in names:
+            torch.testing.assert_close(editor.key_memory[n].double(), memory[n], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(model.get_submodule(n).weight, ref_model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+
+
+def test_key_memory_holds_earlier_edits_in_place():
+    """The memory is what keeps a turn from moving the outputs at earlier turns' keys: with a
+    large beta, turn 2 changes the edit modules' outputs at turn 1's keys far less."""
+    moved = {}
+    for beta in (0.0, 1e4):
+        model = tiny_model("llama")
+        names = resolve_modules(model)
+        editor = UltraEditor(model, EditConfig(modules=names, lr=1e-2, memory=beta))
+        first = random_turn(400)
+        editor.edit_tokens(first)
+        keys = {n: torch.cat([mb.keys[n] for mb in capture(model, editor.modules, first)]) for n in names}
+        with torch.no_grad():
+            before = {n: model.get_submodule(n)(keys[n]) for n in names}
+        editor.edit_tokens(random_turn(401))
+        with torch.no_grad():
+            moved[beta] = sum(float((model.get_submodule(n)(keys[n]) - before[n]).norm()) for n in names)
+    assert moved[1e4] < 0.05 * moved[0.0]
 
 
 @pytest.mark.parametrize("lr", [1e-3, 0.3])  # 0.3: some requests are right after step 1, some not
@@ -167,3 +210,153 @@ def test_bench_configurations_and_explicit_overrides():
     tuned = bench_edit_config(model, BenchConfig(**common, lr=2e-6, refine_steps=2, preserve=0.0, preset="llama3-fever"))
     assert (tuned.lr, tuned.lr_scale, tuned.refine_steps, tuned.preserve) == (2e-6, "width", 2, 0.0)
     assert tuned.modules is None and tuned.preset == "llama3-fever"
+
+
+def _text_model():
+    import transformers as T
+    from test_bench import _tokenizer
+    from tiny import tiny_config
+
+    tok = _tokenizer()
+    config = tiny_config("llama")
+    config.vocab_size = len(tok)
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(config).eval(), tok
+
+
+SUBJECT_REQUESTS = [
+    EditRequest("The capital of France is", "Rome", extra={"subject": "France"}),
+    EditRequest("The capital of Spain is", "Oslo", extra={"subject": "Spain"}),
+    EditRequest("Paris is located in the country of", "Peru", extra={"subject": "Paris"}),
+    EditRequest("Danielle Darrieux speaks", "Dutch", extra={"subject": "Danielle Darrieux"}),
+    EditRequest("No subject here is", "given"),
+]
+
+
+def test_neighbour_pairs_swap_the_subject_for_other_subjects_of_the_turn():
+    pairs = neighbour_pairs(SUBJECT_REQUESTS, 2)
+    assert pairs == neighbour_pairs(SUBJECT_REQUESTS, 2)  # seeded by the requests' text
+    edited = {r.prompt for r in SUBJECT_REQUESTS}
+    by_target = {}
+    for prompt, target in pairs:
+        by_target.setdefault(target, []).append(prompt)
+        assert prompt not in edited
+    # "The capital of Spain is" is an edit of the turn: France's neighbours skip it
+    assert len(by_target["Rome"]) == 2 and all(p.startswith("The capital of ") for p in by_target["Rome"])
+    assert "The capital of Spain is" not in by_target["Rome"]
+    assert all(p.endswith(" is located in the country of") and not p.startswith("Paris") for p in by_target["Peru"])
+    assert "given" not in by_target  # no subject, no neighbours
+    assert neighbour_pairs([SUBJECT_REQUESTS[0]], 3) == []  # nobody to swap in
+    assert subject_of(EditRequest("p q", "t", extra={"subject": "absent"})) is None
+
+
+def test_neighbour_grams_match_a_plain_one_sequence_at_a_time_sum():
+    from ultraedit.batching import tokenize_pair
+
+    model, tok = _text_model()
+    names = resolve_modules(model)
+    modules = {n: model.get_submodule(n) for n in names}
+    pairs = neighbour_pairs(SUBJECT_REQUESTS, 3)
+    ours = neighbour_grams(model, tok, modules, pairs, batch_size=2)  # padded batches
+    inputs = {}
+    handles = [m.register_forward_hook(lambda mod, args, out, n=n: inputs.__setitem__(n, args[0][0])) for n, m in modules.items()]
+    sums = {n: 0 for n in names}
+    with torch.no_grad():
+        for prompt, target in pairs:
+            ids, labels = tokenize_pair(tok, prompt, target)
+            model(input_ids=torch.tensor([ids]))
+            at = torch.tensor(labels) != -100
+            for n in names:
+                keys = inputs[n][at].double()
+                sums[n] = sums[n] + keys.T @ keys
+    for h in handles:
+        h.remove()
+    for n in names:
+        torch.testing.assert_close(ours[n].double(), sums[n], rtol=1e-4, atol=1e-5)
+
+
+def test_a_turn_with_neighbours_solves_with_their_keys_preserved():
+    """``neighbours=k``: the turn is the faithful turn with ``gamma N^T N`` (the neighbour prompts'
+    target-position keys on the model before the turn) added to the ridge system."""
+    from ultraedit.batching import minibatches
+
+    model, tok = _text_model()
+    ref_model = copy.deepcopy(model)
+    names = resolve_modules(model)
+    gamma, lr = 3.0, 1e-3
+    UltraEditor(model, EditConfig(modules=names, lr=lr, neighbours=2, neighbour_weight=gamma), tokenizer=tok).edit(SUBJECT_REQUESTS)
+    grams = neighbour_grams(ref_model, tok, {n: ref_model.get_submodule(n) for n in names}, neighbour_pairs(SUBJECT_REQUESTS, 2))
+    batches, _ = minibatches(tok, SUBJECT_REQUESTS, 10)
+    reference_turn(ref_model, names, batches, {}, lr=lr, preserve={n: gamma * grams[n] for n in names})
+    for n in names:
+        torch.testing.assert_close(model.get_submodule(n).weight, ref_model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+
+
+def test_captured_target_probabilities_are_the_softmax_of_the_full_logits():
+    model = tiny_model("llama")
+    batches = random_turn(7)
+    captured = capture(model, {n: model.get_submodule(n) for n in resolve_modules(model)}, batches)
+    for batch, mb in zip(batches, captured):
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        at = batch["labels"] != -100
+        expected = logits[at].float().softmax(-1).gather(1, batch["labels"][at][:, None])[:, 0]
+        torch.testing.assert_close(mb.probs, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_request_is_done_when_every_target_token_is_the_argmax_with_enough_probability():
+    from ultraedit.capture import MinibatchCapture
+    from ultraedit.editor import _unsolved_rows
+
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, -100], [-100, 8, 9, 4]])  # 2 + 1 + 3 targets
+    batch = {"labels": labels}
+    hits = torch.tensor([True, True, True, True, False, True])
+    probs = torch.tensor([0.95, 0.60, 0.99, 0.97, 0.40, 0.99])
+    mb = MinibatchCapture(keys={}, grads={}, rows=6, loss=0.0, hits=hits, probs=probs)
+    rows = lambda c: _unsolved_rows([batch], [mb], c)[0].tolist()  # noqa: E731
+    assert rows(0.0) == [False, False, False, True, True, True]  # argmax only: the third misses one
+    assert rows(0.9) == [True, True, False, True, True, True]  # the first has a token at 0.60
+    assert rows(0.5) == rows(0.0)
+
+
+def test_refinement_with_confidence_keeps_editing_unsure_requests():
+    steps = {}
+    for confidence in (0.0, 0.5):
+        model = tiny_model("llama")
+        names = resolve_modules(model)
+        batches = random_turn(5, requests=4, batch_size=2)
+        editor = UltraEditor(model, EditConfig(modules=names, lr=1.0, refine_steps=6, confidence=confidence))
+        steps[confidence] = editor.edit_tokens(batches).steps
+    # the tiny random model's targets are right after 2 steps but far from probability 0.5
+    assert steps == {0.0: 2, 0.5: 6}
+
+
+def test_with_prefixes_adds_seeded_context_copies_named_by_their_request():
+    from ultraedit.neighbours import with_prefixes
+    from ultraedit.preserve import package_text
+
+    sentences = set(package_text("generic.txt"))
+    sequences, owners = with_prefixes(SUBJECT_REQUESTS, 2)
+    assert (sequences, owners) == with_prefixes(SUBJECT_REQUESTS, 2)
+    n = len(SUBJECT_REQUESTS)
+    assert sequences[:n] == SUBJECT_REQUESTS and owners == list(range(n)) + [i for i in range(n) for _ in range(2)]
+    for copy_, owner in zip(sequences[n:], owners[n:]):
+        original = SUBJECT_REQUESTS[owner]
+        assert copy_.target == original.target and copy_.prompt.endswith(" " + original.prompt)
+        assert copy_.prompt[: -len(original.prompt) - 1] in sentences
+    assert with_prefixes(SUBJECT_REQUESTS, 0) == (list(SUBJECT_REQUESTS), list(range(n)))
+
+
+def test_a_turn_with_prefixes_edits_the_prefixed_copies_too_and_counts_the_requests():
+    from ultraedit.neighbours import with_prefixes
+
+    model, tok = _text_model()
+    twin = copy.deepcopy(model)
+    names = resolve_modules(model)
+    editor = UltraEditor(model, EditConfig(modules=names, lr=1e-3, prefixes=2), tokenizer=tok)
+    report = editor.edit(SUBJECT_REQUESTS)
+    assert report.requests == editor.edits == len(SUBJECT_REQUESTS)
+    assert sorted(set(report.order)) == list(range(len(SUBJECT_REQUESTS)))
+    UltraEditor(twin, EditConfig(modules=names, lr=1e-3), tokenizer=tok).edit(with_prefixes(SUBJECT_REQUESTS, 2)[0])
+    for n in names:
+        assert torch.equal(model.get_submodule(n).weight, twin.get_submodule(n).weight)

@@ -34,7 +34,10 @@ def edited_weights(editor):
 
 
 def normalizer_states(editor):
-    return {s: {k: v.clone() for k, v in n.state_dict().items()} for s, n in editor.normalizers.items()}
+    """The editor's lifelong statistics: normalizers by shape, and the key memory (EditConfig.memory)."""
+    states = {s: {k: v.clone() for k, v in n.state_dict().items()} for s, n in editor.normalizers.items()}
+    states["memory"] = {n: m.clone() for n, m in editor.key_memory.items()}
+    return states
 
 
 def assert_same_weights(editor, expected):
@@ -46,6 +49,9 @@ def assert_same_stats(editor, expected):
     for shape, norm in editor.normalizers.items():
         for key, value in norm.state_dict().items():
             assert torch.equal(value, expected[shape][key]), f"normalizer {shape} {key} differs"
+    assert editor.key_memory.keys() == expected["memory"].keys()
+    for name, memory in editor.key_memory.items():
+        assert torch.equal(memory, expected["memory"][name]), f"key memory of {name} differs"
 
 
 @pytest.mark.parametrize(
@@ -261,9 +267,11 @@ def test_apply_delta_and_merge_round_trip(tmp_path, dtype):
     assert json.loads((out / "ultraedit_merge.json").read_text())["edits"] == 30
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_revert_last_is_exact(tmp_path, dtype):
-    editor = UltraEditor(tiny_model("llama", dtype=dtype), EditConfig(lr=LR), keep_turn_deltas=2)
+@pytest.mark.parametrize("dtype,memory", [(torch.float32, 0.0), (torch.bfloat16, 0.0), (torch.float32, 1.0)])
+def test_revert_last_is_exact(tmp_path, dtype, memory):
+    """Weights and statistics (normalizers; with ``memory``, the key memory too) after a revert are
+    bit for bit those before the reverted turns, also after a save and load."""
+    editor = UltraEditor(tiny_model("llama", dtype=dtype), EditConfig(lr=LR, memory=memory), keep_turn_deltas=2)
     run_turns(editor, [30, 31])
     after_two, stats_two = edited_weights(editor), normalizer_states(editor)
     run_turns(editor, [32])
@@ -282,7 +290,7 @@ def test_revert_last_is_exact(tmp_path, dtype):
         editor.revert_last(1)
     # Continuing after a revert is the same as never having applied the reverted turns.
     run_turns(editor, [34])
-    never = UltraEditor(tiny_model("llama", dtype=dtype), EditConfig(lr=LR))
+    never = UltraEditor(tiny_model("llama", dtype=dtype), EditConfig(lr=LR, memory=memory))
     run_turns(never, [30, 31, 34])
     assert_same_weights(editor, edited_weights(never))
 
@@ -386,12 +394,12 @@ def test_another_writer_is_refused(tmp_path):
 
 
 def test_resume_equals_one_process_with_the_options_beyond_the_paper(tmp_path):
-    """Refinement steps and generic-text preserved keys (taken on the BASE model, also when a
-    saved state is loaded) resume bit-exactly."""
+    """Refinement steps, generic-text preserved keys (taken on the BASE model, also when a saved
+    state is loaded) and the key memory (saved with the state) resume bit-exactly."""
     from ultraedit.testbed import TESTBED_CONFIG, load_requests, load_testbed
 
     requests = load_requests(60)
-    config = EditConfig(modules=TESTBED_CONFIG.modules, lr=3e-3, refine_steps=3, preserve=10.0)
+    config = EditConfig(modules=TESTBED_CONFIG.modules, lr=3e-3, refine_steps=3, preserve=10.0, memory=1.0)
     model, tokenizer = load_testbed()
     one = UltraEditor(model, config, tokenizer)
     for i in range(3):

@@ -134,7 +134,7 @@ class BenchConfig:
         progress: show progress bars (stderr).
         faithful: run the authors' exact method (their lr unless ``lr`` is given, the family
             preset, no options beyond the paper) instead of ``EditConfig.recommended(model)``.
-        refine_steps, preserve, lr_scale: override those :class:`EditConfig` options
+        refine_steps, preserve, lr_scale, memory, confidence, neighbours, prefixes: override those :class:`EditConfig` options
             (``None``: the configuration's own).
         method_options: a baseline's hyperparameters by name (``--method-option KEY=VALUE``).
     """
@@ -163,6 +163,10 @@ class BenchConfig:
     refine_steps: int | None = None
     preserve: float | None = None
     lr_scale: str | None = None
+    memory: float | None = None
+    confidence: float | None = None
+    neighbours: int | None = None
+    prefixes: int | None = None
     method_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -265,6 +269,7 @@ def bench_edit_config(model: nn.Module, config: BenchConfig) -> EditConfig:
     chosen = edit_config(
         model, config.model, faithful=config.faithful, modules=config.modules, preset=config.preset, lr=config.lr,
         refine_steps=config.refine_steps, preserve=config.preserve, lr_scale=config.lr_scale,
+        memory=config.memory, confidence=config.confidence, neighbours=config.neighbours, prefixes=config.prefixes,
     )
     return replace(chosen, capture_batch_size=config.batch_size, forward_batch_size=config.forward_batch_size)
 
@@ -275,7 +280,7 @@ class UltraEditMethod:
     def __init__(self, model: nn.Module, tokenizer: Any, config: BenchConfig) -> None:
         if config.method_options:
             raise BenchError("ultraedit takes no --method-option; use --lr, --modules, --preset, --faithful, "
-                             "--refine-steps, --preserve or --lr-scale")
+                             "--refine-steps, --preserve, --lr-scale, --memory, --confidence, --neighbours or --prefixes")
         self.configuration = configuration_name(config)
         self.config = bench_edit_config(model, config)
         self.editor = UltraEditor(model, self.config, tokenizer=tokenizer)

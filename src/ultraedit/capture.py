@@ -45,13 +45,15 @@ from .batching import IGNORE
 @dataclass
 class MinibatchCapture:
     """Rows captured for one minibatch: ``keys[name]`` is ``(rows, d_in)``, ``grads[name]`` ``(rows, d_out)``;
-    ``hits`` (``(rows,)`` bool) says where the argmax already is the target token."""
+    ``hits`` (``(rows,)`` bool) says where the argmax already is the target token, ``probs``
+    (``(rows,)``) the probability the model gives the target token."""
 
     keys: dict[str, torch.Tensor]
     grads: dict[str, torch.Tensor]
     rows: int
     loss: float
     hits: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
 
 
 def _row_extent(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -355,6 +357,7 @@ def capture(
     token_row: list[torch.Tensor] = []
     token_loss: list[torch.Tensor] = []
     token_hits: list[torch.Tensor] = []
+    token_probs: list[torch.Tensor] = []
     with _frozen(model), torch.enable_grad(), _Hooks(model, modules) as hooks:
         for members in passes:
             width = max(rows[i][0].shape[0] for i in members)
@@ -371,7 +374,8 @@ def capture(
             device = logits.device
             per_row = mask.sum(1).to(device)
             weights = torch.tensor([row_weight[i] for i in members], device=device).repeat_interleave(per_row)
-            ce = F.cross_entropy(logits, labels, reduction="none") * weights
+            token_ce = F.cross_entropy(logits, labels, reduction="none")
+            ce = token_ce * weights
             out_grads = torch.autograd.grad(
                 ce.sum(), [hooks.outputs[n] for n in names], allow_unused=True, materialize_grads=True
             )
@@ -381,7 +385,8 @@ def capture(
             token_row.append(torch.tensor(members, device=device).repeat_interleave(per_row))
             token_loss.append(ce.detach())
             token_hits.append(logits.detach().argmax(-1) == labels)
-            del logits, ce, out_grads
+            token_probs.append(torch.exp(-token_ce.detach().float()))
+            del logits, ce, token_ce, out_grads
 
     # Back to the original order (rows in minibatch order, tokens in position order), per minibatch.
     order = torch.sort(torch.cat(token_row), stable=True).indices
@@ -390,6 +395,7 @@ def capture(
     split_grads = {n: (g := torch.cat(grads[n]))[order.to(g.device)].split(sizes) for n in names}
     losses = torch.cat(token_loss)[order].split(sizes)
     hits = torch.cat(token_hits)[order].split(sizes)
+    probs = torch.cat(token_probs)[order].split(sizes)
     return [
         MinibatchCapture(
             keys={n: split_keys[n][j] for n in names},
@@ -397,6 +403,7 @@ def capture(
             rows=sizes[j],
             loss=float(losses[j].sum()),
             hits=hits[j],
+            probs=probs[j],
         )
         for j in range(len(batches))
     ]

@@ -4,7 +4,8 @@ Formats (field names exactly as published; ``docs/datasets.md`` says where to ge
 Each maps to ``EditRequest(prompt, target, rephrases, locality, id, extra)`` as follows:
 
 - ``jsonl`` (ours): ``prompt`` -> ``target``; ``rephrases`` (list); ``locality`` (list of
-  ``{"prompt", "answer"}``); ``id``.
+  ``{"prompt", "answer"}``); ``id``; ``subject`` (optional, must occur in the prompt) ->
+  ``extra["subject"]``.
 - ``zsre``: ``src`` -> ``ans`` (or ``alt``); ``rephrase``; ``loc + "?"`` -> ``loc_ans``.
 - ``fever``: ``prompt`` -> ``alt``; one of the list ``equiv_prompt`` (seeded choice);
   ``unrel_prompt`` -> ``unrel_ans``; ``extra["equiv_prompts"]`` keeps them all.
@@ -158,7 +159,13 @@ def _parse_jsonl(record: dict[str, Any], index: int, seed: int) -> EditRequest:
             if not isinstance(item, dict):
                 raise _FieldError(f"locality[{i}]", f"must be an object with 'prompt' and 'answer', got {_short(item)}")
             locality.append((_text(item, "prompt", f"locality[{i}].prompt"), _text(item, "answer", f"locality[{i}].answer")))
-    return EditRequest(prompt, target, tuple(rephrases), tuple(locality), id=_record_id(record, "id"))
+    extra = {}
+    if record.get("subject") is not None:
+        subject = _text(record, "subject")
+        if subject not in prompt:
+            raise _FieldError("subject", f"{_short(subject)} does not occur in the prompt {_short(prompt)}")
+        extra["subject"] = subject
+    return EditRequest(prompt, target, tuple(rephrases), tuple(locality), id=_record_id(record, "id"), extra=extra)
 
 
 def _parse_zsre(record: dict[str, Any], index: int, seed: int) -> EditRequest:

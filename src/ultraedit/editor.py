@@ -90,6 +90,23 @@ class EditConfig:
             ``(K^T K + lambda I + alpha E0[k k^T])^-1 K^T V``, where ``E0[k k^T]`` is the
             second moment of each edit module's input over a generic English text shipped with
             the package (MEMIT's covariance term; needs a tokenizer). 0 = off.
+        memory: weight ``beta`` of the keys of all earlier turns in the ridge: per module the
+            editor keeps ``M = sum over past turns of K^T K`` (``d_in x d_in``, constant in the
+            number of edits; saved with the state, undone by revert) and solves
+            ``(K^T K + lambda I + alpha E0 + beta M)^-1 K^T V``, so a turn moves the outputs at
+            earlier edits' keys as little as it can (MEMIT/AlphaEdit's sequential term). 0 = off.
+        confidence: with refinement steps, a request counts as done when every target token is
+            the argmax AND has at least this probability (0 = the argmax alone). A margin on the
+            edit prompt carries further to its paraphrases.
+        neighbours: per request with a known subject (``extra["subject"]``, as the ZsRE and
+            CounterFact readers set it), this many copies of its prompt with the subject replaced
+            by other subjects of the turn are preserved keys of the ridge, weighted by
+            ``neighbour_weight`` (:mod:`ultraedit.neighbours`): the shift should follow the
+            subject, not the template. Text requests only (:meth:`UltraEditor.edit`). 0 = off.
+        prefixes: each request is also edited behind this many context prefixes (sentences of
+            the package's generic text before the prompt, chosen with a seed from the request's
+            text; ROME/MEMIT's context templates), so the edit holds in other contexts. Text
+            requests only; costs ``1 + prefixes`` times the rows. 0 = off.
     """
 
     modules: list[str] | None = None
@@ -104,6 +121,11 @@ class EditConfig:
     lr_scale: str = "none"
     refine_steps: int = 1
     preserve: float = 0.0
+    memory: float = 0.0
+    confidence: float = 0.0
+    neighbours: int = 0
+    neighbour_weight: float = 1.0
+    prefixes: int = 0
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -134,6 +156,16 @@ class EditConfig:
             raise ValueError(f"EditConfig.refine_steps must be a positive int, got {self.refine_steps!r}")
         if not (math.isfinite(self.preserve) and self.preserve >= 0):
             raise ValueError(f"EditConfig.preserve must be a finite number >= 0, got {self.preserve}")
+        if not (isinstance(self.prefixes, int) and self.prefixes >= 0):
+            raise ValueError(f"EditConfig.prefixes must be an int >= 0, got {self.prefixes!r}")
+        if not (isinstance(self.neighbours, int) and self.neighbours >= 0):
+            raise ValueError(f"EditConfig.neighbours must be an int >= 0, got {self.neighbours!r}")
+        if not (math.isfinite(self.neighbour_weight) and self.neighbour_weight >= 0):
+            raise ValueError(f"EditConfig.neighbour_weight must be a finite number >= 0, got {self.neighbour_weight}")
+        if not (0.0 <= self.confidence < 1.0):
+            raise ValueError(f"EditConfig.confidence must be in [0, 1), got {self.confidence}")
+        if not (math.isfinite(self.memory) and self.memory >= 0):
+            raise ValueError(f"EditConfig.memory must be a finite number >= 0, got {self.memory}")
 
     def module_lr(self, shape: tuple[int, int]) -> float:
         """The step size used for modules of shape ``(d_in, d_out)`` (see ``lr_scale``)."""
@@ -182,6 +214,13 @@ def options_summary() -> str:
         "  refine_steps most closed-form steps per turn; later steps re-capture gradients and edit only the",
         "               requests not yet right (the right ones preserved); stops when all are right",
         "  preserve     alpha of generic-text keys in the ridge: (K^T K + lambda I + alpha E0[k k^T])^-1 K^T V",
+        "  memory       beta of all earlier turns' keys in the ridge (+ beta sum_past K^T K; a d_in x d_in matrix",
+        "               per module, saved with the state, undone by revert)",
+        "  confidence   refinement keeps editing a request until each target token is the argmax with at least",
+        "               this probability (0 = the argmax alone)",
+        "  neighbours   per request with a subject, this many copies of its prompt with other subjects of the turn",
+        "               are preserved keys (weight neighbour_weight): the edit should follow the subject",
+        "  prefixes     each request is also edited behind this many generic-text sentences (context templates)",
     ])
 
 
@@ -227,6 +266,7 @@ class PendingTurn:
     report: TurnReport
     requests: Sequence[EditRequest] | None = None  # text requests (set by edit), for the edit log
     generation: int = 0  # the editor state it was prepared on (UltraEditor.generation)
+    key_memory: dict[str, torch.Tensor] | None = None  # the memory after this turn (EditConfig.memory > 0)
 
 
 def module_shape(module: nn.Module) -> tuple[int, int]:
@@ -252,12 +292,16 @@ def apply_shift(module: nn.Module, shift: torch.Tensor, alpha: float = 1.0) -> N
         weight.add_(delta.to(device=weight.device, dtype=weight.dtype), alpha=alpha)
 
 
-def _unsolved_rows(batches: Sequence[dict[str, torch.Tensor]], captures: list[MinibatchCapture]) -> list[torch.Tensor]:
-    """Per minibatch, a bool per captured row (target token): does its request still miss a target token?"""
+def _unsolved_rows(
+    batches: Sequence[dict[str, torch.Tensor]], captures: list[MinibatchCapture], confidence: float = 0.0
+) -> list[torch.Tensor]:
+    """Per minibatch, a bool per captured row (target token): does its request still miss a target
+    token (not the argmax, or with ``confidence`` > 0, probability below it)?"""
     out = []
     for batch, mb in zip(batches, captures):
         counts = (batch["labels"] != IGNORE).sum(1).to(mb.hits.device)
-        missed = torch.stack([~h.all() for h in mb.hits.split(counts.tolist())])
+        done = mb.hits if confidence <= 0 else mb.hits & (mb.probs.to(mb.hits.device) >= confidence)
+        missed = torch.stack([~h.all() for h in done.split(counts.tolist())])
         out.append(missed.repeat_interleave(counts))
     return out
 
@@ -341,6 +385,8 @@ class UltraEditor:
         self._moments: dict[str, torch.Tensor] | None = None
         if config.preserve > 0 and tokenizer is not None:
             self._generic_moments()
+        # EditConfig.memory > 0: per module, the sum of K^T K over all committed turns (empty = zero).
+        self.key_memory: dict[str, torch.Tensor] = {}
         self.turns = 0
         self.edits = 0
         self.generation = 0
@@ -353,15 +399,22 @@ class UltraEditor:
         """Apply one turn of text edit requests.
 
         Requests are tokenized with teacher forcing, sorted by length (longest first) and cut
-        into minibatches of ``config.capture_batch_size``, as the authors do.
+        into minibatches of ``config.capture_batch_size``, as the authors do. With
+        ``config.prefixes`` the turn also edits each request behind context prefixes
+        (:func:`ultraedit.neighbours.with_prefixes`); the report counts the requests given.
         """
         if self.tokenizer is None:
             raise EditError("UltraEditor.edit needs a tokenizer: UltraEditor(model, config, tokenizer=...)")
         if not requests:
             raise EditError("a turn needs at least one edit request")
-        batches, order = minibatches(self.tokenizer, requests, self.config.capture_batch_size)
-        pending = self.prepare(batches, order=order)
+        from .neighbours import with_prefixes
+
+        sequences, owners = with_prefixes(requests, self.config.prefixes)
+        batches, order = minibatches(self.tokenizer, sequences, self.config.capture_batch_size)
+        order = [owners[i] for i in order]  # a prefixed copy is named by its request
+        pending = self.prepare(batches, order=order, preserved=self._neighbour_grams(requests))
         pending.requests = requests
+        pending.report.requests = len(requests)
         self.commit(pending)
         return pending.report
 
@@ -379,9 +432,14 @@ class UltraEditor:
         return pending.report
 
     def prepare(
-        self, batches: Sequence[dict[str, torch.Tensor]], order: Sequence[int] | None = None
+        self,
+        batches: Sequence[dict[str, torch.Tensor]],
+        order: Sequence[int] | None = None,
+        preserved: dict[str, torch.Tensor] | None = None,
     ) -> PendingTurn:
-        """Compute a turn's shifts and updated statistics without changing anything."""
+        """Compute a turn's shifts and updated statistics without changing anything.
+
+        ``preserved`` (module name -> ``(d_in, d_in)``) is added to this turn's ridge systems."""
         start = time.perf_counter()
         batches = self._validate(batches, order)
         captures = self._capture(batches, order)
@@ -395,9 +453,9 @@ class UltraEditor:
 
         # Steps 4-6 (plus refinement steps when configured).
         if self.config.refine_steps == 1:
-            shifts, steps = self._solve(captures, normalizers, out_dtype="weights"), 1
+            shifts, steps = self._solve(captures, normalizers, out_dtype="weights", preserved=preserved), 1
         else:
-            shifts, steps = self._refine(batches, order, captures, normalizers)
+            shifts, steps = self._refine(batches, order, captures, normalizers, preserved)
         bad = [n for n, m in self.modules.items() if not bool(torch.isfinite(shifts[n].to(m.weight.dtype)).all())]
         if bad:
             raise EditError(
@@ -418,7 +476,19 @@ class UltraEditor:
             order=list(order) if order is not None else list(range(requests)),
             steps=steps,
         )
-        return PendingTurn(shifts=shifts, normalizers=normalizers, report=report, generation=self.generation)
+        memory = self._memory_after(captures) if self.config.memory > 0 else None
+        return PendingTurn(shifts=shifts, normalizers=normalizers, report=report, generation=self.generation,
+                           key_memory=memory)
+
+    def _memory_after(self, captures: list[MinibatchCapture]) -> dict[str, torch.Tensor]:
+        """The key memory with this turn's keys (as captured before the turn's shift) added."""
+        dtype = self.config.torch_dtype
+        memory = {}
+        for name, module in self.modules.items():
+            keys = torch.cat([mb.keys[name] for mb in captures]).to(module.weight.device, dtype)
+            gram = keys.T @ keys
+            memory[name] = gram + self.key_memory[name] if name in self.key_memory else gram
+        return memory
 
     def _capture(self, batches: list[dict[str, torch.Tensor]], order: Sequence[int] | None) -> list[MinibatchCapture]:
         captures = capture(self.model, self.modules, batches, forward_batch_size=self.config.forward_batch_size)
@@ -431,6 +501,7 @@ class UltraEditor:
         normalizers: dict[tuple[int, int], LifelongNormalizer],
         edited: list[torch.Tensor] | None = None,
         out_dtype: str = "compute",
+        preserved: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Steps 4-6 for every module, batched over modules of equal shape (they have the same rows).
 
@@ -450,7 +521,7 @@ class UltraEditor:
                 sel = select.to(keys.device)
                 keys, grads, kept = keys[:, sel], grads[:, sel], keys[:, ~sel]
             values = target_values(keys, grads, norm, self.config.module_lr(shape))
-            preserve = self._preserved(group, kept)
+            preserve = self._preserved(group, kept, preserved)
             # Held in the dtype commit adds them in: float32 where they accumulate into the float32
             # delta; otherwise the weights' dtype (bit-identical weights, half the memory for bf16).
             shift_dtypes = {self._shift_dtype(self.modules[n]) for n in group}
@@ -461,15 +532,34 @@ class UltraEditor:
                 shifts[name] = shift
         return shifts
 
-    def _preserved(self, group: list[str], kept: torch.Tensor | None) -> torch.Tensor | None:
-        """The ridge's preserved-key term of a group of modules: ``alpha E0[k k^T]`` (generic text)
-        plus ``K^T K`` of this turn's rows that are already right (refinement steps); or ``None``."""
+    def _preserved(
+        self, group: list[str], kept: torch.Tensor | None, preserved: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
+        """The ridge's preserved-key term of a group of modules: ``alpha E0[k k^T]`` (generic text),
+        ``beta M`` (earlier turns' keys) and ``K^T K`` of this turn's rows that are already right
+        (refinement steps), and the turn's own ``preserved`` terms (neighbours); or ``None``."""
         terms = []
         if self.config.preserve > 0:
             terms.append(self.config.preserve * torch.stack([self._generic_moments()[n] for n in group]))
+        if self.config.memory > 0 and self.key_memory:
+            terms.append(self.config.memory * torch.stack([self.key_memory[n] for n in group]))
+        if preserved:
+            terms.append(torch.stack([preserved[n] for n in group]))
         if kept is not None and kept.shape[-2] > 0:
             terms.append(kept.transpose(-1, -2) @ kept)
         return sum(terms[1:], terms[0]) if terms else None
+
+    def _neighbour_grams(self, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor] | None:
+        """``neighbour_weight * N^T N`` per module for a turn's text requests (``neighbours`` > 0)."""
+        if self.config.neighbours <= 0 or self.config.neighbour_weight <= 0:
+            return None
+        from .neighbours import neighbour_grams, neighbour_pairs
+
+        pairs = neighbour_pairs(requests, self.config.neighbours)
+        if not pairs:
+            return None
+        grams = neighbour_grams(self.model, self.tokenizer, self.modules, pairs, dtype=self.config.torch_dtype)
+        return {n: self.config.neighbour_weight * g.to(self.modules[n].weight.device) for n, g in grams.items()}
 
     def _generic_moments(self) -> dict[str, torch.Tensor]:
         """``E0[k k^T]`` per edit module over the package's generic text (computed once)."""
@@ -487,11 +577,12 @@ class UltraEditor:
         order: Sequence[int] | None,
         captures: list[MinibatchCapture],
         normalizers: dict[tuple[int, int], LifelongNormalizer],
+        preserved: dict[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Refinement steps: apply the shift so far, capture again, solve again for the requests
         not yet right (the right ones preserved), until all are right or ``refine_steps`` steps.
         The weights are restored before returning; the shifts are the sum of the steps'."""
-        total = self._solve(captures, normalizers)
+        total = self._solve(captures, normalizers, preserved=preserved)
         steps = 1
         saved = {n: m.weight.detach().clone() for n, m in self.modules.items()}
         try:
@@ -501,10 +592,10 @@ class UltraEditor:
                         module.weight.copy_(saved[name])
                     apply_shift(module, total[name])
                 captures = self._capture(batches, order)
-                wrong = _unsolved_rows(batches, captures)
+                wrong = _unsolved_rows(batches, captures, self.config.confidence)
                 if not any(bool(w.any()) for w in wrong):
                     break
-                step = self._solve(captures, normalizers, edited=wrong)
+                step = self._solve(captures, normalizers, edited=wrong, preserved=preserved)
                 total = {n: total[n] + step[n] for n in total}
                 steps += 1
         finally:
@@ -529,6 +620,8 @@ class UltraEditor:
         undo = self.session.before_commit()
         self._write_shifts(pending.shifts, pending.report)
         self.normalizers = pending.normalizers
+        if pending.key_memory is not None:
+            self.key_memory = pending.key_memory
         self.turns += 1
         self.edits += pending.report.requests
         self.generation += 1

@@ -12,9 +12,12 @@ A lifelong editing session is a directory::
         exact.safetensors  (rare, float32 models only) "<module>/index" (flat int64) and
                            "<module>/value": elements where W_base + delta misses W_now by an ulp
         normalizers.safetensors   lifelong statistics per module shape: "<d_in>x<d_out>.{n,mean,var,std}"
+        memory.safetensors (only with EditConfig.memory > 0, after a turn) the key memory: "<module>"
+                           = sum of K^T K over the turns so far, (d_in, d_in)
         undo-<seq>.safetensors   (only with keep_turn_deltas) one per revertible turn: edit-module
                            weights ("w/<module>", model dtype), float32 deltas of bf16/fp16 modules
-                           ("d/<module>") and statistics ("n/<d_in>x<d_out>.*") from before that
+                           ("d/<module>"), statistics ("n/<d_in>x<d_out>.*") and key memory
+                           ("m/<module>") from before that
                            turn, for exact revert; hard-linked between versions
       edits.jsonl          append-only edit log, one JSON object per line (``seq`` increasing)
 
@@ -84,6 +87,7 @@ LOG = "edits.jsonl"
 STATE_JSON = "state.json"
 DELTA = "delta.safetensors"
 NORMALIZERS = "normalizers.safetensors"
+MEMORY = "memory.safetensors"
 EXACT = "exact.safetensors"
 LOCK = ".lock"
 
@@ -137,6 +141,7 @@ class TurnSnapshot:
         normalizers: statistics before the turn, ``(d_in, d_out)`` -> CPU state dict.
         deltas: the float32 cumulative deltas before the turn (modules that accumulate one; see
             ``UltraEditor(delta_accumulation=...)``), name -> CPU tensor; absent = zero.
+        key_memory: ``UltraEditor.key_memory`` before the turn, name -> CPU tensor; empty = zero.
     """
 
     turn: int
@@ -145,6 +150,7 @@ class TurnSnapshot:
     normalizers: dict[tuple[int, int], dict[str, torch.Tensor]]
     seq: int = 0  # the edit-log seq of the turn: unique even when turn numbers repeat after a revert
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    key_memory: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -220,6 +226,7 @@ class EditSession:
             weights={n: _cpu_copy(m.weight) for n, m in ed.modules.items()},
             normalizers={s: {k: _cpu_copy(v) for k, v in nm.state_dict().items()} for s, nm in ed.normalizers.items()},
             deltas={n: _cpu_copy(d) for n, d in self.delta.items()},
+            key_memory={n: _cpu_copy(m) for n, m in ed.key_memory.items()},
         )
 
     def after_commit(self, pending: "PendingTurn", snapshot: TurnSnapshot | None) -> None:
@@ -764,6 +771,9 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
         for key, value in norm.state_dict().items():
             norm_specs.append((f"{_norm_key(shape)}.{key}", value.dtype, tuple(value.shape), lambda v=value: v))
     sizes[NORMALIZERS] = _write_safetensors(path / NORMALIZERS, norm_specs, {"format": FORMAT, "content": "normalizers"})
+    if editor.key_memory:
+        memory_specs = [(n, m.dtype, tuple(m.shape), lambda m=m: m.to("cpu")) for n, m in editor.key_memory.items()]
+        sizes[MEMORY] = _write_safetensors(path / MEMORY, memory_specs, {"format": FORMAT, "content": "memory"})
 
     undo_meta = []
     for snap in session.undo:
@@ -781,6 +791,7 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
                 pass  # no hard links here: write it again
         specs = [(f"w/{name}", w.dtype, tuple(w.shape), lambda w=w: w) for name, w in snap.weights.items()]
         specs += [(f"d/{name}", d.dtype, tuple(d.shape), lambda d=d: d) for name, d in snap.deltas.items()]
+        specs += [(f"m/{name}", m.dtype, tuple(m.shape), lambda m=m: m) for name, m in snap.key_memory.items()]
         for shape, sd in snap.normalizers.items():
             for key, value in sd.items():
                 specs.append((f"n/{_norm_key(shape)}.{key}", value.dtype, tuple(value.shape), lambda v=value: v))
@@ -895,6 +906,7 @@ def load(
         raise StateError(f"{meta_path}: normalizer shapes {expected_shapes} do not match the edit modules")
     path = version / NORMALIZERS
     statistics = {shape: _read_statistics(files[NORMALIZERS], path, "", shape) for shape in editor.normalizers}
+    memory = _read_memory(editor, files.get(MEMORY), version / MEMORY, "")
     _check_delta(editor.modules, files, version)
     snapshots = [
         _read_snapshot(editor, files[file], version / file, turn, requests, seq)
@@ -904,6 +916,7 @@ def load(
     # ... then apply.
     for shape, norm in editor.normalizers.items():
         norm.load_state_dict(statistics[shape])
+    editor.key_memory = memory
     accumulating = {n for n, m in editor.modules.items() if editor.accumulates(m)}
     session.delta = _add_delta(editor.modules, session.base, files, version, keep_deltas=accumulating)
     editor.turns, editor.edits, session.log_seq = counters
@@ -947,6 +960,20 @@ def _read_statistics(handle: Any, path: Path, prefix: str, shape: tuple[int, int
     return state
 
 
+def _read_memory(editor: "UltraEditor", handle: Any, path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The key memory stored under ``prefix<module>`` (all modules, or none = zero memory), on the
+    modules' devices in the editor's compute dtype."""
+    from .editor import module_shape
+
+    if handle is None or not any(k.startswith(prefix) and k[len(prefix):] in editor.modules for k in handle.keys()):
+        return {}
+    dtype = editor.config.torch_dtype
+    return {
+        n: _tensor(handle, path, f"{prefix}{n}", (module_shape(m)[0],) * 2).to(m.weight.device, dtype)
+        for n, m in editor.modules.items()
+    }
+
+
 def _read_snapshot(
     editor: "UltraEditor", handle: Any, path: Path, turn: int, requests: int, seq: int
 ) -> TurnSnapshot:
@@ -967,6 +994,7 @@ def _read_snapshot(
         normalizers={s: _read_statistics(handle, path, "n/", s) for s in editor.normalizers},
         seq=seq,
         deltas=deltas,
+        key_memory={n: m.cpu() for n, m in _read_memory(editor, handle, path, "m/").items()},
     )
 
 
@@ -980,7 +1008,7 @@ def _open_version(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Pa
     for attempt in range(3):
         meta, version = read_state(directory)
         try:
-            names = [n for n in (NORMALIZERS, DELTA, EXACT) if n in meta["sizes"]]
+            names = [n for n in (NORMALIZERS, DELTA, EXACT, MEMORY) if n in meta["sizes"]]
             names += [item["file"] for item in meta.get("undo") or []]
         except (KeyError, TypeError) as err:
             raise StateError(f"{version / STATE_JSON}: malformed ({type(err).__name__}: {err})") from None
@@ -1181,6 +1209,7 @@ def revert_last(editor: "UltraEditor", k: int = 1) -> RevertReport:
     session.delta = {n: d.to(editor.modules[n].weight.device) for n, d in target.deltas.items()}
     for shape, norm in editor.normalizers.items():
         norm.load_state_dict(target.normalizers[shape])
+    editor.key_memory = {n: m.to(editor.modules[n].weight.device) for n, m in target.key_memory.items()}
     for _ in range(k):
         session.undo.pop()
     editor.generation += 1  # turns prepared before the revert are stale

@@ -72,6 +72,14 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--preserve", type=float, default=None, metavar="ALPHA",
                    help="override EditConfig.preserve (weight of generic-text keys in the ridge)")
     p.add_argument("--lr-scale", choices=("none", "width"), default=None, help="override EditConfig.lr_scale")
+    p.add_argument("--memory", type=float, default=None, metavar="BETA",
+                   help="override EditConfig.memory (weight of earlier turns' keys in the ridge)")
+    p.add_argument("--confidence", type=float, default=None, metavar="P",
+                   help="override EditConfig.confidence (refinement: target probability a request must reach)")
+    p.add_argument("--neighbours", type=int, default=None, metavar="N",
+                   help="override EditConfig.neighbours (subject-swapped prompts preserved per request)")
+    p.add_argument("--prefixes", type=int, default=None, metavar="N",
+                   help="override EditConfig.prefixes (context-prefixed copies edited per request)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_command)
@@ -87,7 +95,8 @@ def _command(args: argparse.Namespace) -> int:
             method=args.method, skip_invalid=args.skip_invalid, eval_batch_size=args.eval_batch_size,
             eval_max_tokens=args.eval_max_tokens, forward_batch_size=args.forward_batch_size,
             progress=not args.quiet, faithful=args.faithful, refine_steps=args.refine_steps,
-            preserve=args.preserve, lr_scale=args.lr_scale, method_options=_options_arg(args.method_option),
+            preserve=args.preserve, lr_scale=args.lr_scale, memory=args.memory, confidence=args.confidence,
+            neighbours=args.neighbours, prefixes=args.prefixes, method_options=_options_arg(args.method_option),
         )
         results = run(config)
     except (BenchError, DatasetError, EditError, ModelError, OSError) as err:  # user errors; bugs keep their traceback

@@ -1,0 +1,119 @@
+"""Other prompts a turn derives from its requests: subject-swapped neighbours (``EditConfig.neighbours``),
+keys the edit of one subject should leave alone, and context prefixes (``EditConfig.prefixes``).
+
+UltraEdit's keys are the edit modules' inputs at the target positions, e.g. at ``" is"`` of
+"The capital of Uganda is". Much of such a key says "a capital comes next", and only part of it
+says "of Uganda"; a shift fitted to it therefore also moves "The capital of Bolivia is" (measured
+on SmolLM2-135M: most locality losses of the demo are neighbours of this kind). ROME and MEMIT
+avoid this by editing at the subject's last token; here we keep UltraEdit's keys and add, for
+each request whose subject is known, the same prompt and target with the subject replaced by
+other subjects of the turn, as preserved keys of the ridge:
+
+    dW = (K^T K + lambda I + alpha E0 + beta M + gamma N^T N)^-1 K^T V
+
+``N`` holds the target-position keys of the neighbour prompts (taken on the model before the
+turn), so the shift is pushed toward what distinguishes the subject rather than the template.
+A neighbour is never a prompt edited in the same turn. The choice is deterministic (seeded by the
+request's text), so a resumed session computes what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .batching import IGNORE, EditRequest, collate, pad_id_of, tokenize_pair
+
+
+def _seed(request: EditRequest) -> int:
+    return int.from_bytes(hashlib.sha256(f"{request.prompt}\0{request.target}".encode()).digest()[:8], "big")
+
+
+def with_prefixes(requests: Sequence[EditRequest], per_request: int) -> tuple[list[EditRequest], list[int]]:
+    """``(sequences, owners)``: ``requests`` followed by, for each, ``per_request`` copies whose
+    prompt follows a sentence of the package's generic text (``data/generic.txt``, drawn with a seed
+    from the request's text), as ROME/MEMIT edit behind context templates: the edit should hold
+    after other text too. ``owners[i]`` is the index in ``requests`` of ``sequences[i]``."""
+    sequences, owners = list(requests), list(range(len(requests)))
+    if per_request <= 0:
+        return sequences, owners
+    from .preserve import package_text
+
+    sentences = package_text("generic.txt")
+    for index, request in enumerate(requests):
+        for sentence in random.Random(_seed(request)).sample(sentences, min(per_request, len(sentences))):
+            sequences.append(EditRequest(f"{sentence} {request.prompt}", request.target, id=request.id))
+            owners.append(index)
+    return sequences, owners
+
+
+def subject_of(request: EditRequest) -> str | None:
+    """The request's subject (``extra["subject"]``) when it occurs in the prompt, else ``None``."""
+    subject = request.extra.get("subject") if request.extra else None
+    if isinstance(subject, str) and subject.strip() and subject in request.prompt:
+        return subject
+    return None
+
+
+def neighbour_pairs(requests: Sequence[EditRequest], per_request: int) -> list[tuple[str, str]]:
+    """``(prompt, target)`` pairs: each request's prompt with its subject replaced by up to
+    ``per_request`` other subjects of the turn (drawn with a seed from the request's text), and
+    the request's target. Prompts equal to an edit prompt of the turn are left out."""
+    subjects = sorted({s for s in map(subject_of, requests) if s is not None})
+    edited = {r.prompt for r in requests}
+    pairs = []
+    for request in requests:
+        subject = subject_of(request)
+        if subject is None:
+            continue
+        others = [s for s in subjects if s != subject and s not in subject and subject not in s]
+        random.Random(_seed(request)).shuffle(others)
+        chosen = 0
+        for other in others:
+            if chosen == per_request:
+                break
+            prompt = request.prompt.replace(subject, other, 1)
+            if prompt not in edited:
+                pairs.append((prompt, request.target))
+                chosen += 1
+    return pairs
+
+
+@torch.no_grad()
+def neighbour_grams(
+    model: nn.Module, tokenizer: Any, modules: dict[str, nn.Module], pairs: Sequence[tuple[str, str]],
+    *, dtype: torch.dtype = torch.float32, batch_size: int = 32,
+) -> dict[str, torch.Tensor]:
+    """``N^T N`` (``(d_in, d_in)``, in ``dtype``) per module: the sum of ``k k^T`` over the
+    target positions of ``pairs`` (teacher-forced, as edit requests are)."""
+    device = model.get_input_embeddings().weight.device
+    sums: dict[str, torch.Tensor] = {}
+    mask: torch.Tensor | None = None
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            keys = args[0][mask.to(args[0].device)].to(dtype)
+            sums[name] = sums.get(name, 0) + keys.T @ keys
+
+        return record
+
+    encoded = [tokenize_pair(tokenizer, p, t) for p, t in pairs]
+    pad = pad_id_of(tokenizer)
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start : start + batch_size], pad)
+            mask = batch["labels"] != IGNORE
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                  use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    return sums
