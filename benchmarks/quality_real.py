@@ -39,27 +39,33 @@ FILES = {"zsre": DATA / "zsre-500.json", "counterfact": DATA / "counterfact-20k.
 TURN = 100
 CURVE_KEYS = ("efficacy", "generalization", "retention")
 
-#: Pareto sweep: (label, EditConfig fields) on top of the faithful or recommended configuration.
+#: The family preset's modules (gate/up_proj for Llama) instead of the recommended layers.
+PRESET = {"recommended": True, "modules": "preset"}
+#: The recommended configuration of stop 9 (family preset, width lr 5e-6, 5 steps, preserve 300).
+STOP9 = {**PRESET, "lr": 5e-6, "memory": 0.0, "confidence": 0.0}
+
+#: Pareto sweep (one turn: the memory plays no part): (label, EditConfig fields) on top of the
+#: faithful or recommended configuration.
 SWEEP = [
     ("faithful lr 1e-6 (authors)", {"lr": 1e-6}),
     ("width lr 1e-6", {"lr": 1e-6, "lr_scale": "width"}),
     ("width lr 5e-6", {"lr": 5e-6, "lr_scale": "width"}),
-    ("5 steps, width lr 5e-6, no preserve", {"recommended": True, "preserve": 0.0}),
-    ("recommended", "recommended"),
+    ("preset modules, 5 steps, preserve 300 (stop 9)", STOP9),
+    ("stop 9 + confidence 0.8", {**STOP9, "confidence": 0.8}),
+    ("stop 9 + confidence 0.8 + neighbours 4", {**STOP9, "confidence": 0.8, "neighbours": 4}),
+    ("recommended (MLP output layers)", "recommended"),
+    ("recommended + neighbours 4", {"recommended": True, "neighbours": 4}),
+    ("recommended + prefixes 2", {"recommended": True, "prefixes": 2}),
 ]
 
-#: The family preset's modules (gate/up_proj for Llama) instead of the recommended layers.
-PRESET = {"recommended": True, "modules": "preset"}
-
-#: Ablation, one option at a time from the previous recommended configuration (the family preset,
-#: width lr 5e-6, 5 steps, preserve 300) to the current one (``--ladder zsre:500``).
+#: Ablation over turns (``--ladder zsre:500``): stop 9's recommended configuration, one option
+#: added at a time, to the current one.
 LADDER = [
-    ("preset modules, 5 steps, preserve 300 (stop 9)", {**PRESET, "memory": 0.0, "confidence": 0.0, "prefixes": 0}),
-    ("+ memory 1", {**PRESET, "confidence": 0.0, "prefixes": 0}),
-    ("+ confidence 0.8", {**PRESET, "prefixes": 0}),
-    ("+ prefixes 2", PRESET),
-    ("+ neighbours 4", {**PRESET, "neighbours": 4}),
-    ("recommended (MLP output layers)", "recommended"),
+    ("preset modules, 5 steps, preserve 300 (stop 9)", STOP9),
+    ("stop 9 + memory 1", {**STOP9, "memory": 1.0}),
+    ("stop 9 + memory 1 + confidence 0.8", {**STOP9, "memory": 1.0, "confidence": 0.8}),
+    ("stop 9 + memory 1 + confidence 0.8 + prefixes 2", {**STOP9, "memory": 1.0, "confidence": 0.8, "prefixes": 2}),
+    ("recommended (MLP output layers, lr 1e-5, memory 1, confidence 0.8)", "recommended"),
 ]
 
 

@@ -67,12 +67,16 @@ def test_bench_is_a_subcommand():
     assert (args.turn_size, args.batch_size, args.eval_every, args.seed, args.method) == (100, 10, None, 0, "ultraedit")
     assert (args.eval_batch_size, args.eval_max_tokens, args.forward_batch_size) == (64, 16384, 100)
     assert args.func is cli_bench._command
+    options = build_parser().parse_args(["bench", "--model", "m", "--dataset", "zsre", "--turns", "1", "--out", "o",
+                                         "--memory", "0", "--confidence", "0.9", "--neighbours", "2", "--prefixes", "1"])
+    assert (options.memory, options.confidence, options.neighbours, options.prefixes) == (0.0, 0.9, 2, 1)
 
 
 def test_end_to_end_cli_writes_results_markdown_and_plot(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
+    # the recommended configuration scales lr by the module shapes (x ~1e3 on this 32-wide model): 1e-4 here
     code = main(["bench", "--model", str(model_dir), "--dataset", "zsre", "--data", str(FIXTURES / "zsre_eval.json"),
-                 *ARGS, "--eval-every", "1", "--out", str(out)])
+                 *ARGS, "--lr", "1e-4", "--eval-every", "1", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     for key in ("efficacy", "generalization", "specificity"):
@@ -90,7 +94,7 @@ def test_end_to_end_cli_writes_results_markdown_and_plot(model_dir, tmp_path, ca
     assert results["peak_memory"]["kind"] == "rss"
     assert results["model"]["class"] == "LlamaForCausalLM" and len(results["model"]["weights_sha256"]) == 64
     assert results["method"]["name"] == "ultraedit" and results["method"]["capture_batch_size"] == 2
-    assert results["method"]["lr"] == 1e-2 and results["method"]["modules"] == results["model"]["edit_modules"]
+    assert results["method"]["lr"] == 1e-4 and results["method"]["modules"] == results["model"]["edit_modules"]
     assert results["config"]["turns"] == 2 and results["dataset"]["format"] == "zsre"
     md = (out / "results.md").read_text()
     assert f"| Efficacy (token acc.) | {100 * results['unedited']['efficacy']:.2f} | {100 * results['efficacy']:.2f} |" in md
@@ -102,7 +106,7 @@ def test_end_to_end_cli_writes_results_markdown_and_plot(model_dir, tmp_path, ca
 
     # Seeded and deterministic on CPU: the same run through the Python API gives the same numbers.
     again = run(BenchConfig(model=str(model_dir), dataset="zsre", data=str(FIXTURES / "zsre_eval.json"),
-                            out=str(tmp_path / "again"), turns=2, turn_size=4, batch_size=2, lr=1e-2,
+                            out=str(tmp_path / "again"), turns=2, turn_size=4, batch_size=2, lr=1e-4,
                             eval_every=1, device="cpu", progress=False))
     assert again["metrics"] == results["metrics"] and again["curve"] == results["curve"]
     assert again["unedited"] == results["unedited"] and again["model"] == results["model"]

@@ -11,7 +11,7 @@ from tiny import random_turn, tiny_model
 from ultraedit import EditConfig, EditError, EditRequest, UltraEditor
 from ultraedit.capture import capture
 from ultraedit.neighbours import neighbour_grams, neighbour_pairs, subject_of
-from ultraedit.presets import resolve_modules
+from ultraedit.presets import recommended_preset, resolve_modules
 from ultraedit.solver import ridge_solve
 
 
@@ -133,7 +133,9 @@ def test_one_refine_step_is_the_faithful_turn():
 def test_recommended_config_comes_from_rules_for_any_supported_family(arch):
     model = tiny_model(arch)
     config = EditConfig.recommended(model)
-    assert config.modules == resolve_modules(model)
+    assert config.modules == resolve_modules(model, recommended_preset(model))
+    suffix = {"llama": "mlp.down_proj", "qwen2": "mlp.down_proj", "gpt2": "mlp.c_proj"}[arch]
+    assert config.modules and all(name.endswith(suffix) for name in config.modules)
     assert config.lr_scale == "width" and config.refine_steps > 1 and config.preserve > 0
     assert EditConfig.recommended(model, refine_steps=2).refine_steps == 2
     with pytest.raises(EditError, match="needs the tokenizer"):
@@ -210,6 +212,8 @@ def test_bench_configurations_and_explicit_overrides():
     tuned = bench_edit_config(model, BenchConfig(**common, lr=2e-6, refine_steps=2, preserve=0.0, preset="llama3-fever"))
     assert (tuned.lr, tuned.lr_scale, tuned.refine_steps, tuned.preserve) == (2e-6, "width", 2, 0.0)
     assert tuned.modules is None and tuned.preset == "llama3-fever"
+    options = bench_edit_config(model, BenchConfig(**common, memory=0.0, confidence=0.5, neighbours=3, prefixes=1))
+    assert (options.memory, options.confidence, options.neighbours, options.prefixes) == (0.0, 0.5, 3, 1)
 
 
 def _text_model():
@@ -360,3 +364,23 @@ def test_a_turn_with_prefixes_edits_the_prefixed_copies_too_and_counts_the_reque
     UltraEditor(twin, EditConfig(modules=names, lr=1e-3), tokenizer=tok).edit(with_prefixes(SUBJECT_REQUESTS, 2)[0])
     for n in names:
         assert torch.equal(model.get_submodule(n).weight, twin.get_submodule(n).weight)
+
+
+def test_recommended_modules_fall_back_to_the_family_preset_when_their_statistics_would_not_fit():
+    """SmolLM2-135M's shape gets layers 14-25 of 30 of down_proj; Llama-3-8B's (MLP width 14336:
+    0.8 GB per d_in x d_in matrix) gets the authors' gate/up preset."""
+    import transformers as T
+
+    from ultraedit.presets import RECOMMENDED_STATS_BYTES
+
+    def model(hidden, width, layers):
+        config = T.LlamaConfig(hidden_size=hidden, intermediate_size=width, num_hidden_layers=layers,
+                               num_attention_heads=4, num_key_value_heads=4, vocab_size=64)
+        with torch.device("meta"):
+            return T.AutoModelForCausalLM.from_config(config)
+
+    small = model(576, 1536, 30)
+    assert resolve_modules(small, recommended_preset(small)) == [f"model.layers.{i}.mlp.down_proj" for i in range(14, 26)]
+    large = model(4096, 14336, 32)
+    assert 14 * 2 * 4 * 14336**2 > RECOMMENDED_STATS_BYTES
+    assert recommended_preset(large).name == "llama3"

@@ -483,3 +483,31 @@ def test_rwlock_writer_waits_for_readers_and_blocks_new_ones():
     for t in (first, w, late):
         t.join(5)
     assert events == ["r1+", "r1-", "W", "r2+", "r2-"]
+
+
+def test_a_turn_rolled_back_after_a_failed_save_leaves_no_trace():
+    """The engine's snapshot restores everything a turn changes: weights, normalizers, counters,
+    the float32 deltas of bf16 weights and the key memory; the next turn then computes what a
+    run that never had the failed turn computes."""
+    import torch
+
+    from ultraedit.serve.engine import _Snapshot
+
+    requests = load_requests(30)
+    config = EditConfig(modules=list(TESTBED_CONFIG.modules), lr=LR, memory=1.0)
+    model, tokenizer = load_model("testbed", "cpu", "bfloat16")
+    editor = UltraEditor(model, config, tokenizer)
+    editor.edit(requests[:10])
+    snapshot = _Snapshot.take(editor)
+    editor.edit(requests[10:20])  # then saving it fails
+    snapshot.restore(editor)
+    editor.edit(requests[20:30])
+
+    twin = UltraEditor(load_model("testbed", "cpu", "bfloat16")[0], config, tokenizer)
+    twin.edit(requests[:10])
+    twin.edit(requests[20:30])
+    assert editor.turns == twin.turns == 2 and editor.edits == twin.edits == 20
+    for name in editor.modules:
+        assert torch.equal(editor.modules[name].weight, twin.modules[name].weight), name
+        assert torch.equal(editor.session.delta[name], twin.session.delta[name]), name
+        assert torch.equal(editor.key_memory[name], twin.key_memory[name]), name

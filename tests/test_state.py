@@ -415,3 +415,19 @@ def test_resume_equals_one_process_with_the_options_beyond_the_paper(tmp_path):
         resumed.edit(requests[20 * i : 20 * i + 20])
     assert_same_weights(resumed, expected)
     assert_same_stats(resumed, stats)
+
+
+def test_a_state_with_memory_but_no_memory_file_is_refused(tmp_path):
+    editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR, memory=1.0))
+    run_turns(editor, [1])
+    editor.save(tmp_path / "s")
+    version = tmp_path / "s" / (tmp_path / "s" / st.CURRENT).read_text().strip()
+    meta = json.loads((version / st.STATE_JSON).read_text())
+    assert st.MEMORY in meta["sizes"]
+    del meta["sizes"][st.MEMORY]
+    (version / st.STATE_JSON).write_text(json.dumps(meta))
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(st.StateError, match="no memory.safetensors"):
+        UltraEditor.load(model, tmp_path / "s")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched

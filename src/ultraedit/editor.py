@@ -30,7 +30,7 @@ from torch import nn
 from .batching import BATCH_KEYS, IGNORE, EditError, EditRequest, minibatches
 from .capture import MinibatchCapture, capture
 from .normalizer import LifelongNormalizer
-from .presets import resolve_modules
+from .presets import recommended_preset, resolve_modules
 from .solver import ridge_solve, target_values
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,7 +52,9 @@ class LostShiftWarning(UserWarning):
     rounding step. Only with ``delta_accumulation="weights"``; the default keeps it."""
 
 #: The options of :meth:`EditConfig.recommended` (measurements in the README).
-RECOMMENDED: dict[str, Any] = {"lr": 5e-6, "lr_scale": "width", "refine_steps": 5, "preserve": 300.0}
+RECOMMENDED: dict[str, Any] = {
+    "lr": 1e-5, "lr_scale": "width", "refine_steps": 5, "preserve": 300.0, "memory": 1.0, "confidence": 0.8,
+}
 
 #: ``(d_in, d_out)`` of the modules the authors' lr 1e-6 was tuned on (Llama-3-8B gate/up_proj).
 LR_REFERENCE_SHAPE = (4096, 14336)
@@ -176,12 +178,14 @@ class EditConfig:
 
     @classmethod
     def recommended(cls, model: nn.Module, **overrides: Any) -> "EditConfig":
-        """The configuration we recommend for ``model``: the family's edit modules at its depth
-        (:func:`ultraedit.presets.resolve_modules`), the step size carried from the authors' lr by
-        the module shapes (``lr_scale="width"``), refinement steps and generic-text preserved
-        keys. Rules, not a per-checkpoint table (measured on SmolLM2-135M; see the README)."""
+        """The configuration we recommend for ``model``: the MLP output projection over the upper
+        middle of its depth, or the family preset where those modules' ``d_in x d_in`` statistics
+        would exceed 2 GiB (:func:`ultraedit.presets.recommended_preset`), the step size carried
+        from the authors' lr by the module shapes (``lr_scale="width"``), refinement steps to a
+        confidence margin, generic-text preserved keys and the memory of earlier turns' keys.
+        Rules, not a per-checkpoint table (measured on SmolLM2-135M; see the README)."""
         fields: dict[str, Any] = dict(RECOMMENDED)
-        fields["modules"] = resolve_modules(model)
+        fields["modules"] = resolve_modules(model, recommended_preset(model))
         fields.update(overrides)
         return cls(**fields)
 
@@ -206,7 +210,7 @@ def options_summary() -> str:
     return "\n".join([
         "Configurations:",
         "  faithful     the authors' method: EditConfig() (lr 1e-6, ridge 1, the family preset); 'bench --faithful'",
-        f"  recommended  EditConfig.recommended(model): the family preset at the model's depth, {recommended};",
+        f"  recommended  EditConfig.recommended(model): the 'recommended' layers above at the model's depth, {recommended};",
         "               the default of 'ultraedit edit', 'serve', 'bench' and 'demo' for a model ('--faithful': the authors')",
         "Options beyond the paper (EditConfig fields; off by default):",
         "  lr_scale     'none' | 'width': lr per module x 4096*sqrt(14336)/(d_in*sqrt(d_out)) (carries the",

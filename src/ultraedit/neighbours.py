@@ -83,37 +83,16 @@ def neighbour_pairs(requests: Sequence[EditRequest], per_request: int) -> list[t
     return pairs
 
 
-@torch.no_grad()
 def neighbour_grams(
     model: nn.Module, tokenizer: Any, modules: dict[str, nn.Module], pairs: Sequence[tuple[str, str]],
     *, dtype: torch.dtype = torch.float32, batch_size: int = 32,
 ) -> dict[str, torch.Tensor]:
     """``N^T N`` (``(d_in, d_in)``, in ``dtype``) per module: the sum of ``k k^T`` over the
     target positions of ``pairs`` (teacher-forced, as edit requests are)."""
-    device = model.get_input_embeddings().weight.device
-    sums: dict[str, torch.Tensor] = {}
-    mask: torch.Tensor | None = None
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            keys = args[0][mask.to(args[0].device)].to(dtype)
-            sums[name] = sums.get(name, 0) + keys.T @ keys
-
-        return record
+    from .preserve import key_grams
 
     encoded = [tokenize_pair(tokenizer, p, t) for p, t in pairs]
     pad = pad_id_of(tokenizer)
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(encoded), batch_size):
-            batch = collate(encoded[start : start + batch_size], pad)
-            mask = batch["labels"] != IGNORE
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                  use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(training)
+    batches = (collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size))
+    sums, _ = key_grams(model, modules, ({**b, "positions": b["labels"] != IGNORE} for b in batches), dtype)
     return sums

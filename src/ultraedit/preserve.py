@@ -16,7 +16,7 @@ package (``data/generic.txt``, written for this purpose; not the perplexity text
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -55,11 +55,13 @@ def context_length(model: nn.Module) -> int | None:
 
 
 @torch.no_grad()
-def key_moments(
-    model: nn.Module, tokenizer: Any, modules: dict[str, nn.Module], *, text: str = "generic.txt",
+def key_grams(
+    model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[dict[str, torch.Tensor]],
     dtype: torch.dtype = torch.float32,
-) -> dict[str, torch.Tensor]:
-    """``E0[k k^T]`` (``(d_in, d_in)``, in ``dtype``) of each module's input over every real token of ``text``."""
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``(sums, count)``: per module, ``sum k k^T`` (``(d_in, d_in)``, in ``dtype``) of its input at
+    the positions each batch's ``positions`` (bool, like ``input_ids``) marks, and how many there were.
+    Batches carry ``input_ids``, ``attention_mask`` and ``positions``; nothing is back-propagated."""
     device = model.get_input_embeddings().weight.device
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -76,12 +78,22 @@ def key_moments(
     training = model.training
     model.eval()
     try:
-        for batch in text_batches(tokenizer, package_text(text), max_tokens=context_length(model)):
-            mask = batch["attention_mask"].bool()
+        for batch in batches:
+            mask = batch["positions"].bool()
             count += int(mask.sum())
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
         model.train(training)
+    return sums, count
+
+
+def key_moments(
+    model: nn.Module, tokenizer: Any, modules: dict[str, nn.Module], *, text: str = "generic.txt",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """``E0[k k^T]`` (``(d_in, d_in)``, in ``dtype``) of each module's input over every real token of ``text``."""
+    batches = text_batches(tokenizer, package_text(text), max_tokens=context_length(model))
+    sums, count = key_grams(model, modules, ({**b, "positions": b["attention_mask"]} for b in batches), dtype)
     return {n: sums[n] / count for n in modules}

@@ -107,14 +107,31 @@ MLP_OUTPUT: dict[str, str] = {
 #: part of GPT-J, Mistral and Phi-4 too).
 RECOMMENDED_LAYERS = (14, 25, 30)
 
+#: Most bytes the recommended configuration's ``d_in x d_in`` float32 statistics may take over all
+#: its modules (generic-text moments and key memory, two per module). The MLP output projection's
+#: input is the MLP's width (Llama-3-8B: 14336, 0.8 GB per matrix); above this budget the
+#: recommended configuration edits the family preset's modules instead.
+RECOMMENDED_STATS_BYTES = 2 * 1024**3
+
 
 def recommended_preset(model: nn.Module) -> Preset:
-    """The edit modules of :meth:`ultraedit.EditConfig.recommended` for ``model``'s family."""
-    preset_for(model)  # an unknown family: the KeyError naming the known ones
+    """The edit modules of :meth:`ultraedit.EditConfig.recommended` for ``model``: the MLP output
+    projection over :data:`RECOMMENDED_LAYERS`, or the family preset (:func:`preset_for`) when
+    those modules' statistics would exceed :data:`RECOMMENDED_STATS_BYTES`."""
+    family = preset_for(model)  # an unknown family: the KeyError naming the known ones
     model_type = model.config.model_type
     first, last, reference = RECOMMENDED_LAYERS
-    return Preset(f"recommended-{model_type}", reference, ((first, last, MLP_OUTPUT[model_type]),),
-                  "ultraedit recommended configuration (measured on SmolLM2-135M)")
+    preset = Preset(f"recommended-{model_type}", reference, ((first, last, MLP_OUTPUT[model_type]),),
+                    "ultraedit recommended configuration (measured on SmolLM2-135M)")
+    modules = dict(model.named_modules())
+    widths = [_input_width(modules[name]) for name in resolve_modules(model, preset)]
+    return preset if sum(2 * 4 * w * w for w in widths) <= RECOMMENDED_STATS_BYTES else family
+
+
+def _input_width(module: nn.Module) -> int:
+    """``d_in`` of an ``nn.Linear`` (``in_features``) or a GPT-2 ``Conv1D`` (weight ``(d_in, d_out)``)."""
+    width = getattr(module, "in_features", None)
+    return int(width) if isinstance(width, int) else int(module.weight.shape[0])
 
 
 def _text_config(model: nn.Module):

@@ -907,6 +907,9 @@ def load(
     path = version / NORMALIZERS
     statistics = {shape: _read_statistics(files[NORMALIZERS], path, "", shape) for shape in editor.normalizers}
     memory = _read_memory(editor, files.get(MEMORY), version / MEMORY, "")
+    if config.memory > 0 and counters[0] > 0 and not memory:
+        raise StateError(f"{meta_path}: the configuration keeps a key memory (memory={config.memory}) "
+                         f"but the state has no {MEMORY} for its {counters[0]} turns")
     _check_delta(editor.modules, files, version)
     snapshots = [
         _read_snapshot(editor, files[file], version / file, turn, requests, seq)

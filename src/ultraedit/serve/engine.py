@@ -79,6 +79,8 @@ class _Snapshot:
     undo: list[Any]
     pending_log: list[dict[str, Any]]
     extra: dict[str, Any]
+    deltas: dict[str, torch.Tensor]  # the float32 cumulative shifts of bf16/fp16 modules
+    key_memory: dict[str, torch.Tensor]  # EditConfig.memory
 
     @classmethod
     def take(cls, editor: Any) -> "_Snapshot":
@@ -88,6 +90,7 @@ class _Snapshot:
             normalizers={shape: norm.clone() for shape, norm in editor.normalizers.items()},
             counters=(editor.turns, editor.edits, s.log_seq),
             undo=list(s.undo), pending_log=list(s.pending_log), extra=copy.deepcopy(s.extra),
+            deltas=dict(s.delta), key_memory=dict(editor.key_memory),
         )
 
     def restore(self, editor: Any) -> None:
@@ -96,6 +99,9 @@ class _Snapshot:
             for name, module in editor.modules.items():
                 module.weight.copy_(self.weights[name])
         editor.normalizers = dict(self.normalizers)
+        s.delta = dict(self.deltas)
+        editor.key_memory = dict(self.key_memory)
+        editor.generation += 1
         editor.turns, editor.edits, s.log_seq = self.counters
         s.undo.clear()
         s.undo.extend(self.undo)
