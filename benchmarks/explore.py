@@ -1,0 +1,89 @@
+"""Quick quality exploration on SmolLM2-135M: one data set, several configurations, one JSON line each.
+
+    python benchmarks/explore.py demo '{}' '{"layers": "down:14-25", "lr": 7e-6}'
+    python benchmarks/explore.py zsre:500 '{"memory": 0}' '{"memory": 1}'
+
+DATA is ``demo`` (the demo's 100 facts; locality = its 51 probes), ``zsre:N`` or ``cf:N`` (the first
+N requests of ``../shared/data``). Each configuration is JSON: ``EditConfig`` fields on top of
+``EditConfig.recommended(model)`` (``"rec": false``: on top of ``EditConfig()``), plus ``layers``
+(e.g. ``"gate:10-14,up:16-23"``: those MLP projections of those layers) and ``turn`` (requests per
+turn, default 100). Prints ES, GS, retention, agreement, the perplexity rise on the first 80
+held-out lines, edit seconds and steps per turn. The README's development tables came from this.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ultraedit import EditConfig, UltraEditor  # noqa: E402
+from ultraedit.datasets import read_requests  # noqa: E402
+from ultraedit.demo import demo_requests  # noqa: E402
+from ultraedit.evaluation import MetricTotals, perplexity, score_requests  # noqa: E402
+from ultraedit.models import load_model  # noqa: E402
+from ultraedit.preserve import package_text  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+FILES = {"zsre": (DATA / "zsre-500.json", "zsre"), "cf": (DATA / "counterfact-20k.json.gz", "counterfact")}
+
+
+def requests_of(spec: str) -> list:
+    if spec == "demo":
+        return demo_requests()
+    name, count = spec.split(":")
+    path, fmt = FILES[name]
+    out = []
+    for request in read_requests(path, fmt, skip_invalid=True):
+        out.append(request)
+        if len(out) == int(count):
+            return out
+    raise SystemExit(f"{path} has {len(out)} requests; {count} asked for")
+
+
+def modules_of(spec: str) -> list[str]:
+    names = []
+    for part in spec.split(","):
+        kind, span = part.split(":")
+        first, last = map(int, span.split("-"))
+        names += [f"model.layers.{i}.mlp.{kind}_proj" for i in range(first, last + 1)]
+    return names
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
+    spec, configs = sys.argv[1], sys.argv[2:]
+    reqs = requests_of(spec)
+    model, tok = load_model("smollm2-135m", "cpu")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = score_requests(model, tok, reqs).locality_predictions
+    lines = package_text("heldout.txt")[:80]
+    ppl_before = perplexity(model, tok, lines)
+    for text in configs:
+        fields = json.loads(text)
+        model.load_state_dict(saved)
+        if "layers" in fields:
+            fields["modules"] = modules_of(fields.pop("layers"))
+        turn = fields.pop("turn", 100)
+        config = EditConfig.recommended(model, **fields) if fields.pop("rec", True) else EditConfig(**fields)
+        editor = UltraEditor(model, config, tokenizer=tok)
+        start, steps = time.perf_counter(), []
+        for first in range(0, len(reqs), turn):
+            steps.append(editor.edit(reqs[first : first + turn]).steps)
+        seconds = time.perf_counter() - start
+        totals = MetricTotals()
+        totals.add(score_requests(model, tok, reqs, reference=reference))
+        m = totals.means()
+        print(json.dumps({"data": spec, "config": text, "ES": round(m["efficacy"], 3), "GS": round(m["generalization"], 3),
+                          "retention": round(m["retention"], 3), "agreement": round(m["locality_vs_unedited"], 3),
+                          "perplexity_rise": round(perplexity(model, tok, lines) / ppl_before - 1, 3),
+                          "seconds": round(seconds, 1), "steps": steps}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
