@@ -384,3 +384,5 @@ def test_recommended_modules_fall_back_to_the_family_preset_when_their_statistic
     large = model(4096, 14336, 32)
     assert 14 * 2 * 4 * 14336**2 > RECOMMENDED_STATS_BYTES
     assert recommended_preset(large).name == "llama3"
+    # each kind of module gets the step size measured for it
+    assert (EditConfig.recommended(small).lr, EditConfig.recommended(large).lr) == (1e-5, 5e-6)

@@ -51,10 +51,13 @@ class LostShiftWarning(UserWarning):
     """Most of a turn's weight shift did not reach the (bf16/fp16) weights: it was below their
     rounding step. Only with ``delta_accumulation="weights"``; the default keeps it."""
 
-#: The options of :meth:`EditConfig.recommended` (measurements in the README).
+#: The options of :meth:`EditConfig.recommended` (measurements in the README); ``lr`` is the one
+#: measured for the MLP output projection, :data:`RECOMMENDED_PRESET_LR` the one for a family preset's
+#: modules (the fallback of :func:`ultraedit.presets.recommended_preset`).
 RECOMMENDED: dict[str, Any] = {
     "lr": 1e-5, "lr_scale": "width", "refine_steps": 5, "preserve": 300.0, "memory": 1.0, "confidence": 0.8,
 }
+RECOMMENDED_PRESET_LR = 5e-6
 
 #: ``(d_in, d_out)`` of the modules the authors' lr 1e-6 was tuned on (Llama-3-8B gate/up_proj).
 LR_REFERENCE_SHAPE = (4096, 14336)
@@ -185,7 +188,10 @@ class EditConfig:
         confidence margin, generic-text preserved keys and the memory of earlier turns' keys.
         Rules, not a per-checkpoint table (measured on SmolLM2-135M; see the README)."""
         fields: dict[str, Any] = dict(RECOMMENDED)
-        fields["modules"] = resolve_modules(model, recommended_preset(model))
+        preset = recommended_preset(model)
+        fields["modules"] = resolve_modules(model, preset)
+        if not preset.name.startswith("recommended"):  # the family preset's modules (gate/up_proj for Llama)
+            fields["lr"] = RECOMMENDED_PRESET_LR
         fields.update(overrides)
         return cls(**fields)
 
