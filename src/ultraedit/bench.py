@@ -263,13 +263,16 @@ def edit_config(
     return EditConfig(**kw)
 
 
+#: The :class:`EditConfig` options a bench run may override (``BenchConfig`` fields and ``--flags`` of the same names).
+EDIT_OPTIONS = ("refine_steps", "preserve", "lr_scale", "memory", "confidence", "neighbours", "prefixes")
+
+
 def bench_edit_config(model: nn.Module, config: BenchConfig) -> EditConfig:
     """The :class:`EditConfig` of a run: its configuration (:func:`configuration_name`) with the
     options given explicitly on top."""
     chosen = edit_config(
         model, config.model, faithful=config.faithful, modules=config.modules, preset=config.preset, lr=config.lr,
-        refine_steps=config.refine_steps, preserve=config.preserve, lr_scale=config.lr_scale,
-        memory=config.memory, confidence=config.confidence, neighbours=config.neighbours, prefixes=config.prefixes,
+        **{name: getattr(config, name) for name in EDIT_OPTIONS},
     )
     return replace(chosen, capture_batch_size=config.batch_size, forward_batch_size=config.forward_batch_size)
 
@@ -279,8 +282,8 @@ class UltraEditMethod:
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: BenchConfig) -> None:
         if config.method_options:
-            raise BenchError("ultraedit takes no --method-option; use --lr, --modules, --preset, --faithful, "
-                             "--refine-steps, --preserve, --lr-scale, --memory, --confidence, --neighbours or --prefixes")
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in EDIT_OPTIONS)
+            raise BenchError(f"ultraedit takes no --method-option; use --lr, --modules, --preset, --faithful or {flags}")
         self.configuration = configuration_name(config)
         self.config = bench_edit_config(model, config)
         self.editor = UltraEditor(model, self.config, tokenizer=tokenizer)

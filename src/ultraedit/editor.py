@@ -30,7 +30,8 @@ from torch import nn
 from .batching import BATCH_KEYS, IGNORE, EditError, EditRequest, minibatches
 from .capture import MinibatchCapture, capture
 from .normalizer import LifelongNormalizer
-from .presets import recommended_preset, resolve_modules
+from .neighbours import neighbour_grams, neighbour_pairs, with_prefixes
+from .presets import preset_for, recommended_preset, resolve_modules
 from .solver import ridge_solve, target_values
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -190,7 +191,7 @@ class EditConfig:
         fields: dict[str, Any] = dict(RECOMMENDED)
         preset = recommended_preset(model)
         fields["modules"] = resolve_modules(model, preset)
-        if not preset.name.startswith("recommended"):  # the family preset's modules (gate/up_proj for Llama)
+        if preset is preset_for(model):  # the family preset's modules (gate/up_proj for Llama)
             fields["lr"] = RECOMMENDED_PRESET_LR
         fields.update(overrides)
         return cls(**fields)
@@ -417,8 +418,6 @@ class UltraEditor:
             raise EditError("UltraEditor.edit needs a tokenizer: UltraEditor(model, config, tokenizer=...)")
         if not requests:
             raise EditError("a turn needs at least one edit request")
-        from .neighbours import with_prefixes
-
         sequences, owners = with_prefixes(requests, self.config.prefixes)
         batches, order = minibatches(self.tokenizer, sequences, self.config.capture_batch_size)
         order = [owners[i] for i in order]  # a prefixed copy is named by its request
@@ -563,8 +562,6 @@ class UltraEditor:
         """``neighbour_weight * N^T N`` per module for a turn's text requests (``neighbours`` > 0)."""
         if self.config.neighbours <= 0 or self.config.neighbour_weight <= 0:
             return None
-        from .neighbours import neighbour_grams, neighbour_pairs
-
         pairs = neighbour_pairs(requests, self.config.neighbours)
         if not pairs:
             return None

@@ -63,11 +63,11 @@ def neighbour_pairs(requests: Sequence[EditRequest], per_request: int) -> list[t
     """``(prompt, target)`` pairs: each request's prompt with its subject replaced by up to
     ``per_request`` other subjects of the turn (drawn with a seed from the request's text), and
     the request's target. Prompts equal to an edit prompt of the turn are left out."""
-    subjects = sorted({s for s in map(subject_of, requests) if s is not None})
+    own = [subject_of(r) for r in requests]
+    subjects = sorted({s for s in own if s is not None})
     edited = {r.prompt for r in requests}
     pairs = []
-    for request in requests:
-        subject = subject_of(request)
+    for request, subject in zip(requests, own):
         if subject is None:
             continue
         others = [s for s in subjects if s != subject and s not in subject and subject not in s]

@@ -89,17 +89,8 @@ DEFAULT_PRESET: dict[str, str] = {
 }
 
 
-#: The MLP output projection of each family (``config.model_type`` -> suffix within a layer).
-MLP_OUTPUT: dict[str, str] = {
-    "llama": "mlp.down_proj",
-    "qwen2": "mlp.down_proj",
-    "mistral": "mlp.down_proj",
-    "phi3": "mlp.down_proj",
-    "gemma3": "mlp.down_proj",
-    "gemma3_text": "mlp.down_proj",
-    "gptj": "mlp.fc_out",
-    "gpt2": "mlp.c_proj",
-}
+#: Suffixes of a decoder layer's MLP output projection (Llama/Qwen2/Mistral/Phi-3/Gemma-3, GPT-J, GPT-2).
+MLP_OUTPUTS = ("mlp.down_proj", "mlp.fc_out", "mlp.c_proj")
 
 #: Layers the recommended configuration edits, stated for a 30-layer model and scaled to the depth
 #: like every preset: the MLP output projection from 47% to 87% of the depth (ours; measured on
@@ -116,22 +107,21 @@ RECOMMENDED_STATS_BYTES = 2 * 1024**3
 
 def recommended_preset(model: nn.Module) -> Preset:
     """The edit modules of :meth:`ultraedit.EditConfig.recommended` for ``model``: the MLP output
-    projection over :data:`RECOMMENDED_LAYERS`, or the family preset (:func:`preset_for`) when
-    those modules' statistics would exceed :data:`RECOMMENDED_STATS_BYTES`."""
+    projection (:data:`MLP_OUTPUTS`) over :data:`RECOMMENDED_LAYERS`, or the family preset
+    (:func:`preset_for`) when those modules' statistics would exceed :data:`RECOMMENDED_STATS_BYTES`
+    (or the model has no such projection)."""
+    from .editor import module_shape  # (the editor imports this module)
+
     family = preset_for(model)  # an unknown family: the KeyError naming the known ones
-    model_type = model.config.model_type
-    first, last, reference = RECOMMENDED_LAYERS
-    preset = Preset(f"recommended-{model_type}", reference, ((first, last, MLP_OUTPUT[model_type]),),
-                    "ultraedit recommended configuration (measured on SmolLM2-135M)")
     modules = dict(model.named_modules())
-    widths = [_input_width(modules[name]) for name in resolve_modules(model, preset)]
+    suffixes = [s for s in MLP_OUTPUTS if any(n.endswith(f".{s}") for n in modules)]
+    if not suffixes:
+        return family
+    first, last, reference = RECOMMENDED_LAYERS
+    preset = Preset(f"recommended-{model.config.model_type}", reference, ((first, last, suffixes[0]),),
+                    "ultraedit recommended configuration (measured on SmolLM2-135M)")
+    widths = [module_shape(modules[name])[0] for name in resolve_modules(model, preset)]
     return preset if sum(2 * 4 * w * w for w in widths) <= RECOMMENDED_STATS_BYTES else family
-
-
-def _input_width(module: nn.Module) -> int:
-    """``d_in`` of an ``nn.Linear`` (``in_features``) or a GPT-2 ``Conv1D`` (weight ``(d_in, d_out)``)."""
-    width = getattr(module, "in_features", None)
-    return int(width) if isinstance(width, int) else int(module.weight.shape[0])
 
 
 def _text_config(model: nn.Module):

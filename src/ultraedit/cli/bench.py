@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..batching import EditError
-from ..bench import DATASETS, METHODS, BenchConfig, BenchError, markdown, run
+from ..bench import DATASETS, EDIT_OPTIONS, METHODS, BenchConfig, BenchError, markdown, run
 from ..datasets import DatasetError
 from ..editor import EditConfig
 from ..models import DTYPES, ModelError
@@ -94,9 +94,8 @@ def _command(args: argparse.Namespace) -> int:
             preset=args.preset, eval_every=args.eval_every, device=args.device, dtype=args.dtype, seed=args.seed,
             method=args.method, skip_invalid=args.skip_invalid, eval_batch_size=args.eval_batch_size,
             eval_max_tokens=args.eval_max_tokens, forward_batch_size=args.forward_batch_size,
-            progress=not args.quiet, faithful=args.faithful, refine_steps=args.refine_steps,
-            preserve=args.preserve, lr_scale=args.lr_scale, memory=args.memory, confidence=args.confidence,
-            neighbours=args.neighbours, prefixes=args.prefixes, method_options=_options_arg(args.method_option),
+            progress=not args.quiet, faithful=args.faithful, method_options=_options_arg(args.method_option),
+            **{name: getattr(args, name) for name in EDIT_OPTIONS},
         )
         results = run(config)
     except (BenchError, DatasetError, EditError, ModelError, OSError) as err:  # user errors; bugs keep their traceback

@@ -17,10 +17,10 @@ def _presets_command(args: argparse.Namespace) -> int:
         used = f" [default for {', '.join(defaults[name])}]" if name in defaults else ""
         print(f"{name:22s} {preset.reference_layers:3d} layers: {ranges}  ({preset.source}){used}")
     from ..editor import options_summary
-    from ..presets import MLP_OUTPUT, RECOMMENDED_LAYERS
+    from ..presets import MLP_OUTPUTS, RECOMMENDED_LAYERS
 
     first, last, reference = RECOMMENDED_LAYERS
-    outputs = ", ".join(sorted(set(MLP_OUTPUT.values())))
+    outputs = ", ".join(MLP_OUTPUTS)
     print(f"{'recommended':22s} {reference:3d} layers: layers {first}-{last} of the MLP output projection ({outputs}),"
           " scaled to the depth  (ultraedit; EditConfig.recommended; the family preset where their d_in x d_in"
           " statistics would exceed 2 GiB, e.g. Llama-3-8B)")

@@ -19,9 +19,8 @@ from torch import nn
 
 from ..batching import IGNORE, EditRequest, collate, pad_id_of, tokenize_pair
 from ..bench import BenchError
-from ..presets import num_layers
+from ..presets import MLP_OUTPUTS, num_layers
 
-_MLP_OUT = ("mlp.down_proj", "mlp.fc_out", "mlp.c_proj")
 
 
 class MethodError(BenchError):
@@ -44,32 +43,45 @@ def mlp_out_name(model: nn.Module, layer: int) -> str:
     if not 0 <= layer < len(layers):
         raise MethodError(f"layer {layer} out of range: the model has {len(layers)} layers")
     names = dict(layers[layer].named_modules())
-    for suffix in _MLP_OUT:
+    for suffix in MLP_OUTPUTS:
         if suffix in names:
             return f"{prefix}.{layer}.{suffix}"
-    raise MethodError(f"layer {layer} has no MLP output projection ({', '.join(_MLP_OUT)})")
+    raise MethodError(f"layer {layer} has no MLP output projection ({', '.join(MLP_OUTPUTS)})")
 
 
 def layer_of(model: nn.Module, module_name: str) -> int:
     """The decoder layer index of an MLP output projection given by name (as ``--modules`` passes it)."""
     prefix, layers = decoder_layers(model)
-    match = re.fullmatch(rf"{re.escape(prefix)}\.(\d+)\.(?:{'|'.join(map(re.escape, _MLP_OUT))})", module_name)
+    match = re.fullmatch(rf"{re.escape(prefix)}\.(\d+)\.(?:{'|'.join(map(re.escape, MLP_OUTPUTS))})", module_name)
     if not match or int(match.group(1)) >= len(layers):
         raise MethodError(f"{module_name!r} is not an MLP output projection of a decoder layer "
                           f"(e.g. {mlp_out_name(model, 0)})")
     return int(match.group(1))
 
 
-def single_layer(model: nn.Module, config: Any, method: str) -> int | None:
-    """The layer a one-layer method (FT-M, GRACE) is pointed at with ``--modules NAME``; ``None`` if
-    not given. ``--preset`` or several modules are errors."""
+def one_layer_params(model: nn.Module, config: Any, params: Any, method: str, lr_field: str) -> Any:
+    """A one-layer method's (FT-M, GRACE) dataclass ``params`` from the bench's ``config``:
+    ``--method-option KEY=VALUE``, then ``--lr`` into ``lr_field``, then the layer of ``--modules
+    NAME``. ``--preset`` or several modules are errors."""
+    params = apply_options(params, getattr(config, "method_options", None), method)
+    if config.lr is not None:
+        setattr(params, lr_field, config.lr)
     if config.preset is not None:
         raise MethodError(f"{method} edits one layer: pass --modules NAME instead of --preset")
-    if not config.modules:
-        return None
-    if len(config.modules) != 1:
-        raise MethodError(f"{method} edits exactly one module, got {len(config.modules)}")
-    return layer_of(model, config.modules[0])
+    if config.modules:
+        if len(config.modules) != 1:
+            raise MethodError(f"{method} edits exactly one module, got {len(config.modules)}")
+        params.layer = layer_of(model, config.modules[0])
+    return params
+
+
+def one_layer_module(model: nn.Module, params: Any, published: int) -> tuple[str, nn.Module]:
+    """``(name, module)`` of the MLP output projection a one-layer method edits; ``params.layer``
+    -1 becomes the ``published`` layer of a 32-layer model, scaled to ``model``'s depth."""
+    if params.layer < 0:
+        params.layer = scaled_layers([published], 32, num_layers(model))[0]
+    name = mlp_out_name(model, params.layer)
+    return name, model.get_submodule(name)
 
 
 def scaled_layers(published: Sequence[int], published_depth: int, depth: int) -> list[int]:

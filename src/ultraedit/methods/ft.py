@@ -24,17 +24,7 @@ import torch
 from torch import nn
 
 from ..batching import EditRequest
-from .common import (
-    Encoded,
-    Tail,
-    apply_options,
-    encode,
-    frozen,
-    mlp_out_name,
-    scaled_layers,
-    single_layer,
-    unfreeze,
-)
+from .common import Encoded, Tail, encode, frozen, one_layer_module, one_layer_params, unfreeze
 
 
 @dataclass
@@ -52,21 +42,11 @@ class FTMethod:
 
     def __init__(self, model: nn.Module, tokenizer: Any, params: FTParams, batch_size: int = 10) -> None:
         self.model, self.tokenizer, self.params, self.batch_size = model, tokenizer, params, batch_size
-        if params.layer < 0:
-            from ..presets import num_layers
-
-            params.layer = scaled_layers([21], 32, num_layers(model))[0]
-        self.module_name = mlp_out_name(model, params.layer)
-        self.module = model.get_submodule(self.module_name)
+        self.module_name, self.module = one_layer_module(model, params, published=21)
 
     @classmethod
     def from_bench(cls, model: nn.Module, tokenizer: Any, config: Any) -> FTMethod:
-        params = apply_options(FTParams(), getattr(config, "method_options", None), "ft")
-        if config.lr is not None:
-            params.lr = config.lr
-        layer = single_layer(model, config, "ft")
-        if layer is not None:
-            params.layer = layer
+        params = one_layer_params(model, config, FTParams(), "ft", lr_field="lr")
         return cls(model, tokenizer, params, config.batch_size)
 
     def edit(self, requests: Sequence[EditRequest]) -> SimpleNamespace:

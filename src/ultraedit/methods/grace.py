@@ -32,19 +32,7 @@ import torch
 from torch import nn
 
 from ..batching import EditRequest
-from ..presets import num_layers
-from .common import (
-    Encoded,
-    Tail,
-    apply_options,
-    encode,
-    frozen,
-    mlp_out_name,
-    module_io_at,
-    scaled_layers,
-    single_layer,
-    unfreeze,
-)
+from .common import Encoded, Tail, encode, frozen, module_io_at, one_layer_module, one_layer_params, unfreeze
 
 
 @dataclass
@@ -116,10 +104,7 @@ class GraceMethod:
 
     def __init__(self, model: nn.Module, tokenizer: Any, params: GraceParams, seed: int = 0) -> None:
         self.model, self.tokenizer, self.params = model, tokenizer, params
-        if params.layer < 0:
-            params.layer = scaled_layers([31], 32, num_layers(model))[0]
-        self.module_name = mlp_out_name(model, params.layer)
-        self.module = model.get_submodule(self.module_name)
+        self.module_name, self.module = one_layer_module(model, params, published=31)
         w = self.module.weight
         d_out, d_in = (w.shape if isinstance(self.module, nn.Linear) else w.shape[::-1])
         self.codebook = Codebook(d_in, d_out, w.device)
@@ -129,12 +114,7 @@ class GraceMethod:
 
     @classmethod
     def from_bench(cls, model: nn.Module, tokenizer: Any, config: Any) -> GraceMethod:
-        params = apply_options(GraceParams(), getattr(config, "method_options", None), "grace")
-        if config.lr is not None:
-            params.edit_lr = config.lr
-        layer = single_layer(model, config, "grace")
-        if layer is not None:
-            params.layer = layer
+        params = one_layer_params(model, config, GraceParams(), "grace", lr_field="edit_lr")
         return cls(model, tokenizer, params, seed=config.seed)
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
