@@ -42,6 +42,15 @@ def shape_of(module) -> tuple[int, int]:
     return (module.weight.shape[0], module.weight.shape[1])  # Conv1D
 
 
+def key_positions(batch):
+    """Where keys are taken: the target positions, plus each row's ``subject_index`` (when >= 0)."""
+    mask = (batch["labels"] != -100).clone()
+    for row, position in enumerate(batch.get("subject_index", torch.full((mask.shape[0],), -1)).tolist()):
+        if position >= 0:
+            mask[row, position] = True
+    return mask
+
+
 def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper", preserve=None, keys_out=None):
     """Apply one turn to ``model`` in place; ``normalizers`` (shape -> RefNormalizer) is updated.
     ``preserve`` (name -> d_in x d_in) is added to the ridge system; ``keys_out`` (a dict) receives
@@ -69,9 +78,10 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
         mask = batch["labels"] != -100
         loss = F.cross_entropy(logits[mask].float(), batch["labels"][mask])
         loss.backward()
+        at = key_positions(batch)
         for n in names:
-            k = inputs[n][mask].detach().double()
-            g = outputs[n].grad[mask].detach().double()
+            k = inputs[n][at].detach().double()
+            g = outputs[n].grad[at].detach().double()
             shape = shape_of(modules[n])
             if shape not in normalizers:
                 normalizers[shape] = RefNormalizer(sum(shape), formula)
@@ -107,8 +117,8 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
 
 
 def reference_capture(model, names, batches):
-    """Plain per-minibatch capture: keys, output gradients (float64) at target positions, and per
-    row whether every target token is already the argmax."""
+    """Plain per-minibatch capture: keys, output gradients (float64) at the key positions, and per
+    key row whether every target token of its sequence is already the argmax."""
     modules = {n: model.get_submodule(n) for n in names}
     inputs, outputs = {}, {}
 
@@ -130,10 +140,11 @@ def reference_capture(model, names, batches):
         mask = batch["labels"] != -100
         F.cross_entropy(logits[mask].float(), batch["labels"][mask]).backward()
         right = [bool((logits[r][mask[r]].argmax(-1) == batch["labels"][r][mask[r]]).all()) for r in range(mask.shape[0])]
-        row_of_token = [r for r in range(mask.shape[0]) for _ in range(int(mask[r].sum()))]
+        at = key_positions(batch)
+        row_of_token = [r for r in range(mask.shape[0]) for _ in range(int(at[r].sum()))]
         captured.append({
-            "keys": {n: inputs[n][mask].detach().double() for n in names},
-            "grads": {n: outputs[n].grad[mask].detach().double() for n in names},
+            "keys": {n: inputs[n][at].detach().double() for n in names},
+            "grads": {n: outputs[n].grad[at].detach().double() for n in names},
             "wrong": torch.tensor([not right[r] for r in row_of_token]),
         })
     for h in handles:

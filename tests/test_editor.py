@@ -202,7 +202,7 @@ def test_mismatched_batch_keys():
     editor = UltraEditor(model, EditConfig(lr=LR))
     batches = random_turn(0)
     batches[1]["label"] = batches[1].pop("labels")
-    with pytest.raises(EditError, match=r"minibatch 1: keys must be exactly.*missing \['labels'\].*unexpected \['label'\]"):
+    with pytest.raises(EditError, match=r"minibatch 1: keys must be .*missing \['labels'\].*unexpected \['label'\]"):
         editor.edit_tokens(batches)
     batches = random_turn(0)
     batches[0]["attention_mask"] = batches[0]["attention_mask"][:, :-1]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from reference import reference_refined_turn, reference_turn
-from tiny import random_turn, tiny_model
+from tiny import ARCHS, random_turn, tiny_model
 
 from ultraedit import EditConfig, EditError, EditRequest, UltraEditor
 from ultraedit.capture import capture
@@ -386,3 +386,96 @@ def test_recommended_modules_fall_back_to_the_family_preset_when_their_statistic
     assert recommended_preset(large).name == "llama3"
     # each kind of module gets the step size measured for it
     assert (EditConfig.recommended(small).lr, EditConfig.recommended(large).lr) == (1e-5, 5e-6)
+
+
+# --------------------------------------------------------------------------- subject keys
+def with_subjects(batches, seed, low=0):
+    """Give most sequences a random subject position in ``[low, last prompt token)``, the rest -1.
+    (A position 0 empties a prefix: the capture then runs without its prefix/tail split.)"""
+    gen = torch.Generator().manual_seed(seed)
+    for batch in batches:
+        last_prompt = (batch["labels"] != -100).int().argmax(1).tolist()  # the first target column
+        batch["subject_index"] = torch.tensor([
+            int(torch.randint(low, last, (1,), generator=gen)) if float(torch.rand(1, generator=gen)) < 0.8 else -1
+            for last in last_prompt
+        ])
+    return batches
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_subject_keys_match_a_plain_capture_at_the_subject_and_target_positions(arch):
+    """With ``subject_index`` in the batches (``subject_keys``), each sequence adds the row (key at
+    its subject position, output gradient there) to the turn; the prefix/tail split and passes
+    that mix minibatches must give what a plain full forward per minibatch gives."""
+    from test_editor import edit_modules
+
+    model = tiny_model(arch)
+    ref_model = copy.deepcopy(model)
+    names = edit_modules(model, arch)
+    base = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    editor = UltraEditor(model, EditConfig(modules=names, lr=1e-3, forward_batch_size=7))
+    ref_norms = {}
+    for turn in range(2):
+        batches = with_subjects(random_turn(300 + turn), turn, low=turn)  # turn 1: split; turn 0: mostly not
+        report = editor.edit_tokens(batches)
+        extra = sum(int((b["subject_index"] >= 0).sum()) for b in batches)
+        assert report.rows[names[0]] == sum(int((b["labels"] != -100).sum()) for b in batches) + extra
+        reference_turn(ref_model, names, batches, ref_norms, lr=1e-3)
+    for n in names:
+        ours = model.get_submodule(n).weight.detach() - base[n]
+        ref = ref_model.get_submodule(n).weight.detach() - base[n]
+        assert float((ours - ref).norm() / ref.norm()) <= 1e-4, n
+
+
+def test_subject_keys_with_refine_steps_match_a_plain_implementation():
+    model = tiny_model("llama")
+    ref_model = copy.deepcopy(model)
+    names = resolve_modules(model)
+    base = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    batches = with_subjects(random_turn(210), 5)
+    report = UltraEditor(model, EditConfig(modules=names, lr=0.3, refine_steps=3)).edit_tokens(batches)
+    reference_refined_turn(ref_model, names, batches, {}, steps=3, lr=0.3)
+    assert report.steps > 1
+    for n in names:
+        ours = model.get_submodule(n).weight.detach() - base[n]
+        ref = ref_model.get_submodule(n).weight.detach() - base[n]
+        assert float((ours - ref).norm() / ref.norm()) <= 1e-3, n
+
+
+def test_subject_position_is_the_last_token_of_the_subject():
+    from test_bench import _tokenizer
+
+    from ultraedit.batching import SUBJECT_INDEX, minibatches, subject_position
+
+    tok = _tokenizer()
+    for prompt, subject in [("The capital of France is", "France"), ("Danielle Darrieux speaks", "Danielle Darrieux")]:
+        ids = tok(prompt)["input_ids"]
+        position = subject_position(tok, prompt, subject)
+        assert tok.decode(ids[: position + 1]).endswith(subject)
+        assert not tok.decode(ids[:position]).endswith(subject)
+    assert subject_position(tok, "He speaks France", "France") == -1  # the last prompt token: a target row already
+    assert subject_position(tok, "The capital of France is", "Spain") == -1
+    batches, order = minibatches(tok, SUBJECT_REQUESTS, 2, subjects=True)
+    positions = torch.cat([b[SUBJECT_INDEX] for b in batches]).tolist()
+    by_request = {order[i]: p for i, p in enumerate(positions)}
+    assert by_request[4] == -1  # "No subject here is": none given
+    assert all(by_request[i] >= 0 for i in range(4))
+    assert all(SUBJECT_INDEX not in b for b in minibatches(tok, SUBJECT_REQUESTS, 2)[0])
+
+
+def test_edit_with_subject_keys_adds_one_row_per_request_with_a_subject():
+    model, tok = _text_model()
+    plain = UltraEditor(copy.deepcopy(model), EditConfig(lr=1e-3), tokenizer=tok).edit(SUBJECT_REQUESTS)
+    subject = UltraEditor(model, EditConfig(lr=1e-3, subject_keys=1.0), tokenizer=tok).edit(SUBJECT_REQUESTS)
+    assert all(subject.rows[n] == plain.rows[n] + 4 for n in plain.rows)
+
+
+@pytest.mark.parametrize("bad", [[0, 99], [-2, 0], [0.5, 1.0], [0]])
+def test_a_bad_subject_index_is_refused_before_any_change(bad):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = random_turn(3, requests=4, batch_size=2)
+    batches[1]["subject_index"] = torch.tensor(bad)
+    with pytest.raises(EditError, match="minibatch 1: 'subject_index'"):
+        UltraEditor(model, EditConfig(lr=1e-3)).edit_tokens(batches)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

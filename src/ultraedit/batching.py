@@ -16,6 +16,7 @@ import torch
 
 IGNORE = -100
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+SUBJECT_INDEX = "subject_index"  # optional batch entry, (B,): each sequence's subject position, -1 for none
 
 
 class EditError(ValueError):
@@ -66,6 +67,26 @@ def teacher_forced_ids(
     return prompt_ids + answer_ids[:-1], [IGNORE] * (len(prompt_ids) - 1) + answer_ids
 
 
+def subject_position(tokenizer: Any, prompt: str, subject: str) -> int:
+    """Index of the last token of ``subject``'s first occurrence in the tokenized ``prompt`` (as
+    :func:`tokenize_pair` tokenizes it: special tokens included), or -1 when it is the prompt's
+    last token (already a captured position) or cannot be located. ROME/MEMIT's key position."""
+    start = prompt.find(subject)
+    if start < 0 or not subject:
+        return -1
+    end = start + len(subject)
+    try:
+        encoded = tokenizer(prompt, return_offsets_mapping=True)
+        spans = encoded["offset_mapping"]
+        inside = [i for i, (a, b) in enumerate(spans) if b > a and a < end]
+        position = inside[-1] if inside else -1
+        count = len(encoded["input_ids"])
+    except (NotImplementedError, TypeError, ValueError, KeyError):  # a slow tokenizer has no offsets
+        count = len(tokenizer(prompt)["input_ids"])
+        position = len(tokenizer(prompt[:end])["input_ids"]) - 1
+    return position if 0 <= position < count - 1 else -1
+
+
 def pad_id_of(tokenizer: Any) -> int:
     for attr in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
@@ -90,12 +111,14 @@ def collate(
 
 
 def minibatches(
-    tokenizer: Any, requests: Sequence[EditRequest], batch_size: int
+    tokenizer: Any, requests: Sequence[EditRequest], batch_size: int, subjects: bool = False
 ) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
     """Tokenize a turn's requests and cut them into minibatches the authors' way.
 
     Requests are sorted by tokenized length (prompt + target tokens), longest first (stable for
-    ties), then cut into minibatches of ``batch_size`` in that order.
+    ties), then cut into minibatches of ``batch_size`` in that order. With ``subjects`` each
+    minibatch also has ``subject_index`` (:func:`subject_position` of ``extra["subject"]``, -1
+    where a request has none).
 
     Returns:
         ``(batches, order)`` where ``order[i]`` is the index into ``requests`` of the i-th
@@ -115,4 +138,13 @@ def minibatches(
         collate([encoded[i] for i in order[start : start + batch_size]], pad)
         for start in range(0, len(order), batch_size)
     ]
+    if subjects:
+        positions = [_subject_of(tokenizer, request) for request in requests]
+        for start, batch in zip(range(0, len(order), batch_size), batches):
+            batch[SUBJECT_INDEX] = torch.tensor([positions[i] for i in order[start : start + batch_size]])
     return batches, order
+
+
+def _subject_of(tokenizer: Any, request: EditRequest) -> int:
+    subject = request.extra.get("subject") if request.extra else None
+    return subject_position(tokenizer, request.prompt, subject) if isinstance(subject, str) else -1

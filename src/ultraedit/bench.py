@@ -134,7 +134,8 @@ class BenchConfig:
         progress: show progress bars (stderr).
         faithful: run the authors' exact method (their lr unless ``lr`` is given, the family
             preset, no options beyond the paper) instead of ``EditConfig.recommended(model)``.
-        refine_steps, preserve, lr_scale, memory, confidence, neighbours, prefixes: override those :class:`EditConfig` options
+        refine_steps, preserve, lr_scale, memory, confidence, neighbours, prefixes, subject_keys: override
+            those :class:`EditConfig` options
             (``None``: the configuration's own).
         method_options: a baseline's hyperparameters by name (``--method-option KEY=VALUE``).
     """
@@ -167,6 +168,7 @@ class BenchConfig:
     confidence: float | None = None
     neighbours: int | None = None
     prefixes: int | None = None
+    subject_keys: float | None = None
     method_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -264,7 +266,8 @@ def edit_config(
 
 
 #: The :class:`EditConfig` options a bench run may override (``BenchConfig`` fields and ``--flags`` of the same names).
-EDIT_OPTIONS = ("refine_steps", "preserve", "lr_scale", "memory", "confidence", "neighbours", "prefixes")
+EDIT_OPTIONS = ("refine_steps", "preserve", "lr_scale", "memory", "confidence", "neighbours", "prefixes",
+                "subject_keys")
 
 
 def bench_edit_config(model: nn.Module, config: BenchConfig) -> EditConfig:

@@ -39,14 +39,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import IGNORE
+from .batching import IGNORE, SUBJECT_INDEX
+
+
+def key_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(B, L)`` bool: the positions whose keys and gradients a turn captures. The target
+    positions (``labels != -100``), plus, where a batch has ``subject_index`` (``(B,)``, -1 for
+    none), each sequence's subject position (``EditConfig.subject_keys``)."""
+    mask = batch["labels"] != IGNORE
+    subject = batch.get(SUBJECT_INDEX)
+    if subject is None:
+        return mask
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    return mask | (columns == subject.to(mask.device)[:, None])
 
 
 @dataclass
 class MinibatchCapture:
     """Rows captured for one minibatch: ``keys[name]`` is ``(rows, d_in)``, ``grads[name]`` ``(rows, d_out)``;
-    ``hits`` (``(rows,)`` bool) says where the argmax already is the target token, ``probs``
-    (``(rows,)``) the probability the model gives the target token."""
+    Rows are the target tokens, plus each sequence's subject position when the minibatch has a
+    ``subject_index`` (:func:`key_mask`; ``subject``, ``(rows,)`` bool, marks those rows), in
+    sequence order, positions in order. ``hits`` (``(targets,)`` bool) says where the argmax
+    already is the target token, ``probs`` (``(targets,)``) the probability of the target token."""
 
     keys: dict[str, torch.Tensor]
     grads: dict[str, torch.Tensor]
@@ -54,15 +68,17 @@ class MinibatchCapture:
     loss: float
     hits: torch.Tensor | None = None
     probs: torch.Tensor | None = None
+    subject: torch.Tensor | None = None
 
 
 def _row_extent(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Per row of a minibatch: length (last attended column + 1), first target column, and
-    whether every row is right-padded (attended columns exactly ``0 .. length-1``)."""
-    attention, labels = batch["attention_mask"], batch["labels"]
+    """Per row of a minibatch: length (last attended column + 1), first captured column (a target
+    or the subject position, :func:`key_mask`), and whether every row is right-padded (attended
+    columns exactly ``0 .. length-1``)."""
+    attention = batch["attention_mask"]
     columns = torch.arange(attention.shape[1], device=attention.device)
     length = torch.where(attention != 0, columns + 1, 0).max(1).values
-    first = torch.where(labels != IGNORE, columns, attention.shape[1]).min(1).values
+    first = torch.where(key_mask(batch), columns, attention.shape[1]).min(1).values
     right_padded = bool((attention.bool() == (columns < length[:, None])).all())
     return length, first, right_padded
 
@@ -224,10 +240,15 @@ class _Hooks:
 
         return hook
 
-    def reset(self, mask: torch.Tensor, active: bool = True, valid: torch.Tensor | None = None) -> None:
-        """Next forward: head sees only ``mask`` positions; modules are captured if ``active``;
-        MLPs compute only the ``valid`` (``(B, L)`` bool: real, not padding) tokens."""
-        self.mask = self.head.mask = mask
+    def reset(
+        self, mask: torch.Tensor, active: bool = True, valid: torch.Tensor | None = None,
+        head: torch.Tensor | None = None,
+    ) -> None:
+        """Next forward: keys are taken at ``mask`` positions, the head sees only ``head``
+        positions (default ``mask``); modules are captured if ``active``; MLPs compute only the
+        ``valid`` (``(B, L)`` bool: real, not padding) tokens."""
+        self.mask = mask
+        self.head.mask = mask if head is None else head
         self.packer.valid = valid
         self.active = active
         self.keys.clear()
@@ -236,10 +257,10 @@ class _Hooks:
 
 
 def _split(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """Prefix (before each row's first target) and tail (first target to the end) of a batch.
+    """Prefix (before each row's first captured position) and tail (from there to the end) of a batch.
 
     Returns ``None`` when the split does not apply: a row not right-padded, or a row whose first
-    target is at position 0 (empty prefix).
+    captured position is 0 (empty prefix).
     """
     lengths, first, right_padded = _row_extent(batch)
     if not right_padded or bool((first == 0).any()):
@@ -260,6 +281,7 @@ def _split(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         "prefix_mask": prefix_mask.long(),
         "tail_ids": tail(batch["input_ids"], 0),
         "tail_labels": tail(labels, IGNORE),
+        "tail_keys": tail(key_mask(batch).long(), 0) != 0,
         "attention_mask": torch.cat((prefix_mask, tail_mask), 1).long(),
         "position_ids": first[:, None] + tail_cols,
     }
@@ -275,13 +297,14 @@ def _cache_kwarg(model: nn.Module, output: object) -> dict[str, object]:
 
 def _target_logits(model: nn.Module, hooks: "_Hooks", batch: dict[str, torch.Tensor], split: bool):
     """Logits at target positions ``(T, vocab)`` (float32) and their labels ``(T,)``, capturing
-    keys and leaf outputs on the way; also the ``(B, L)`` target ``mask`` of the pass that was
-    captured (its row sums are the rows' target counts; gradients are gathered with each module's
-    ``hooks.key_masks`` entry, which is packed inside an MLP)."""
+    keys (at :func:`key_mask` positions) and leaf outputs on the way; also the ``(B, L)`` target
+    ``mask`` and key mask of the pass that was captured (their row sums are the rows' target and
+    key counts; gradients are gathered with each module's ``hooks.key_masks`` entry, which is
+    packed inside an MLP)."""
     parts = _split(batch) if split else None
     if parts is None:
-        mask = batch["labels"] != IGNORE
-        hooks.reset(mask, valid=batch["attention_mask"] != 0)
+        mask, keys_at = batch["labels"] != IGNORE, key_mask(batch)
+        hooks.reset(keys_at, valid=batch["attention_mask"] != 0, head=mask)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         labels = batch["labels"][mask]
     else:
@@ -289,8 +312,8 @@ def _target_logits(model: nn.Module, hooks: "_Hooks", batch: dict[str, torch.Ten
         hooks.reset(torch.zeros_like(prefix_valid), active=False, valid=prefix_valid)
         with torch.no_grad():
             prefix = model(input_ids=parts["prefix_ids"], attention_mask=parts["prefix_mask"], use_cache=True)
-        mask = parts["tail_labels"] != IGNORE
-        hooks.reset(mask, valid=parts["attention_mask"][:, prefix_valid.shape[1]:] != 0)
+        mask, keys_at = parts["tail_labels"] != IGNORE, parts["tail_keys"]
+        hooks.reset(keys_at, valid=parts["attention_mask"][:, prefix_valid.shape[1]:] != 0, head=mask)
         out = model(
             input_ids=parts["tail_ids"], attention_mask=parts["attention_mask"], position_ids=parts["position_ids"],
             use_cache=True, **_cache_kwarg(model, prefix),
@@ -302,7 +325,7 @@ def _target_logits(model: nn.Module, hooks: "_Hooks", batch: dict[str, torch.Ten
     if logits.shape[0] != labels.shape[0]:
         raise RuntimeError(f"unexpected logits shape {tuple(logits.shape)} for {labels.shape[0]} target tokens")
     # A model split over devices returns logits from its last device: labels go where they are.
-    return logits.float(), labels.to(logits.device), mask
+    return logits.float(), labels.to(logits.device), mask, keys_at
 
 
 def capture(
@@ -333,28 +356,36 @@ def capture(
     names = list(modules)
     # Flatten the turn into rows (trimmed to their length), numbered in minibatch order.
     rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    subjects: list[int] = []  # per row: its subject position, -1 for none
     prefix: list[int] = []
     tail: list[int] = []
     row_weight: list[float] = []  # 1 / (target tokens of the row's minibatch)
     sizes: list[int] = []  # target tokens per minibatch
+    key_sizes: list[int] = []  # captured key rows per minibatch
     split = split_prefix
     for batch in batches:
         length, first, right_padded = _row_extent(batch)
         split = split and right_padded and bool((first > 0).all())
         targets = int((batch["labels"] != IGNORE).sum())
         sizes.append(targets)
+        key_sizes.append(int(key_mask(batch).sum()))
+        subject = batch.get(SUBJECT_INDEX)
         for r, (n, f) in enumerate(zip(length.tolist(), first.tolist())):
             rows.append((batch["input_ids"][r, :n], batch["attention_mask"][r, :n], batch["labels"][r, :n]))
+            subjects.append(int(subject[r]) if subject is not None else -1)
             prefix.append(f)
             tail.append(n - f)
             row_weight.append(1.0 / targets)
     if not split:
         prefix, tail = [0] * len(rows), [p + t for p, t in zip(prefix, tail)]
     passes = plan_passes(prefix, tail, forward_batch_size or len(rows))
+    with_subjects = any(s >= 0 for s in subjects)
 
     keys: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    token_row: list[torch.Tensor] = []
+    key_row: list[torch.Tensor] = []  # per key row: the row (sequence) it belongs to
+    key_subject: list[torch.Tensor] = []  # per key row: is it a subject position (not a target)?
+    token_row: list[torch.Tensor] = []  # per target token: its row
     token_loss: list[torch.Tensor] = []
     token_hits: list[torch.Tensor] = []
     token_probs: list[torch.Tensor] = []
@@ -365,7 +396,9 @@ def capture(
                 key: torch.stack([F.pad(rows[i][k], (0, width - rows[i][k].shape[0]), value=fill) for i in members])
                 for k, (key, fill) in enumerate((("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE)))
             }
-            logits, labels, mask = _target_logits(model, hooks, batch, split)
+            if with_subjects:
+                batch[SUBJECT_INDEX] = torch.tensor([subjects[i] for i in members], device=batch["labels"].device)
+            logits, labels, mask, keys_at = _target_logits(model, hooks, batch, split)
             missing = [n for n in names if n not in hooks.outputs]
             if missing:
                 raise RuntimeError(f"edit modules {missing} did not run in the forward pass")
@@ -382,17 +415,22 @@ def capture(
             for n, g in zip(names, out_grads):
                 keys[n].append(hooks.keys[n])
                 grads[n].append(g[hooks.key_masks[n].to(g.device)].float())
-            token_row.append(torch.tensor(members, device=device).repeat_interleave(per_row))
+            members_t = torch.tensor(members, device=device)
+            key_row.append(members_t.repeat_interleave(keys_at.sum(1).to(device)))
+            key_subject.append((keys_at & ~mask)[keys_at].to(device))
+            token_row.append(members_t.repeat_interleave(per_row))
             token_loss.append(ce.detach())
             token_hits.append(logits.detach().argmax(-1) == labels)
             token_probs.append(torch.exp(-token_ce.detach().float()))
             del logits, ce, token_ce, out_grads
 
-    # Back to the original order (rows in minibatch order, tokens in position order), per minibatch.
+    # Back to the original order (rows in minibatch order, positions in order), per minibatch.
+    key_order = torch.sort(torch.cat(key_row), stable=True).indices
     order = torch.sort(torch.cat(token_row), stable=True).indices
     # (modules may sit on different devices when a model is split across GPUs)
-    split_keys = {n: (k := torch.cat(keys[n]))[order.to(k.device)].split(sizes) for n in names}
-    split_grads = {n: (g := torch.cat(grads[n]))[order.to(g.device)].split(sizes) for n in names}
+    split_keys = {n: (k := torch.cat(keys[n]))[key_order.to(k.device)].split(key_sizes) for n in names}
+    split_grads = {n: (g := torch.cat(grads[n]))[key_order.to(g.device)].split(key_sizes) for n in names}
+    subject_rows = torch.cat(key_subject)[key_order].split(key_sizes)
     losses = torch.cat(token_loss)[order].split(sizes)
     hits = torch.cat(token_hits)[order].split(sizes)
     probs = torch.cat(token_probs)[order].split(sizes)
@@ -400,13 +438,14 @@ def capture(
         MinibatchCapture(
             keys={n: split_keys[n][j] for n in names},
             grads={n: split_grads[n][j] for n in names},
-            rows=sizes[j],
+            rows=key_sizes[j],
             loss=float(losses[j].sum()),
             hits=hits[j],
             probs=probs[j],
+            subject=subject_rows[j],
         )
         for j in range(len(batches))
     ]
 
 
-__all__ = ["MinibatchCapture", "PackedMLPs", "TargetHead", "capture", "plan_passes"]
+__all__ = ["MinibatchCapture", "key_mask", "PackedMLPs", "TargetHead", "capture", "plan_passes"]

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
-from .batching import BATCH_KEYS, IGNORE, EditError, EditRequest, minibatches
-from .capture import MinibatchCapture, capture
+from .batching import BATCH_KEYS, IGNORE, SUBJECT_INDEX, EditError, EditRequest, minibatches
+from .capture import MinibatchCapture, capture, key_mask
 from .normalizer import LifelongNormalizer
 from .neighbours import neighbour_grams, neighbour_pairs, with_prefixes
 from .presets import preset_for, recommended_preset, resolve_modules
@@ -113,6 +113,11 @@ class EditConfig:
             the package's generic text before the prompt, chosen with a seed from the request's
             text; ROME/MEMIT's context templates), so the edit holds in other contexts. Text
             requests only; costs ``1 + prefixes`` times the rows. 0 = off.
+        subject_keys: each request with a known subject (``extra["subject"]``) also adds the row
+            (key and output gradient at the last token of the subject, ROME/MEMIT's key
+            position) to the turn, its value weighted by this number: the edit is then carried
+            by the subject's representation too, which its paraphrases share. Text requests
+            only. 0 = off.
     """
 
     modules: list[str] | None = None
@@ -132,6 +137,7 @@ class EditConfig:
     neighbours: int = 0
     neighbour_weight: float = 1.0
     prefixes: int = 0
+    subject_keys: float = 0.0
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -172,6 +178,8 @@ class EditConfig:
             raise ValueError(f"EditConfig.confidence must be in [0, 1), got {self.confidence}")
         if not (math.isfinite(self.memory) and self.memory >= 0):
             raise ValueError(f"EditConfig.memory must be a finite number >= 0, got {self.memory}")
+        if not (math.isfinite(self.subject_keys) and self.subject_keys >= 0):
+            raise ValueError(f"EditConfig.subject_keys must be a finite number >= 0, got {self.subject_keys}")
 
     def module_lr(self, shape: tuple[int, int]) -> float:
         """The step size used for modules of shape ``(d_in, d_out)`` (see ``lr_scale``)."""
@@ -232,6 +240,7 @@ def options_summary() -> str:
         "  neighbours   per request with a subject, this many copies of its prompt with other subjects of the turn",
         "               are preserved keys (weight neighbour_weight): the edit should follow the subject",
         "  prefixes     each request is also edited behind this many generic-text sentences (context templates)",
+        "  subject_keys also edit at the subject's last token (ROME/MEMIT's key position), that row's value x this",
     ])
 
 
@@ -306,14 +315,14 @@ def apply_shift(module: nn.Module, shift: torch.Tensor, alpha: float = 1.0) -> N
 def _unsolved_rows(
     batches: Sequence[dict[str, torch.Tensor]], captures: list[MinibatchCapture], confidence: float = 0.0
 ) -> list[torch.Tensor]:
-    """Per minibatch, a bool per captured row (target token): does its request still miss a target
+    """Per minibatch, a bool per captured row (target token, or subject position): does its request still miss a target
     token (not the argmax, or with ``confidence`` > 0, probability below it)?"""
     out = []
     for batch, mb in zip(batches, captures):
-        counts = (batch["labels"] != IGNORE).sum(1).to(mb.hits.device)
+        counts = (batch["labels"] != IGNORE).sum(1).tolist()
         done = mb.hits if confidence <= 0 else mb.hits & (mb.probs.to(mb.hits.device) >= confidence)
-        missed = torch.stack([~h.all() for h in done.split(counts.tolist())])
-        out.append(missed.repeat_interleave(counts))
+        missed = torch.stack([~h.all() for h in done.split(counts)])
+        out.append(missed.repeat_interleave(key_mask(batch).sum(1).to(missed.device)))
     return out
 
 
@@ -419,7 +428,9 @@ class UltraEditor:
         if not requests:
             raise EditError("a turn needs at least one edit request")
         sequences, owners = with_prefixes(requests, self.config.prefixes)
-        batches, order = minibatches(self.tokenizer, sequences, self.config.capture_batch_size)
+        batches, order = minibatches(
+            self.tokenizer, sequences, self.config.capture_batch_size, subjects=self.config.subject_keys > 0
+        )
         order = [owners[i] for i in order]  # a prefixed copy is named by its request
         pending = self.prepare(batches, order=order, preserved=self._neighbour_grams(requests))
         pending.requests = requests
@@ -530,6 +541,8 @@ class UltraEditor:
                 sel = select.to(keys.device)
                 keys, grads, kept = keys[:, sel], grads[:, sel], keys[:, ~sel]
             values = target_values(keys, grads, norm, self.config.module_lr(shape))
+            if self.config.subject_keys not in (0.0, 1.0):
+                values = self._weigh_subject_rows(values, captures, select)
             preserve = self._preserved(group, kept, preserved)
             # Held in the dtype commit adds them in: float32 where they accumulate into the float32
             # delta; otherwise the weights' dtype (bit-identical weights, half the memory for bf16).
@@ -540,6 +553,16 @@ class UltraEditor:
             for name, shift in zip(group, solved):
                 shifts[name] = shift
         return shifts
+
+    def _weigh_subject_rows(
+        self, values: torch.Tensor, captures: list[MinibatchCapture], select: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``values`` (``(modules, rows, d_out)``) with the subject rows' scaled by ``subject_keys``."""
+        subject = torch.cat([mb.subject for mb in captures]).to(values.device)
+        if select is not None:
+            subject = subject[select.to(values.device)]
+        scale = torch.where(subject, self.config.subject_keys, 1.0).to(values.dtype)
+        return values * scale[:, None]
 
     def _preserved(
         self, group: list[str], kept: torch.Tensor | None, preserved: dict[str, torch.Tensor] | None = None
@@ -743,10 +766,11 @@ class UltraEditor:
             if not isinstance(batch, dict):
                 raise EditError(f"minibatch {b}: expected a dict with keys {BATCH_KEYS}, got {type(batch).__name__}")
             missing = [k for k in BATCH_KEYS if k not in batch]
-            extra = [k for k in batch if k not in BATCH_KEYS]
+            extra = [k for k in batch if k not in BATCH_KEYS and k != SUBJECT_INDEX]
             if missing or extra:
                 raise EditError(
-                    f"minibatch {b}: keys must be exactly {list(BATCH_KEYS)}; missing {missing}, unexpected {extra}"
+                    f"minibatch {b}: keys must be {list(BATCH_KEYS)} (and optionally {SUBJECT_INDEX!r}); "
+                    f"missing {missing}, unexpected {extra}"
                 )
             tensors = {k: torch.as_tensor(batch[k]) for k in BATCH_KEYS}
             shape = tensors["input_ids"].shape
@@ -771,9 +795,23 @@ class UltraEditor:
                 if not bool(targets[row].any()):
                     who = f"request {order[seq + row]}" if order is not None else f"row {row}"
                     raise EditError(f"minibatch {b}, {who}: empty target (no label other than -100)")
+            if SUBJECT_INDEX in batch:
+                tensors[SUBJECT_INDEX] = self._subject_index(b, batch[SUBJECT_INDEX], mask)
             seq += shape[0]
             out.append({k: t.to(device=device, dtype=torch.long) for k, t in tensors.items()})
         return out
+
+    @staticmethod
+    def _subject_index(b: int, value: object, mask: torch.Tensor) -> torch.Tensor:
+        """A minibatch's optional ``subject_index``: ``(B,)`` integers, -1 or an attended column."""
+        index = torch.as_tensor(value)
+        if index.shape != mask.shape[:1] or index.is_floating_point() or index.is_complex():
+            raise EditError(f"minibatch {b}: '{SUBJECT_INDEX}' must be {mask.shape[0]} integers, got {tuple(index.shape)} "
+                            f"{index.dtype}")
+        length = mask.ne(0).sum(1)
+        if bool(((index < -1) | (index >= length)).any()):
+            raise EditError(f"minibatch {b}: '{SUBJECT_INDEX}' must be -1 or a position inside its sequence")
+        return index
 
     def _check_finite(
         self, captures: list[MinibatchCapture], order: Sequence[int] | None, sizes: list[int]

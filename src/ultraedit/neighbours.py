@@ -46,7 +46,8 @@ def with_prefixes(requests: Sequence[EditRequest], per_request: int) -> tuple[li
     sentences = package_text("generic.txt")
     for index, request in enumerate(requests):
         for sentence in random.Random(_seed(request)).sample(sentences, min(per_request, len(sentences))):
-            sequences.append(EditRequest(f"{sentence} {request.prompt}", request.target, id=request.id))
+            sequences.append(EditRequest(f"{sentence} {request.prompt}", request.target, id=request.id,
+                                         extra=request.extra))
             owners.append(index)
     return sequences, owners
 

@@ -80,6 +80,8 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
                    help="override EditConfig.neighbours (subject-swapped prompts preserved per request)")
     p.add_argument("--prefixes", type=int, default=None, metavar="N",
                    help="override EditConfig.prefixes (context-prefixed copies edited per request)")
+    p.add_argument("--subject-keys", type=float, default=None, metavar="W",
+                   help="override EditConfig.subject_keys (weight of the rows at the subject's last token; 0 = off)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_command)
