@@ -51,10 +51,12 @@ def key_positions(batch):
     return mask
 
 
-def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper", preserve=None, keys_out=None):
+def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper", preserve=None, keys_out=None,
+                   outliers=0.0):
     """Apply one turn to ``model`` in place; ``normalizers`` (shape -> RefNormalizer) is updated.
     ``preserve`` (name -> d_in x d_in) is added to the ridge system; ``keys_out`` (a dict) receives
-    each module's keys of the turn (float64)."""
+    each module's keys of the turn (float64). ``outliers`` > 0: rows whose key norm is above that
+    multiple of the module's median (the lower middle value) get value 0."""
     modules = {n: model.get_submodule(n) for n in names}
     for p in model.parameters():
         p.requires_grad_(True)
@@ -101,6 +103,12 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
         z = (torch.cat([K, G], 1) - norm.mean) / (norm.std + torch.finfo(torch.float32).eps)
         K_hat, G_hat = z[:, : K.shape[1]], z[:, K.shape[1] :]
         V = -lr * (K_hat**2).sum(1, keepdim=True) * G_hat
+        if outliers > 0:
+            norms = [float(row.norm()) for row in K]
+            median = sorted(norms)[(len(norms) - 1) // 2]
+            for i, value in enumerate(norms):
+                if value > outliers * median:
+                    V[i] = 0.0
         A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)
         if preserve is not None:
             A = A + preserve[n].double()

@@ -28,7 +28,8 @@ def test_width_lr_scale_keeps_the_row_norm_of_v_at_the_reference_shape():
 
 
 @pytest.mark.parametrize("bad", [{"lr_scale": "auto"}, {"refine_steps": 0}, {"preserve": -1.0}, {"memory": float("nan")}, {"confidence": 1.0},
-                                 {"neighbours": -1}, {"neighbour_weight": -1.0}])
+                                 {"neighbours": -1}, {"neighbour_weight": -1.0}, {"subject_keys": -1.0},
+                                 {"key_outliers": float("nan")}])
 def test_bad_option_values_are_refused(bad):
     with pytest.raises(ValueError, match="EditConfig"):
         EditConfig(**bad)
@@ -479,3 +480,24 @@ def test_a_bad_subject_index_is_refused_before_any_change(bad):
     with pytest.raises(EditError, match="minibatch 1: 'subject_index'"):
         UltraEditor(model, EditConfig(lr=1e-3)).edit_tokens(batches)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_key_outlier_rows_are_kept_not_edited():
+    """``key_outliers=r``: rows whose key is longer than r x the module's median are rows of the
+    ridge with value 0 (tiny random models have no massive activations: r = 1.15 marks some of
+    the down_proj inputs, which no norm precedes)."""
+    model = tiny_model("llama")
+    ref_model = copy.deepcopy(model)
+    names = [f"model.layers.{i}.mlp.down_proj" for i in (1, 2, 3)]
+    batches = random_turn(12)
+    keys = torch.cat([mb.keys[names[0]] for mb in capture(model, {names[0]: model.get_submodule(names[0])}, batches)])
+    norms = keys.norm(dim=1)
+    outlying = int((norms > 1.15 * norms.median()).sum())
+    assert 0 < outlying < len(norms) // 2
+    UltraEditor(model, EditConfig(modules=names, lr=1e-3, key_outliers=1.15)).edit_tokens(batches)
+    reference_turn(ref_model, names, batches, {}, lr=1e-3, outliers=1.15)
+    for n in names:
+        torch.testing.assert_close(model.get_submodule(n).weight, ref_model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+    plain = tiny_model("llama")
+    UltraEditor(plain, EditConfig(modules=names, lr=1e-3)).edit_tokens(batches)
+    assert not torch.allclose(plain.get_submodule(names[0]).weight, model.get_submodule(names[0]).weight, rtol=1e-4, atol=1e-6)

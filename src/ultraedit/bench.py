@@ -134,9 +134,8 @@ class BenchConfig:
         progress: show progress bars (stderr).
         faithful: run the authors' exact method (their lr unless ``lr`` is given, the family
             preset, no options beyond the paper) instead of ``EditConfig.recommended(model)``.
-        refine_steps, preserve, lr_scale, memory, confidence, neighbours, prefixes, subject_keys: override
-            those :class:`EditConfig` options
-            (``None``: the configuration's own).
+        refine_steps, preserve, lr_scale, memory, confidence, neighbours, prefixes, subject_keys,
+            key_outliers: override those :class:`EditConfig` options (``None``: the configuration's own).
         method_options: a baseline's hyperparameters by name (``--method-option KEY=VALUE``).
     """
 
@@ -169,6 +168,7 @@ class BenchConfig:
     neighbours: int | None = None
     prefixes: int | None = None
     subject_keys: float | None = None
+    key_outliers: float | None = None
     method_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -267,7 +267,7 @@ def edit_config(
 
 #: The :class:`EditConfig` options a bench run may override (``BenchConfig`` fields and ``--flags`` of the same names).
 EDIT_OPTIONS = ("refine_steps", "preserve", "lr_scale", "memory", "confidence", "neighbours", "prefixes",
-                "subject_keys")
+                "subject_keys", "key_outliers")
 
 
 def bench_edit_config(model: nn.Module, config: BenchConfig) -> EditConfig:

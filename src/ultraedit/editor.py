@@ -118,6 +118,11 @@ class EditConfig:
             position) to the turn, its value weighted by this number: the edit is then carried
             by the subject's representation too, which its paraphrases share. Text requests
             only. 0 = off.
+        key_outliers: a row whose key norm exceeds this multiple of the median key norm of the
+            turn's rows (per module) is kept, not edited (value 0: a preserved row). Such keys
+            are massive activations at attention-sink tokens (the first token, some bare-space
+            tokens: ~10x the usual norm in SmolLM2's middle layers); ``V`` grows with
+            ``||K_hat||^2``, and a shift fitted to them moves every sequence. 0 = off.
     """
 
     modules: list[str] | None = None
@@ -138,6 +143,7 @@ class EditConfig:
     neighbour_weight: float = 1.0
     prefixes: int = 0
     subject_keys: float = 0.0
+    key_outliers: float = 0.0
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -178,6 +184,8 @@ class EditConfig:
             raise ValueError(f"EditConfig.confidence must be in [0, 1), got {self.confidence}")
         if not (math.isfinite(self.memory) and self.memory >= 0):
             raise ValueError(f"EditConfig.memory must be a finite number >= 0, got {self.memory}")
+        if not (math.isfinite(self.key_outliers) and self.key_outliers >= 0):
+            raise ValueError(f"EditConfig.key_outliers must be a finite number >= 0, got {self.key_outliers}")
         if not (math.isfinite(self.subject_keys) and self.subject_keys >= 0):
             raise ValueError(f"EditConfig.subject_keys must be a finite number >= 0, got {self.subject_keys}")
 
@@ -241,6 +249,8 @@ def options_summary() -> str:
         "               are preserved keys (weight neighbour_weight): the edit should follow the subject",
         "  prefixes     each request is also edited behind this many generic-text sentences (context templates)",
         "  subject_keys also edit at the subject's last token (ROME/MEMIT's key position), that row's value x this",
+        "  key_outliers rows whose key norm is over this multiple of the turn's median are kept, not edited",
+        "               (massive activations at attention-sink tokens)",
     ])
 
 
@@ -536,13 +546,17 @@ class UltraEditor:
             group = [n for n, m in self.modules.items() if module_shape(m) == shape]
             keys = torch.stack([torch.cat([mb.keys[n] for mb in captures]).to(norm.device, dtype) for n in group])
             grads = torch.stack([torch.cat([mb.grads[n] for mb in captures]).to(norm.device, dtype) for n in group])
+            outliers = self._outlier_rows(keys)
             kept = None
             if select is not None:
                 sel = select.to(keys.device)
                 keys, grads, kept = keys[:, sel], grads[:, sel], keys[:, ~sel]
+                outliers = outliers[:, sel] if outliers is not None else None
             values = target_values(keys, grads, norm, self.config.module_lr(shape))
             if self.config.subject_keys not in (0.0, 1.0):
                 values = self._weigh_subject_rows(values, captures, select)
+            if outliers is not None:
+                values = values.masked_fill(outliers[..., None], 0.0)
             preserve = self._preserved(group, kept, preserved)
             # Held in the dtype commit adds them in: float32 where they accumulate into the float32
             # delta; otherwise the weights' dtype (bit-identical weights, half the memory for bf16).
@@ -553,6 +567,13 @@ class UltraEditor:
             for name, shift in zip(group, solved):
                 shifts[name] = shift
         return shifts
+
+    def _outlier_rows(self, keys: torch.Tensor) -> torch.Tensor | None:
+        """``(modules, rows)`` bool: keys longer than ``key_outliers`` x their module's median (or ``None``)."""
+        if self.config.key_outliers <= 0:
+            return None
+        norms = torch.linalg.vector_norm(keys, dim=-1)
+        return norms > self.config.key_outliers * norms.median(dim=-1, keepdim=True).values
 
     def _weigh_subject_rows(
         self, values: torch.Tensor, captures: list[MinibatchCapture], select: torch.Tensor | None

@@ -54,6 +54,10 @@ def context_length(model: nn.Module) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+class _AllRecorded(Exception):
+    """Raised by the last edit module's hook: the rest of the forward pass is not needed."""
+
+
 @torch.no_grad()
 def key_grams(
     model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[dict[str, torch.Tensor]],
@@ -61,16 +65,22 @@ def key_grams(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """``(sums, count)``: per module, ``sum k k^T`` (``(d_in, d_in)``, in ``dtype``) of its input at
     the positions each batch's ``positions`` (bool, like ``input_ids``) marks, and how many there were.
-    Batches carry ``input_ids``, ``attention_mask`` and ``positions``; nothing is back-propagated."""
+    Batches carry ``input_ids``, ``attention_mask`` and ``positions``; nothing is back-propagated.
+    Each forward pass stops once every module has seen its input (the layers above the highest
+    edit module and the vocabulary projection are never run)."""
     device = model.get_input_embeddings().weight.device
     sums: dict[str, torch.Tensor] = {}
     count = 0
     mask: torch.Tensor | None = None
+    seen: set[str] = set()
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             keys = args[0][mask.to(args[0].device)].to(dtype)
             sums[name] = sums.get(name, 0) + keys.T @ keys
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _AllRecorded
 
         return record
 
@@ -81,7 +91,15 @@ def key_grams(
         for batch in batches:
             mask = batch["positions"].bool()
             count += int(mask.sum())
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+            seen.clear()
+            try:
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                      use_cache=False)
+            except _AllRecorded:
+                pass
+            if len(seen) != len(modules):
+                missing = sorted(set(modules) - seen)
+                raise RuntimeError(f"edit modules {missing} did not run in the forward pass")
     finally:
         for h in handles:
             h.remove()
