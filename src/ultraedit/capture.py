@@ -1,7 +1,8 @@
 """Capture of keys and output gradients at target positions (method page, steps 1-2).
 
 For each minibatch the loss is the mean cross-entropy over its target tokens (``labels != -100``).
-For every edit module we record, at the target positions only,
+For every edit module we record, at the target positions (and, when a minibatch carries
+``subject_index``, at each sequence's subject position: ``EditConfig.subject_keys``),
 
 * keys  ``K``: the module's input, rows of width ``d_in``;
 * grads ``G``: the gradient of the loss w.r.t. the module's output, rows of width ``d_out``.
@@ -14,11 +15,11 @@ How it is done without waste:
   ``torch.autograd.grad`` asks only for the module outputs (no ``.grad`` is ever written).
 * The output embedding (LM head) sees only the hidden states at target positions, so the
   vocabulary projection is computed for the tokens the loss needs and no others.
-* Rows of several minibatches share a padded forward/backward (up to ``forward_batch_size`` rows,
-  sorted by length when a turn needs several passes). The loss of a pass is the SUM of its rows'
-  shares of their minibatch's mean loss (weight ``1 / target tokens of the minibatch`` per token),
-  so every target token's gradient is exactly what one pass per minibatch gives; rows are
-  returned per minibatch, in the original order.
+* Sequences of several minibatches share a padded forward/backward (up to ``forward_batch_size``
+  sequences, sorted by length when a turn needs several passes). The loss of a pass is the SUM of
+  its sequences' shares of their minibatch's mean loss (weight ``1 / target tokens of the
+  minibatch`` per token), so every target token's gradient is exactly what one pass per minibatch
+  gives; key rows are returned per minibatch, in the original order.
 * Prefix/tail split. In a causal LM the output of a module at position ``t`` influences only
   positions ``>= t``, so the gradients wanted (at target positions) flow back only through the
   positions from each sequence's first target on. The tokens before it (the prompt, minus its last
@@ -56,7 +57,7 @@ def key_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class MinibatchCapture:
-    """Rows captured for one minibatch: ``keys[name]`` is ``(rows, d_in)``, ``grads[name]`` ``(rows, d_out)``;
+    """Rows captured for one minibatch: ``keys[name]`` is ``(rows, d_in)``, ``grads[name]`` ``(rows, d_out)``.
     Rows are the target tokens, plus each sequence's subject position when the minibatch has a
     ``subject_index`` (:func:`key_mask`; ``subject``, ``(rows,)`` bool, marks those rows), in
     sequence order, positions in order. ``hits`` (``(targets,)`` bool) says where the argmax
@@ -84,8 +85,8 @@ def _row_extent(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 
 
 def plan_passes(prefix: Sequence[int], tail: Sequence[int], max_rows: int) -> list[list[int]]:
-    """Rows cut into forward passes of at most ``max_rows``, sorted by (prefix, tail) length so that
-    rows of similar length share a pass. Rows are independent, so any grouping gives the same
+    """Sequences cut into forward passes of at most ``max_rows``, sorted by (prefix, tail) length so
+    that sequences of similar length share a pass. They are independent, so any grouping gives the same
     gradients. (Measured on CPU: many small padding-saving passes were 1.2-1.5x slower than one
     100-row pass -- per-layer overhead and smaller matmuls; on a GPU weight reads dominate.)"""
     order = sorted(range(len(prefix)), key=lambda i: (prefix[i], tail[i]))
@@ -354,12 +355,12 @@ def capture(
         One :class:`MinibatchCapture` per input minibatch; keys and grads in float32.
     """
     names = list(modules)
-    # Flatten the turn into rows (trimmed to their length), numbered in minibatch order.
-    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    subjects: list[int] = []  # per row: its subject position, -1 for none
+    # Flatten the turn into sequences (trimmed to their length), numbered in minibatch order.
+    sequences: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    subjects: list[int] = []  # per sequence: its subject position, -1 for none
     prefix: list[int] = []
     tail: list[int] = []
-    row_weight: list[float] = []  # 1 / (target tokens of the row's minibatch)
+    row_weight: list[float] = []  # per sequence: 1 / (target tokens of its minibatch)
     sizes: list[int] = []  # target tokens per minibatch
     key_sizes: list[int] = []  # captured key rows per minibatch
     split = split_prefix
@@ -371,29 +372,29 @@ def capture(
         key_sizes.append(int(key_mask(batch).sum()))
         subject = batch.get(SUBJECT_INDEX)
         for r, (n, f) in enumerate(zip(length.tolist(), first.tolist())):
-            rows.append((batch["input_ids"][r, :n], batch["attention_mask"][r, :n], batch["labels"][r, :n]))
+            sequences.append((batch["input_ids"][r, :n], batch["attention_mask"][r, :n], batch["labels"][r, :n]))
             subjects.append(int(subject[r]) if subject is not None else -1)
             prefix.append(f)
             tail.append(n - f)
             row_weight.append(1.0 / targets)
     if not split:
-        prefix, tail = [0] * len(rows), [p + t for p, t in zip(prefix, tail)]
-    passes = plan_passes(prefix, tail, forward_batch_size or len(rows))
+        prefix, tail = [0] * len(sequences), [p + t for p, t in zip(prefix, tail)]
+    passes = plan_passes(prefix, tail, forward_batch_size or len(sequences))
     with_subjects = any(s >= 0 for s in subjects)
 
     keys: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    key_row: list[torch.Tensor] = []  # per key row: the row (sequence) it belongs to
+    key_row: list[torch.Tensor] = []  # per key row: the sequence it belongs to
     key_subject: list[torch.Tensor] = []  # per key row: is it a subject position (not a target)?
-    token_row: list[torch.Tensor] = []  # per target token: its row
+    token_row: list[torch.Tensor] = []  # per target token: its sequence
     token_loss: list[torch.Tensor] = []
     token_hits: list[torch.Tensor] = []
     token_probs: list[torch.Tensor] = []
     with _frozen(model), torch.enable_grad(), _Hooks(model, modules) as hooks:
         for members in passes:
-            width = max(rows[i][0].shape[0] for i in members)
+            width = max(sequences[i][0].shape[0] for i in members)
             batch = {
-                key: torch.stack([F.pad(rows[i][k], (0, width - rows[i][k].shape[0]), value=fill) for i in members])
+                key: torch.stack([F.pad(sequences[i][k], (0, width - sequences[i][k].shape[0]), value=fill) for i in members])
                 for k, (key, fill) in enumerate((("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE)))
             }
             if with_subjects:
@@ -424,7 +425,7 @@ def capture(
             token_probs.append(torch.exp(-token_ce.detach().float()))
             del logits, ce, token_ce, out_grads
 
-    # Back to the original order (rows in minibatch order, positions in order), per minibatch.
+    # Back to the original order (sequences in minibatch order, positions in order), per minibatch.
     key_order = torch.sort(torch.cat(key_row), stable=True).indices
     order = torch.sort(torch.cat(token_row), stable=True).indices
     # (modules may sit on different devices when a model is split across GPUs)
