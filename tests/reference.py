@@ -52,11 +52,13 @@ def key_positions(batch):
 
 
 def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper", preserve=None, keys_out=None,
-                   outliers=0.0):
+                   outliers=0.0, subject_only=()):
     """Apply one turn to ``model`` in place; ``normalizers`` (shape -> RefNormalizer) is updated.
     ``preserve`` (name -> d_in x d_in) is added to the ridge system; ``keys_out`` (a dict) receives
     each module's keys of the turn (float64). ``outliers`` > 0: rows whose key norm is above that
-    multiple of the module's median (the lower middle value) get value 0."""
+    multiple of the module's median (the lower middle value) get value 0. With ``subject_only``
+    (module names), those modules give their target rows value 0 and the others their subject rows
+    (batches with ``subject_index``)."""
     modules = {n: model.get_submodule(n) for n in names}
     for p in model.parameters():
         p.requires_grad_(True)
@@ -74,6 +76,7 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
     handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
     keys = {n: [] for n in names}
     grads = {n: [] for n in names}
+    subject_row = []
     for batch in batches:
         model.zero_grad()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -81,6 +84,7 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
         loss = F.cross_entropy(logits[mask].float(), batch["labels"][mask])
         loss.backward()
         at = key_positions(batch)
+        subject_row += (at & (batch["labels"] == -100))[at].tolist()
         for n in names:
             k = inputs[n][at].detach().double()
             g = outputs[n].grad[at].detach().double()
@@ -108,6 +112,10 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
             median = sorted(norms)[(len(norms) - 1) // 2]
             for i, value in enumerate(norms):
                 if value > outliers * median:
+                    V[i] = 0.0
+        if subject_only:
+            for i, is_subject in enumerate(subject_row):
+                if is_subject != (n in subject_only):
                     V[i] = 0.0
         A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)
         if preserve is not None:

@@ -29,7 +29,7 @@ def test_width_lr_scale_keeps_the_row_norm_of_v_at_the_reference_shape():
 
 @pytest.mark.parametrize("bad", [{"lr_scale": "auto"}, {"refine_steps": 0}, {"preserve": -1.0}, {"memory": float("nan")}, {"confidence": 1.0},
                                  {"neighbours": -1}, {"neighbour_weight": -1.0}, {"subject_keys": -1.0},
-                                 {"key_outliers": float("nan")}])
+                                 {"key_outliers": float("nan")}, {"subject_depth": 1.5}])
 def test_bad_option_values_are_refused(bad):
     with pytest.raises(ValueError, match="EditConfig"):
         EditConfig(**bad)
@@ -368,7 +368,7 @@ def test_a_turn_with_prefixes_edits_the_prefixed_copies_too_and_counts_the_reque
 
 
 def test_recommended_modules_fall_back_to_the_family_preset_when_their_statistics_would_not_fit():
-    """SmolLM2-135M's shape gets layers 14-25 of 30 of down_proj; Llama-3-8B's (MLP width 14336:
+    """SmolLM2-135M's shape gets layers 4-25 of 30 of down_proj; Llama-3-8B's (MLP width 14336:
     0.8 GB per d_in x d_in matrix) gets the authors' gate/up preset."""
     import transformers as T
 
@@ -381,12 +381,13 @@ def test_recommended_modules_fall_back_to_the_family_preset_when_their_statistic
             return T.AutoModelForCausalLM.from_config(config)
 
     small = model(576, 1536, 30)
-    assert resolve_modules(small, recommended_preset(small)) == [f"model.layers.{i}.mlp.down_proj" for i in range(14, 26)]
+    assert resolve_modules(small, recommended_preset(small)) == [f"model.layers.{i}.mlp.down_proj" for i in range(4, 26)]
     large = model(4096, 14336, 32)
     assert 14 * 2 * 4 * 14336**2 > RECOMMENDED_STATS_BYTES
     assert recommended_preset(large).name == "llama3"
-    # each kind of module gets the step size measured for it
+    # each kind of module gets the step size measured for it; subject rows only on the MLP outputs
     assert (EditConfig.recommended(small).lr, EditConfig.recommended(large).lr) == (1e-5, 5e-6)
+    assert (EditConfig.recommended(small).subject_keys, EditConfig.recommended(large).subject_keys) == (1.0, 0.0)
 
 
 # --------------------------------------------------------------------------- subject keys
@@ -501,3 +502,20 @@ def test_key_outlier_rows_are_kept_not_edited():
     plain = tiny_model("llama")
     UltraEditor(plain, EditConfig(modules=names, lr=1e-3)).edit_tokens(batches)
     assert not torch.allclose(plain.get_submodule(names[0]).weight, model.get_submodule(names[0]).weight, rtol=1e-4, atol=1e-6)
+
+
+def test_subject_depth_splits_the_rows_between_lower_and_upper_modules():
+    """``subject_depth=0.5`` on a 4-layer model: layer 1 edits only the subject rows, layers 2-3
+    only the target rows; each module keeps the rows it does not edit in its ridge (value 0)."""
+    model = tiny_model("llama")
+    ref_model = copy.deepcopy(model)
+    names = [f"model.layers.{i}.mlp.down_proj" for i in (1, 2, 3)]
+    batches = with_subjects(random_turn(21), 3, low=1)
+    UltraEditor(model, EditConfig(modules=names, lr=1e-3, subject_depth=0.5)).edit_tokens(batches)
+    reference_turn(ref_model, names, batches, {}, lr=1e-3, subject_only=names[:1])
+    for n in names:
+        torch.testing.assert_close(model.get_submodule(n).weight, ref_model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+    both = tiny_model("llama")
+    UltraEditor(both, EditConfig(modules=names, lr=1e-3)).edit_tokens(batches)
+    for n in names:
+        assert not torch.allclose(both.get_submodule(n).weight, model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)

@@ -31,7 +31,7 @@ from .batching import BATCH_KEYS, IGNORE, SUBJECT_INDEX, EditError, EditRequest,
 from .capture import MinibatchCapture, capture, key_mask
 from .normalizer import LifelongNormalizer
 from .neighbours import neighbour_grams, neighbour_pairs, with_prefixes
-from .presets import preset_for, recommended_preset, resolve_modules
+from .presets import layer_index, num_layers, preset_for, recommended_preset, resolve_modules
 from .solver import ridge_solve, target_values
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,12 +53,15 @@ class LostShiftWarning(UserWarning):
     rounding step. Only with ``delta_accumulation="weights"``; the default keeps it."""
 
 #: The options of :meth:`EditConfig.recommended` (measurements in the README); ``lr`` is the one
-#: measured for the MLP output projection, :data:`RECOMMENDED_PRESET_LR` the one for a family preset's
+#: measured for the MLP output projection, :data:`RECOMMENDED_PRESET` what changes for a family preset's
 #: modules (the fallback of :func:`ultraedit.presets.recommended_preset`).
 RECOMMENDED: dict[str, Any] = {
     "lr": 1e-5, "lr_scale": "width", "refine_steps": 5, "preserve": 300.0, "memory": 1.0, "confidence": 0.8,
+    "subject_keys": 1.0, "subject_depth": 0.43, "key_outliers": 4.0,
 }
-RECOMMENDED_PRESET_LR = 5e-6
+#: Where the recommended layers do not fit (the family preset's modules): the step measured for
+#: gate/up_proj, and no subject rows (measured only on the MLP output projections).
+RECOMMENDED_PRESET = {"lr": 5e-6, "subject_keys": 0.0, "subject_depth": 0.0}
 
 #: ``(d_in, d_out)`` of the modules the authors' lr 1e-6 was tuned on (Llama-3-8B gate/up_proj).
 LR_REFERENCE_SHAPE = (4096, 14336)
@@ -118,6 +121,12 @@ class EditConfig:
             position) to the turn, its value weighted by this number: the edit is then carried
             by the subject's representation too, which its paraphrases share. Text requests
             only. 0 = off.
+        subject_depth: with ``subject_keys``, the edit modules in the lowest ``subject_depth`` of
+            the model's layers (layer index < ``subject_depth * layers``) edit only the subject
+            rows and the others only the target rows; the rows a module does not edit stay in
+            its ridge with value 0 (preserved). ROME/MEMIT's split of roles: the lower layers
+            enrich the subject, the upper ones read the answer out at the last token. 0 = every
+            module edits both.
         key_outliers: a row whose key norm exceeds this multiple of the median key norm of the
             turn's rows (per module) is kept, not edited (value 0: a preserved row). Such keys
             are massive activations at attention-sink tokens (the first token, some bare-space
@@ -143,6 +152,7 @@ class EditConfig:
     neighbour_weight: float = 1.0
     prefixes: int = 0
     subject_keys: float = 0.0
+    subject_depth: float = 0.0
     key_outliers: float = 0.0
 
     def __post_init__(self) -> None:
@@ -184,6 +194,8 @@ class EditConfig:
             raise ValueError(f"EditConfig.confidence must be in [0, 1), got {self.confidence}")
         if not (math.isfinite(self.memory) and self.memory >= 0):
             raise ValueError(f"EditConfig.memory must be a finite number >= 0, got {self.memory}")
+        if not (0.0 <= self.subject_depth <= 1.0):
+            raise ValueError(f"EditConfig.subject_depth must be in [0, 1], got {self.subject_depth}")
         if not (math.isfinite(self.key_outliers) and self.key_outliers >= 0):
             raise ValueError(f"EditConfig.key_outliers must be a finite number >= 0, got {self.key_outliers}")
         if not (math.isfinite(self.subject_keys) and self.subject_keys >= 0):
@@ -208,7 +220,7 @@ class EditConfig:
         preset = recommended_preset(model)
         fields["modules"] = resolve_modules(model, preset)
         if preset is preset_for(model):  # the family preset's modules (gate/up_proj for Llama)
-            fields["lr"] = RECOMMENDED_PRESET_LR
+            fields.update(RECOMMENDED_PRESET)
         fields.update(overrides)
         return cls(**fields)
 
@@ -249,6 +261,8 @@ def options_summary() -> str:
         "               are preserved keys (weight neighbour_weight): the edit should follow the subject",
         "  prefixes     each request is also edited behind this many generic-text sentences (context templates)",
         "  subject_keys also edit at the subject's last token (ROME/MEMIT's key position), that row's value x this",
+        "  subject_depth with subject_keys: modules in the lowest fraction of the layers edit only the subject",
+        "               rows, the others only the target rows (the rest preserved)",
         "  key_outliers rows whose key norm is over this multiple of the turn's median are kept, not edited",
         "               (massive activations at attention-sink tokens)",
     ])
@@ -557,6 +571,8 @@ class UltraEditor:
                 values = self._weigh_subject_rows(values, captures, select)
             if outliers is not None:
                 values = values.masked_fill(outliers[..., None], 0.0)
+            if self.config.subject_depth > 0:
+                values = values.masked_fill(self._rows_left_alone(group, captures, select)[..., None], 0.0)
             preserve = self._preserved(group, kept, preserved)
             # Held in the dtype commit adds them in: float32 where they accumulate into the float32
             # delta; otherwise the weights' dtype (bit-identical weights, half the memory for bf16).
@@ -574,6 +590,18 @@ class UltraEditor:
             return None
         norms = torch.linalg.vector_norm(keys, dim=-1)
         return norms > self.config.key_outliers * norms.median(dim=-1, keepdim=True).values
+
+    def _rows_left_alone(
+        self, group: list[str], captures: list[MinibatchCapture], select: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``(modules, rows)`` bool (``subject_depth``): target rows in the modules below the
+        split, subject rows in those above it."""
+        subject = torch.cat([mb.subject for mb in captures])
+        if select is not None:
+            subject = subject[select.to(subject.device)]
+        split = self.config.subject_depth * num_layers(self.model)
+        lower = torch.tensor([layer_index(name) < split for name in group], device=subject.device)
+        return torch.where(lower[:, None], ~subject[None, :], subject[None, :])
 
     def _weigh_subject_rows(
         self, values: torch.Tensor, captures: list[MinibatchCapture], select: torch.Tensor | None

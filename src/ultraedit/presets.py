@@ -93,10 +93,11 @@ DEFAULT_PRESET: dict[str, str] = {
 MLP_OUTPUTS = ("mlp.down_proj", "mlp.fc_out", "mlp.c_proj")
 
 #: Layers the recommended configuration edits, stated for a 30-layer model and scaled to the depth
-#: like every preset: the MLP output projection from 47% to 87% of the depth (ours; measured on
-#: SmolLM2-135M, README "Edit quality on a real model"; the authors edit this projection in that
-#: part of GPT-J, Mistral and Phi-4 too).
-RECOMMENDED_LAYERS = (14, 25, 30)
+#: like every preset: the MLP output projection from 13% to 87% of the depth (ours; measured on
+#: SmolLM2-135M, README "Edit quality on a real model"). With ``subject_depth`` 0.43 the layers
+#: below 43% (MEMIT's range: 4-8 of 32 on Llama-3-8B, 3-8 of 28 on GPT-J) edit at the subject, the
+#: upper ones (where the authors edit this projection in GPT-J, Mistral and Phi-4) at the target.
+RECOMMENDED_LAYERS = (4, 25, 30)
 
 #: Most bytes the recommended configuration's ``d_in x d_in`` float32 statistics may take over all
 #: its modules (generic-text moments and key memory, two per module). The MLP output projection's
@@ -149,6 +150,13 @@ def preset_for(model: nn.Module) -> Preset:
             "pass the modules to edit explicitly"
         )
     return PRESETS[DEFAULT_PRESET[model_type]]
+
+
+def layer_index(module_name: str) -> int:
+    """The decoder layer of a module given by dotted name: its first number (``model.layers.14.mlp.down_proj``
+    -> 14, ``transformer.h.3.mlp.c_proj`` -> 3); -1 when it has none."""
+    match = re.search(r"\.(\d+)(?:\.|$)", module_name)
+    return int(match.group(1)) if match else -1
 
 
 def resolve_modules(model: nn.Module, preset: str | Preset | None = None) -> list[str]:
