@@ -70,6 +70,13 @@ def test_bench_is_a_subcommand():
     options = build_parser().parse_args(["bench", "--model", "m", "--dataset", "zsre", "--turns", "1", "--out", "o",
                                          "--memory", "0", "--confidence", "0.9", "--neighbours", "2", "--prefixes", "1"])
     assert (options.memory, options.confidence, options.neighbours, options.prefixes) == (0.0, 0.9, 2, 1)
+    subject = build_parser().parse_args(["bench", "--model", "m", "--dataset", "zsre", "--turns", "1", "--out", "o",
+                                         "--subject-keys", "0.5", "--subject-depth", "0.3", "--key-outliers", "6"])
+    assert (subject.subject_keys, subject.subject_depth, subject.key_outliers) == (0.5, 0.3, 6.0)
+    from ultraedit.bench import EDIT_OPTIONS
+    from ultraedit.editor import EditConfig
+
+    assert all(hasattr(subject, name) and name in EditConfig.__dataclass_fields__ for name in EDIT_OPTIONS)
 
 
 def test_end_to_end_cli_writes_results_markdown_and_plot(model_dir, tmp_path, capsys):

@@ -82,6 +82,8 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
                    help="override EditConfig.prefixes (context-prefixed copies edited per request)")
     p.add_argument("--subject-keys", type=float, default=None, metavar="W",
                    help="override EditConfig.subject_keys (weight of the rows at the subject's last token; 0 = off)")
+    p.add_argument("--subject-depth", type=float, default=None, metavar="F",
+                   help="override EditConfig.subject_depth (modules below this fraction of the layers edit at the subject)")
     p.add_argument("--key-outliers", type=float, default=None, metavar="R",
                    help="override EditConfig.key_outliers (rows with keys over R x the median norm are kept, not edited)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
