@@ -354,6 +354,11 @@ def test_compare_writes_one_table_and_plot(tmp_path, capsys):
     assert main(["compare", *dirs, "--out", str(tmp_path / "cmp")]) == 0
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| ultraedit | testbed | testbed | 5 (5) |" in table and "| grace | testbed |" in table
+    grace = next(line for line in table.splitlines() if line.startswith("| grace |")).split(" | ")
+    results = json.loads((tmp_path / "grace" / "results.json").read_text())
+    ppl = results["perplexity"]
+    assert grace[7] == f"{100 * results['metrics']['retention']:.1f}"  # the retention column
+    assert grace[9] == f"{100 * (ppl['after'] / ppl['before'] - 1):+.1f}%"
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
     assert main(["compare", str(tmp_path / "cmp")]) == 2
     assert "no results.json" in capsys.readouterr().err

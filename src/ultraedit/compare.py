@@ -41,11 +41,22 @@ def _pct(value: Any) -> str:
     return "n/a" if not isinstance(value, (int, float)) else f"{100 * value:.1f}"
 
 
+def _rise(value: Any) -> str:
+    return "n/a" if not isinstance(value, (int, float)) else f"{100 * value:+.1f}%"
+
+
 def _covariance_seconds(run: dict[str, Any]) -> float | None:
     stats = run["method"].get("key_statistics")
     if not isinstance(stats, dict):
         return None
     return float(stats.get("build_seconds", 0.0))
+
+
+def _perplexity_rise(run: dict[str, Any]) -> float | None:
+    ppl = run.get("perplexity")
+    if not isinstance(ppl, dict) or not all(isinstance(ppl.get(k), (int, float)) for k in ("before", "after")):
+        return None
+    return ppl["after"] / ppl["before"] - 1
 
 
 def row(run: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +70,8 @@ def row(run: dict[str, Any]) -> dict[str, Any]:
         "turn_size": cfg.get("turn_size"),
         **{key: run.get(key) for key, _ in METRICS},
         "locality_vs_unedited": run.get("metrics", {}).get("locality_vs_unedited"),
+        "retention": run.get("metrics", {}).get("retention"),
+        "perplexity_rise": _perplexity_rise(run),
         "seconds_per_edit": run.get("seconds_per_edit"),
         "edits_per_second": run.get("edits_per_second"),
         "edit_seconds": timings.get("edit_seconds"),
@@ -73,20 +86,23 @@ def row(run: dict[str, Any]) -> dict[str, Any]:
 def markdown_table(runs: Sequence[dict[str, Any]]) -> str:
     """Markdown: one row per run (metrics in %, time per edit, edits/s, peak memory)."""
     lines = [
-        "| method | model | dataset | edits (turn) | ES | GS | LS | loc. vs unedited | s/edit | edits/s "
-        "| editing s | key stats s | peak MiB | run dir |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | model | dataset | edits (turn) | ES | GS | LS | retention | loc. vs unedited | ppl rise "
+        "| s/edit | edits/s | editing s | key stats s | peak MiB | run dir |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in map(row, runs):
         cov = "" if r["covariance_seconds"] is None else f"{r['covariance_seconds']:.0f}"
         lines.append(
             f"| {r['method']} | {r['model']} | {r['dataset']} | {r['edits']} ({r['turn_size']}) | "
             f"{_pct(r['efficacy'])} | {_pct(r['generalization'])} | {_pct(r['specificity'])} | "
-            f"{_pct(r['locality_vs_unedited'])} | {r['seconds_per_edit']:.3f} | {r['edits_per_second']:.2f} | "
+            f"{_pct(r['retention'])} | {_pct(r['locality_vs_unedited'])} | "
+            f"{_rise(r['perplexity_rise'])} | {r['seconds_per_edit']:.3f} | {r['edits_per_second']:.2f} | "
             f"{r['edit_seconds']:.0f} | {cov} | {r['peak_mib']:.0f} | `{r['dir']}` |"
         )
     kinds = sorted({row(r)["memory_kind"] for r in runs})
     lines += ["", f"Metrics in % (teacher-forced token accuracy); peak memory: {', '.join(kinds)}; "
+              "retention: of the locality tokens the unedited model got right, the share still right; "
+              "ppl rise: held-out perplexity after / before - 1; "
               "'key stats s': building MEMIT/AlphaEdit's key statistics (0 when read from the cache), "
               "not part of the editing time."]
     return "\n".join(lines) + "\n"
