@@ -210,11 +210,12 @@ class EditConfig:
 
     @classmethod
     def recommended(cls, model: nn.Module, **overrides: Any) -> "EditConfig":
-        """The configuration we recommend for ``model``: the MLP output projection over the upper
-        middle of its depth, or the family preset where those modules' ``d_in x d_in`` statistics
-        would exceed 2 GiB (:func:`ultraedit.presets.recommended_preset`), the step size carried
-        from the authors' lr by the module shapes (``lr_scale="width"``), refinement steps to a
-        confidence margin, generic-text preserved keys and the memory of earlier turns' keys.
+        """The configuration we recommend for ``model``: the MLP output projection from 13% to 87%
+        of its depth, the lower 43% of the layers editing at the subject and the rest at the
+        target, or the family preset where those modules' ``d_in x d_in`` statistics would exceed
+        2 GiB (:func:`ultraedit.presets.recommended_preset`), the step size carried from the
+        authors' lr by the module shapes (``lr_scale="width"``), refinement steps to a confidence
+        margin, generic-text preserved keys and the memory of earlier turns' keys.
         Rules, not a per-checkpoint table (measured on SmolLM2-135M; see the README)."""
         fields: dict[str, Any] = dict(RECOMMENDED)
         preset = recommended_preset(model)
