@@ -32,7 +32,8 @@ from ultraedit.datasets import read_requests
 from ultraedit.evaluation import MetricTotals, perplexity, score_requests
 from ultraedit.models import load_model
 from ultraedit.preserve import package_text
-from ultraedit.presets import resolve_modules
+from ultraedit.methods.common import mlp_out_name, scaled_layers
+from ultraedit.presets import num_layers, resolve_modules
 
 DATA = ROOT.parent / "shared" / "data"
 FILES = {"zsre": DATA / "zsre-500.json", "counterfact": DATA / "counterfact-20k.json.gz"}
@@ -44,6 +45,9 @@ PRESET = {"recommended": True, "modules": "preset"}
 #: The recommended configuration of stop 9 (family preset, width lr 5e-6, 5 steps, preserve 300).
 STOP9 = {**PRESET, "lr": 5e-6, "memory": 0.0, "confidence": 0.0}
 
+#: Stop 10's recommended configuration: down_proj 14-25 of 30, target rows only.
+STOP10 = {"recommended": True, "layers": (14, 25), "subject_keys": 0.0, "subject_depth": 0.0, "key_outliers": 0.0}
+
 #: Pareto sweep (one turn: the memory plays no part): (label, EditConfig fields) on top of the
 #: faithful or recommended configuration.
 SWEEP = [
@@ -53,9 +57,12 @@ SWEEP = [
     ("preset modules, 5 steps, preserve 300 (stop 9)", STOP9),
     ("stop 9 + confidence 0.8", {**STOP9, "confidence": 0.8}),
     ("stop 9 + confidence 0.8 + neighbours 4", {**STOP9, "confidence": 0.8, "neighbours": 4}),
-    ("recommended (MLP output layers)", "recommended"),
-    ("recommended + neighbours 4", {"recommended": True, "neighbours": 4}),
-    ("recommended + prefixes 2", {"recommended": True, "prefixes": 2}),
+    ("recommended (MLP output layers)", STOP10),
+    ("recommended + neighbours 4", {**STOP10, "neighbours": 4}),
+    ("recommended + prefixes 2", {**STOP10, "prefixes": 2}),
+    ("subject rows everywhere (down_proj 4-25)", {"recommended": True, "subject_depth": 0.0}),
+    ("recommended (subject rows in 4-12, target rows in 13-25)", "recommended"),
+    ("recommended + neighbours 4 (subject rows)", {"recommended": True, "neighbours": 4}),
 ]
 
 #: Ablation over turns (``--ladder zsre:500``): stop 9's recommended configuration, one option
@@ -65,7 +72,8 @@ LADDER = [
     ("stop 9 + memory 1", {**STOP9, "memory": 1.0}),
     ("stop 9 + memory 1 + confidence 0.8", {**STOP9, "memory": 1.0, "confidence": 0.8}),
     ("stop 9 + memory 1 + confidence 0.8 + prefixes 2", {**STOP9, "memory": 1.0, "confidence": 0.8, "prefixes": 2}),
-    ("recommended (MLP output layers, lr 1e-5, memory 1, confidence 0.8)", "recommended"),
+    ("stop 10: MLP output layers 14-25, lr 1e-5, memory 1, confidence 0.8", STOP10),
+    ("recommended: + subject rows in layers 4-12, key outliers 4", "recommended"),
 ]
 
 
@@ -85,6 +93,9 @@ def config_of(kind, model) -> EditConfig:
     fields = dict(kind)
     if fields.get("modules") == "preset":
         fields["modules"] = resolve_modules(model)
+    if "layers" in fields:  # (first, last) of the MLP output projections, for a 30-layer model
+        first, last = fields.pop("layers")
+        fields["modules"] = [mlp_out_name(model, i) for i in scaled_layers(list(range(first, last + 1)), 30, num_layers(model))]
     if fields.pop("recommended", False):
         return EditConfig.recommended(model, **fields)
     return EditConfig(**fields)
