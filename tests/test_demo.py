@@ -47,3 +47,25 @@ def test_demo_edits_the_real_model(capsys):
     assert scores["efficacy_before"] < 0.3 and scores["efficacy"] >= scores["efficacy_before"] + 0.5
     assert scores["locality_before"] == 1.0  # the untouched facts are ones the model answers correctly
     assert re.search(r"^edit .* ok$", text, re.M)  # the shown edit took effect under greedy generation
+
+
+def test_demo_scores_are_each_groups_mean_token_accuracy(monkeypatch):
+    """``score`` scores the three groups in one batched call; each mean must be its own group's
+    (locality pairs counted once). The per-pair scorer is replaced by a function of the pair, so
+    that every pair scores differently (``score_pairs`` itself is tested in test_evaluation)."""
+    import ultraedit.demo as demo
+
+    def fake(model, tokenizer, pairs, batch_size=64):
+        return {"accuracy": [(len(p) * 7 + len(a)) % 11 / 10 for p, a in pairs]}
+
+    monkeypatch.setattr(demo, "score_pairs", fake)
+    requests = demo_requests(12)
+    ours = demo.score(None, None, requests)
+    groups = {
+        "efficacy": [(r.prompt, r.target) for r in requests],
+        "generalization": [(p, r.target) for r in requests for p in r.rephrases],
+        "locality": list(dict.fromkeys(pair for r in requests for pair in r.locality)),
+    }
+    means = {name: sum(fake(None, None, pairs)["accuracy"]) / len(pairs) for name, pairs in groups.items()}
+    assert len(set(means.values())) == 3
+    assert ours == pytest.approx(means)

@@ -83,14 +83,19 @@ def _mean(values: Sequence[float]) -> float:
 
 def score(model: Any, tokenizer: Any, requests: Sequence[EditRequest]) -> dict[str, float]:
     """Mean teacher-forced token accuracy of the edits, their rephrasings and the (distinct)
-    locality pairs."""
+    locality pairs (all scored in one batched pass)."""
     groups = {
         "efficacy": [(r.prompt, r.target) for r in requests],
         "generalization": [(p, r.target) for r in requests for p in r.rephrases],
         "locality": list(dict.fromkeys(pair for r in requests for pair in r.locality)),
     }
-    return {name: _mean(score_pairs(model, tokenizer, pairs, batch_size=64)["accuracy"]) if pairs else float("nan")
-            for name, pairs in groups.items()}
+    pairs = [pair for group in groups.values() for pair in group]
+    accuracy = score_pairs(model, tokenizer, pairs, batch_size=64)["accuracy"] if pairs else []
+    out, start = {}, 0
+    for name, group in groups.items():
+        out[name] = _mean(accuracy[start : start + len(group)])
+        start += len(group)
+    return out
 
 
 def run_demo(
