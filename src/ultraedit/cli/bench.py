@@ -29,6 +29,20 @@ def _options_arg(values: list[str]) -> dict[str, str] | None:
     return options or None
 
 
+#: ``bench`` flags that override one :class:`EditConfig` option: (field, type, metavar, what it is).
+_OPTION_FLAGS = (
+    ("refine_steps", int, "S", "closed-form steps per turn"),
+    ("preserve", float, "ALPHA", "weight of generic-text keys in the ridge"),
+    ("memory", float, "BETA", "weight of earlier turns' keys in the ridge"),
+    ("confidence", float, "P", "refinement: target probability a request must reach"),
+    ("neighbours", int, "N", "subject-swapped prompts preserved per request"),
+    ("prefixes", int, "N", "context-prefixed copies edited per request"),
+    ("subject_keys", float, "W", "weight of the rows at the subject's last token; 0 = off"),
+    ("subject_depth", float, "F", "modules below this fraction of the layers edit at the subject"),
+    ("key_outliers", float, "R", "rows with keys over R x the median norm are kept, not edited"),
+)
+
+
 def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``ultraedit bench`` on an ``argparse`` subparsers object."""
     from ..presets import PRESETS
@@ -67,25 +81,10 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--faithful", action="store_true",
                    help="the authors' exact method (their lr 1e-6 and family preset); default: the model's "
                    "recommended configuration (EditConfig.recommended, see 'ultraedit presets')")
-    p.add_argument("--refine-steps", type=int, default=None, metavar="S",
-                   help="override EditConfig.refine_steps (closed-form steps per turn)")
-    p.add_argument("--preserve", type=float, default=None, metavar="ALPHA",
-                   help="override EditConfig.preserve (weight of generic-text keys in the ridge)")
+    for name, kind, metavar, what in _OPTION_FLAGS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, metavar=metavar,
+                       help=f"override EditConfig.{name} ({what})")
     p.add_argument("--lr-scale", choices=("none", "width"), default=None, help="override EditConfig.lr_scale")
-    p.add_argument("--memory", type=float, default=None, metavar="BETA",
-                   help="override EditConfig.memory (weight of earlier turns' keys in the ridge)")
-    p.add_argument("--confidence", type=float, default=None, metavar="P",
-                   help="override EditConfig.confidence (refinement: target probability a request must reach)")
-    p.add_argument("--neighbours", type=int, default=None, metavar="N",
-                   help="override EditConfig.neighbours (subject-swapped prompts preserved per request)")
-    p.add_argument("--prefixes", type=int, default=None, metavar="N",
-                   help="override EditConfig.prefixes (context-prefixed copies edited per request)")
-    p.add_argument("--subject-keys", type=float, default=None, metavar="W",
-                   help="override EditConfig.subject_keys (weight of the rows at the subject's last token; 0 = off)")
-    p.add_argument("--subject-depth", type=float, default=None, metavar="F",
-                   help="override EditConfig.subject_depth (modules below this fraction of the layers edit at the subject)")
-    p.add_argument("--key-outliers", type=float, default=None, metavar="R",
-                   help="override EditConfig.key_outliers (rows with keys over R x the median norm are kept, not edited)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_command)
