@@ -67,6 +67,14 @@ def teacher_forced_ids(
     return prompt_ids + answer_ids[:-1], [IGNORE] * (len(prompt_ids) - 1) + answer_ids
 
 
+def subject_of(request: EditRequest) -> str | None:
+    """The request's subject (``extra["subject"]``) when it occurs in the prompt, else ``None``."""
+    subject = request.extra.get("subject") if request.extra else None
+    if isinstance(subject, str) and subject.strip() and subject in request.prompt:
+        return subject
+    return None
+
+
 def subject_position(tokenizer: Any, prompt: str, subject: str) -> int:
     """Index of the last token of ``subject``'s first occurrence in the tokenized ``prompt`` (as
     :func:`tokenize_pair` tokenizes it: special tokens included), or -1 when it is the prompt's
@@ -139,12 +147,10 @@ def minibatches(
         for start in range(0, len(order), batch_size)
     ]
     if subjects:
-        positions = [_subject_of(tokenizer, request) for request in requests]
+        positions = [
+            subject_position(tokenizer, r.prompt, subject) if (subject := subject_of(r)) else -1 for r in requests
+        ]
         for start, batch in zip(range(0, len(order), batch_size), batches):
             batch[SUBJECT_INDEX] = torch.tensor([positions[i] for i in order[start : start + batch_size]])
     return batches, order
 
-
-def _subject_of(tokenizer: Any, request: EditRequest) -> int:
-    subject = request.extra.get("subject") if request.extra else None
-    return subject_position(tokenizer, request.prompt, subject) if isinstance(subject, str) else -1

@@ -557,23 +557,26 @@ class UltraEditor:
         shifts: dict[str, torch.Tensor] = {}
         dtype = self.config.torch_dtype
         select = torch.cat(edited) if edited is not None else None
+        subject_rows = torch.cat([mb.subject for mb in captures])  # per row: at a subject position?
         for shape, norm in normalizers.items():
             group = [n for n, m in self.modules.items() if module_shape(m) == shape]
             keys = torch.stack([torch.cat([mb.keys[n] for mb in captures]).to(norm.device, dtype) for n in group])
             grads = torch.stack([torch.cat([mb.grads[n] for mb in captures]).to(norm.device, dtype) for n in group])
             outliers = self._outlier_rows(keys)
+            subject = subject_rows.to(keys.device)
             kept = None
             if select is not None:
                 sel = select.to(keys.device)
                 keys, grads, kept = keys[:, sel], grads[:, sel], keys[:, ~sel]
                 outliers = outliers[:, sel] if outliers is not None else None
+                subject = subject[sel]
             values = target_values(keys, grads, norm, self.config.module_lr(shape))
             if self.config.subject_keys not in (0.0, 1.0):
-                values = self._weigh_subject_rows(values, captures, select)
+                values = values * torch.where(subject, self.config.subject_keys, 1.0).to(values.dtype)[:, None]
             if outliers is not None:
                 values = values.masked_fill(outliers[..., None], 0.0)
             if self.config.subject_depth > 0:
-                values = values.masked_fill(self._rows_left_alone(group, captures, select)[..., None], 0.0)
+                values = values.masked_fill(self._rows_left_alone(group, subject)[..., None], 0.0)
             preserve = self._preserved(group, kept, preserved)
             # Held in the dtype commit adds them in: float32 where they accumulate into the float32
             # delta; otherwise the weights' dtype (bit-identical weights, half the memory for bf16).
@@ -592,27 +595,12 @@ class UltraEditor:
         norms = torch.linalg.vector_norm(keys, dim=-1)
         return norms > self.config.key_outliers * norms.median(dim=-1, keepdim=True).values
 
-    def _rows_left_alone(
-        self, group: list[str], captures: list[MinibatchCapture], select: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _rows_left_alone(self, group: list[str], subject: torch.Tensor) -> torch.Tensor:
         """``(modules, rows)`` bool (``subject_depth``): target rows in the modules below the
-        split, subject rows in those above it."""
-        subject = torch.cat([mb.subject for mb in captures])
-        if select is not None:
-            subject = subject[select.to(subject.device)]
+        split, subject rows in those above it (``subject``: per row, is it a subject row?)."""
         split = self.config.subject_depth * num_layers(self.model)
         lower = torch.tensor([layer_index(name) < split for name in group], device=subject.device)
         return torch.where(lower[:, None], ~subject[None, :], subject[None, :])
-
-    def _weigh_subject_rows(
-        self, values: torch.Tensor, captures: list[MinibatchCapture], select: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``values`` (``(modules, rows, d_out)``) with the subject rows' scaled by ``subject_keys``."""
-        subject = torch.cat([mb.subject for mb in captures]).to(values.device)
-        if select is not None:
-            subject = subject[select.to(values.device)]
-        scale = torch.where(subject, self.config.subject_keys, 1.0).to(values.dtype)
-        return values * scale[:, None]
 
     def _preserved(
         self, group: list[str], kept: torch.Tensor | None, preserved: dict[str, torch.Tensor] | None = None

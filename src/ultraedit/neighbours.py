@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .batching import IGNORE, EditRequest, collate, pad_id_of, tokenize_pair
+from .batching import IGNORE, EditRequest, collate, pad_id_of, subject_of, tokenize_pair
 
 
 def _seed(request: EditRequest) -> int:
@@ -50,14 +50,6 @@ def with_prefixes(requests: Sequence[EditRequest], per_request: int) -> tuple[li
                                          extra=request.extra))
             owners.append(index)
     return sequences, owners
-
-
-def subject_of(request: EditRequest) -> str | None:
-    """The request's subject (``extra["subject"]``) when it occurs in the prompt, else ``None``."""
-    subject = request.extra.get("subject") if request.extra else None
-    if isinstance(subject, str) and subject.strip() and subject in request.prompt:
-        return subject
-    return None
 
 
 def neighbour_pairs(requests: Sequence[EditRequest], per_request: int) -> list[tuple[str, str]]:
