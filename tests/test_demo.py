@@ -46,6 +46,7 @@ def test_demo_edits_the_real_model(capsys):
     assert "Efficacy (ES)" in text and "Locality (LS)" in text and "ms/edit" in text
     assert scores["efficacy_before"] < 0.3 and scores["efficacy"] >= scores["efficacy_before"] + 0.5
     assert scores["locality_before"] == 1.0  # the untouched facts are ones the model answers correctly
+    assert (scores["device"], scores["dtype"]) == ("cpu", "float32") and "float32 on cpu" in text
     assert re.search(r"^edit .* ok$", text, re.M)  # the shown edit took effect under greedy generation
 
 
@@ -69,3 +70,11 @@ def test_demo_scores_are_each_groups_mean_token_accuracy(monkeypatch):
     means = {name: sum(fake(None, None, pairs)["accuracy"]) / len(pairs) for name, pairs in groups.items()}
     assert len(set(means.values())) == 3
     assert ours == pytest.approx(means)
+
+
+def test_demo_dtype_is_for_real_models_only(capsys):
+    from ultraedit.cli import main
+
+    assert main(["demo", "--model", "testbed", "--dtype", "bfloat16", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ultraedit demo: error: --dtype applies to real models; the testbed demo runs in float32")

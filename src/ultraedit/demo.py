@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from .batching import EditRequest
 from .editor import EditConfig, UltraEditor
 from .evaluation import complete, score_pairs
@@ -106,6 +108,7 @@ def run_demo(
     config: EditConfig | None = None,
     lr: float | None = None,
     device: str = "cpu",
+    dtype: str = "auto",
     progress: bool = True,
     out: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -118,12 +121,15 @@ def run_demo(
         show: requests shown before/after.
         config: the editor's configuration (default ``EditConfig.recommended(model)``).
         lr: overrides the step size of the recommended configuration.
+        device, dtype: where and in which dtype to load the model (:func:`ultraedit.models.load_model`).
     """
     from tqdm.auto import tqdm
 
     from .models import load_model
 
     if model == "testbed":
+        if dtype != "auto":
+            raise ValueError("--dtype applies to real models; the testbed demo runs in float32")
         from .testbed.demo import run_demo as run_testbed_demo
 
         return run_testbed_demo(edits=edits or 300, turn_size=turn_size, show=show, config=config,
@@ -131,12 +137,15 @@ def run_demo(
     if edits is not None and edits < 1 or turn_size < 1:
         raise ValueError("--edits and --turn-size must be >= 1")
     start = time.perf_counter()
-    lm, tokenizer = load_model(model, device)
+    lm, tokenizer = load_model(model, device, dtype)
     requests = demo_requests(edits)
     config = config or EditConfig.recommended(lm, **({} if lr is None else {"lr": lr}))
     n_params = sum(p.numel() for p in lm.parameters())
+    weights = next(lm.parameters())
+    placed = f"{str(weights.dtype).removeprefix('torch.')} on {_device_name(weights.device)}"
     out(f"Model: {model} ({lm.config.model_type}, {lm.config.num_hidden_layers} layers, hidden "
-        f"{lm.config.hidden_size}, {n_params / 1e6:.0f}M parameters), loaded in {time.perf_counter() - start:.1f} s.")
+        f"{lm.config.hidden_size}, {n_params / 1e6:.0f}M parameters, {placed}), loaded in "
+        f"{time.perf_counter() - start:.1f} s.")
     rows = questions(pick(requests, show))
     answers_before = complete(lm, tokenizer, [p for _, p, _ in rows], max_new_tokens=6)
     before = score(lm, tokenizer, requests)
@@ -161,9 +170,15 @@ def run_demo(
     out(f"  Locality (LS)       {after['locality']:.3f}   (untouched facts; unedited model {before['locality']:.3f})")
     out(f"Edit time {edit_seconds:.1f} s ({1000 * edit_seconds / len(requests):.0f} ms/edit); "
         f"total {time.perf_counter() - start:.1f} s.")
-    return {"model": model, "edits": len(requests), "turns": len(turns), "turn_size": turn_size,
+    return {"model": model, "device": _device_name(weights.device), "dtype": str(weights.dtype).removeprefix("torch."),
+            "edits": len(requests), "turns": len(turns), "turn_size": turn_size,
             **after, **{f"{k}_before": v for k, v in before.items()}, "edit_seconds": round(edit_seconds, 2),
             "seconds_per_edit": round(edit_seconds / len(requests), 4), "config": config.to_dict()}
+
+
+def _device_name(device: torch.device) -> str:
+    """``cpu``, or the GPU's name with its index, e.g. ``cuda:0 (NVIDIA H200)``."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def describe(config: EditConfig) -> str:

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..models import DTYPES
 from .common import EXIT_BAD_INPUT
 
 
@@ -21,13 +22,16 @@ def _demo_command(args: argparse.Namespace) -> int:
         if args.model == "testbed":
             from ..testbed import TESTBED_CONFIG
 
+            if args.dtype != "auto":
+                raise ValueError("--dtype applies to real models; the testbed demo runs in float32")
+
             config = replace(TESTBED_CONFIG, lr=args.lr) if args.lr is not None else TESTBED_CONFIG
             scores = run_testbed_demo(edits=args.edits or 300, turn_size=args.turn_size, show=args.show,
                                       config=config, device=args.device, data_dir=args.data_dir,
                                       progress=not args.quiet)
         else:
             scores = run_demo(args.model, edits=args.edits, turn_size=args.turn_size, show=args.show,
-                              lr=args.lr, device=args.device, progress=not args.quiet)
+                              lr=args.lr, device=args.device, dtype=args.dtype, progress=not args.quiet)
     except ModelError as err:
         print(f"ultraedit demo: error: {err}", file=sys.stderr)
         print("ultraedit demo: 'ultraedit demo --model testbed' runs fully offline on the built-in testbed model",
@@ -73,7 +77,9 @@ def add_parsers(subparsers: Any) -> None:
     demo.add_argument("--turn-size", type=_positive, default=100, help="requests per lifelong turn (default 100)")
     demo.add_argument("--show", type=int, default=3, help="edits to show before/after (default 3)")
     demo.add_argument("--lr", type=float, default=None, help="override the step size of the model's recommended configuration")
-    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto")
+    demo.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                      help="dtype to load a real model in (default: as stored, float32 for the built-ins)")
     demo.add_argument("--data-dir", default=None, help="--model testbed: a directory from 'ultraedit testbed train' (default: shipped)")
     demo.add_argument("--json", default=None, metavar="PATH", help="also write the scores as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
