@@ -4,7 +4,7 @@ the editor and the state directory as they were, and says so."""
 import pytest
 import torch
 
-from ultraedit import EditConfig, UltraEditor
+from ultraedit import EditConfig, EditError, UltraEditor
 
 from tiny import random_turn, tiny_model
 
@@ -407,15 +407,16 @@ SPLIT_DEVICES = [
 @pytest.mark.parametrize("second", SPLIT_DEVICES)
 def test_a_model_split_over_devices_edits_like_one_on_a_single_device(second):
     """Layers 0-1 on the CPU, layers 2-3, the final norm and the LM head on ``second``
-    (``accelerate.dispatch_model``, as ``device_map="auto"`` does): logits come from ``second``
-    while inputs, labels and the lower edit modules stay on the CPU."""
+    (``accelerate.dispatch_model`` with the CPU as main device, so the CPU layers stay resident rather
+    than offloaded): logits come from ``second`` while inputs, labels and the lower edit modules stay
+    on the CPU."""
     accelerate = pytest.importorskip("accelerate")
     names = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.3.mlp.down_proj"]
     single = UltraEditor(tiny_model("llama"), EditConfig(modules=names, lr=LR))
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
                   "model.layers.1": "cpu", "model.layers.2": second, "model.layers.3": second,
                   "model.norm": second, "lm_head": second}
-    model = accelerate.dispatch_model(tiny_model("llama"), device_map=device_map)
+    model = accelerate.dispatch_model(tiny_model("llama"), device_map=device_map, main_device="cpu")
     split = UltraEditor(model, EditConfig(modules=names, lr=LR))
     assert split.modules[names[-1]].weight.device.type == second
     for seed in range(2):
@@ -426,6 +427,18 @@ def test_a_model_split_over_devices_edits_like_one_on_a_single_device(second):
         torch.testing.assert_close(split.modules[name].weight.cpu(), single.modules[name].weight, rtol=1e-4, atol=1e-6)
     for shape, norm in split.normalizers.items():
         torch.testing.assert_close(norm.mean.cpu(), single.normalizers[shape].mean, rtol=1e-4, atol=1e-6)
+
+
+def test_an_offloaded_edit_module_is_refused_with_a_reason():
+    """accelerate's offload (``device_map`` with ``"cpu"`` layers beside a GPU, ``cpu_offload``) leaves
+    weights on the meta device and streams them in per forward: they cannot be edited in place, so
+    the editor says so by name before anything is read or changed."""
+    accelerate = pytest.importorskip("accelerate")
+    model = accelerate.cpu_offload(tiny_model("llama"), execution_device="cpu")
+    name = "model.layers.1.mlp.up_proj"
+    assert model.get_submodule(name).weight.device.type == "meta"
+    with pytest.raises(EditError, match=r"'model.layers.1.mlp.up_proj' has its weight offloaded .*main_device='cpu'"):
+        UltraEditor(model, EditConfig(modules=[name], lr=LR))
 
 
 # ------------------------------------------------------------------ paths no test covered before

@@ -416,6 +416,12 @@ class UltraEditor:
                 module_shape(available[name])
             except TypeError as err:
                 raise EditError(f"edit module {name!r}: {err}") from None
+            if available[name].weight.device.type == "meta":
+                raise EditError(
+                    f"edit module {name!r} has its weight offloaded (on the meta device, as accelerate's CPU/disk "
+                    "offload leaves it), so it cannot be edited in place: keep the edit layers resident, e.g. "
+                    "device_map with them on a GPU, or accelerate.dispatch_model(..., main_device='cpu') for "
+                    "layers that should live on the CPU")
             self.modules[name] = available[name]
         self.normalizers: dict[tuple[int, int], LifelongNormalizer] = {}
         for name, module in self.modules.items():
@@ -710,8 +716,8 @@ class UltraEditor:
             return weight + shift.to(weight.dtype), None
         delta = self.session.delta.get(name)
         delta = shift.float() if delta is None else delta + shift.float()
-        base = self.session.base[name].to(device=weight.device, dtype=torch.float32)
-        return (base + delta).to(weight.dtype), delta
+        base = self.session.base[name].to(device=weight.device, non_blocking=True)  # page-locked on a GPU
+        return (base.float() + delta).to(weight.dtype), delta
 
     def _write_shifts(self, shifts: dict[str, torch.Tensor], report: TurnReport) -> None:
         """Write every module's new weight; on any error restore the modules already written.
