@@ -179,6 +179,16 @@ def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
 
 
+def _base_copy(t: torch.Tensor) -> torch.Tensor:
+    """The host copy of a base weight. Page-locked when the weight is on a GPU: every turn of a bf16
+    model reads the base back to the GPU (``round(base + delta)``), and from pageable memory that
+    copy took 0.73 s of a 0.95 s Llama-3-8B turn on an H200 (1.4 GB over 12 modules)."""
+    if t.device.type != "cuda":
+        return _cpu_copy(t)
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    return host.copy_(t.detach())
+
+
 class EditSession:
     """Saved-state bookkeeping of one :class:`~ultraedit.editor.UltraEditor` (``editor.session``).
 
@@ -199,7 +209,7 @@ class EditSession:
         if not (isinstance(keep_turn_deltas, int) and keep_turn_deltas >= 0):
             raise ValueError(f"keep_turn_deltas must be a non-negative int, got {keep_turn_deltas!r}")
         self.editor = editor
-        self.base: dict[str, torch.Tensor] = {n: _cpu_copy(m.weight) for n, m in editor.modules.items()}
+        self.base: dict[str, torch.Tensor] = {n: _base_copy(m.weight) for n, m in editor.modules.items()}
         self.delta: dict[str, torch.Tensor] = {}
         self.keep_turn_deltas = keep_turn_deltas
         self.undo: deque[TurnSnapshot] = deque()
