@@ -322,6 +322,52 @@ def memory_curve(model, names, args, base_weights) -> list[float]:
     return curve
 
 
+def profile_ours(model, names, turns, args, base_weights) -> dict:
+    """Where one turn of ours spends its time: prepare (capture + solve) and commit, each synced,
+    over the turns after a warm-up; then one more turn under cProfile (Python functions by
+    cumulative time, which on a GPU includes the waits at each host sync) and torch.profiler
+    (operators by self time on the host and on the device). The tables go to ``--profile``."""
+    import cProfile
+    import io
+    import pstats
+
+    restore(model, base_weights)
+    editor = ultraedit.UltraEditor(model, ultraedit.EditConfig(modules=names, lr=args.lr, forward_batch_size=args.forward_batch_size))
+    editor.edit_tokens(turns[0])
+    phases = []
+    for batches in turns[1:-1]:
+        sync(args.device)
+        start = time.perf_counter()
+        pending = editor.prepare(batches)
+        sync(args.device)
+        prepared = time.perf_counter()
+        editor.commit(pending)
+        sync(args.device)
+        phases.append({"prepare": prepared - start, "commit": time.perf_counter() - prepared,
+                       "capture_unsynced": pending.report.capture_seconds})
+    profiler = cProfile.Profile()
+    profiler.enable()
+    editor.edit_tokens(turns[-1])
+    sync(args.device)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        editor.edit_tokens(turns[-1])
+        sync(args.device)
+    table = prof.key_averages()
+    sections = [("python functions, cumulative (cProfile)", text.getvalue()),
+                ("operators by self host time", table.table(sort_by="self_cpu_time_total", row_limit=30))]
+    if args.device.startswith("cuda"):
+        sections.append(("operators by self device time", table.table(sort_by="self_cuda_time_total", row_limit=30)))
+    with open(args.profile, "w") as f:
+        f.write("\n\n".join(f"## {title}\n\n{body}" for title, body in sections))
+    return {"phases": phases, "profile": args.profile}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a real model's shape (random weights)")
@@ -347,6 +393,7 @@ def main() -> None:
     ap.add_argument("--memory-turns", type=int, default=0, help="also record memory over this many turns of ours")
     ap.add_argument("--flops", action="store_true", help="also count matmul FLOPs per turn (torch.profiler)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--profile", metavar="FILE", help="also profile turns of ours: phase times in the JSON, tables in FILE")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
@@ -405,6 +452,8 @@ def main() -> None:
         ys = torch.tensor(curve, dtype=torch.float64)
         slope = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
         report["memory_slope_mib_per_turn"] = slope  # least-squares; ~0 means flat
+    if args.profile:
+        report["ours_profile"] = profile_ours(model, names, turns, args, base_weights)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
