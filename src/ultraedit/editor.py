@@ -476,7 +476,11 @@ class UltraEditor:
             batches: minibatches, each a dict of ``(B, L)`` integer tensors ``input_ids``,
                 ``attention_mask`` and ``labels`` (-100 outside target tokens; ``labels[i]`` is
                 the token the logits at position ``i`` predict). The normalizer is updated once
-                per minibatch, in the order given; the solve uses all rows of the turn.
+                per minibatch, in the order given; the solve uses all rows of the turn. A
+                minibatch may also carry ``subject_index`` (``(B,)``, -1 for none): each such
+                position adds a subject row (:func:`ultraedit.batching.subject_position` finds
+                it), weighted by ``subject_keys`` when that is set and by 1 otherwise; giving
+                the index is the request for those rows, ``subject_depth`` splits the roles.
         """
         pending = self.prepare(batches)
         self.commit(pending)
