@@ -134,8 +134,8 @@ class BenchConfig:
         progress: show progress bars (stderr).
         faithful: run the authors' exact method (their lr unless ``lr`` is given, the family
             preset, no options beyond the paper) instead of ``EditConfig.recommended(model)``.
-        refine_steps, preserve, lr_scale, memory, confidence, neighbours, prefixes, subject_keys,
-            subject_depth, key_outliers: override those :class:`EditConfig` options (``None``: the configuration's own).
+        refine_steps, preserve, lr_scale, memory, confidence, neighbours, neighbour_weight, prefixes,
+            subject_keys, subject_depth, key_outliers: override those :class:`EditConfig` options (``None``: the configuration's own).
         method_options: a baseline's hyperparameters by name (``--method-option KEY=VALUE``).
     """
 
@@ -166,6 +166,7 @@ class BenchConfig:
     memory: float | None = None
     confidence: float | None = None
     neighbours: int | None = None
+    neighbour_weight: float | None = None
     prefixes: int | None = None
     subject_keys: float | None = None
     subject_depth: float | None = None
@@ -267,8 +268,8 @@ def edit_config(
 
 
 #: The :class:`EditConfig` options a bench run may override (``BenchConfig`` fields and ``--flags`` of the same names).
-EDIT_OPTIONS = ("refine_steps", "preserve", "lr_scale", "memory", "confidence", "neighbours", "prefixes",
-                "subject_keys", "subject_depth", "key_outliers")
+EDIT_OPTIONS = ("refine_steps", "preserve", "lr_scale", "memory", "confidence", "neighbours", "neighbour_weight",
+                "prefixes", "subject_keys", "subject_depth", "key_outliers")
 
 
 def bench_edit_config(model: nn.Module, config: BenchConfig) -> EditConfig:

@@ -36,6 +36,7 @@ _OPTION_FLAGS = (
     ("memory", float, "BETA", "weight of earlier turns' keys in the ridge"),
     ("confidence", float, "P", "refinement: target probability a request must reach"),
     ("neighbours", int, "N", "subject-swapped prompts preserved per request"),
+    ("neighbour_weight", float, "W", "weight of the neighbour prompts' keys in the ridge"),
     ("prefixes", int, "N", "context-prefixed copies edited per request"),
     ("subject_keys", float, "W", "weight of the rows at the subject's last token; 0 = off"),
     ("subject_depth", float, "F", "modules below this fraction of the layers edit at the subject"),
