@@ -720,8 +720,13 @@ class UltraEditor:
             return weight + shift.to(weight.dtype), None
         delta = self.session.delta.get(name)
         delta = shift.float() if delta is None else delta + shift.float()
+        return self._rounded_base_plus(name, delta), delta
+
+    def _rounded_base_plus(self, name: str, delta: torch.Tensor | None) -> torch.Tensor:
+        """``round(base + delta)`` in the weight's dtype and device: an accumulating module's weight."""
+        weight = self.modules[name].weight
         base = self.session.base[name].to(device=weight.device, non_blocking=True)  # page-locked on a GPU
-        return (base.float() + delta).to(weight.dtype), delta
+        return (base.float() + delta if delta is not None else base.float()).to(weight.dtype)
 
     def _write_shifts(self, shifts: dict[str, torch.Tensor], report: TurnReport) -> None:
         """Write every module's new weight; on any error restore the modules already written.
@@ -756,10 +761,7 @@ class UltraEditor:
         """Undo a write of this turn: ``previous`` (a copy), or ``round(base + delta)`` as before it."""
         module = self.modules[name]
         if previous is None:
-            weight = module.weight
-            delta = self.session.delta.get(name)
-            previous = self.session.base[name].to(device=weight.device, dtype=torch.float32)
-            previous = (previous + delta if delta is not None else previous).to(weight.dtype)
+            previous = self._rounded_base_plus(name, self.session.delta.get(name))
         _write_weight(module, previous.to(module.weight.device))
 
     def _warn_if_lost(self, report: TurnReport) -> None:
