@@ -128,8 +128,7 @@ def run_demo(
     from .models import load_model
 
     if model == "testbed":
-        if dtype != "auto":
-            raise ValueError("--dtype applies to real models; the testbed demo runs in float32")
+        check_testbed_dtype(dtype)
         from .testbed.demo import run_demo as run_testbed_demo
 
         return run_testbed_demo(edits=edits or 300, turn_size=turn_size, show=show, config=config,
@@ -142,9 +141,9 @@ def run_demo(
     config = config or EditConfig.recommended(lm, **({} if lr is None else {"lr": lr}))
     n_params = sum(p.numel() for p in lm.parameters())
     weights = next(lm.parameters())
-    placed = f"{str(weights.dtype).removeprefix('torch.')} on {_device_name(weights.device)}"
+    placed = {"device": _device_name(weights.device), "dtype": str(weights.dtype).removeprefix("torch.")}
     out(f"Model: {model} ({lm.config.model_type}, {lm.config.num_hidden_layers} layers, hidden "
-        f"{lm.config.hidden_size}, {n_params / 1e6:.0f}M parameters, {placed}), loaded in "
+        f"{lm.config.hidden_size}, {n_params / 1e6:.0f}M parameters, {placed['dtype']} on {placed['device']}), loaded in "
         f"{time.perf_counter() - start:.1f} s.")
     rows = questions(pick(requests, show))
     answers_before = complete(lm, tokenizer, [p for _, p, _ in rows], max_new_tokens=6)
@@ -170,10 +169,15 @@ def run_demo(
     out(f"  Locality (LS)       {after['locality']:.3f}   (untouched facts; unedited model {before['locality']:.3f})")
     out(f"Edit time {edit_seconds:.1f} s ({1000 * edit_seconds / len(requests):.0f} ms/edit); "
         f"total {time.perf_counter() - start:.1f} s.")
-    return {"model": model, "device": _device_name(weights.device), "dtype": str(weights.dtype).removeprefix("torch."),
-            "edits": len(requests), "turns": len(turns), "turn_size": turn_size,
+    return {"model": model, **placed, "edits": len(requests), "turns": len(turns), "turn_size": turn_size,
             **after, **{f"{k}_before": v for k, v in before.items()}, "edit_seconds": round(edit_seconds, 2),
             "seconds_per_edit": round(edit_seconds / len(requests), 4), "config": config.to_dict()}
+
+
+def check_testbed_dtype(dtype: str) -> None:
+    """The testbed demo runs in float32: any other ``--dtype`` is refused."""
+    if dtype != "auto":
+        raise ValueError("--dtype applies to real models; the testbed demo runs in float32")
 
 
 def _device_name(device: torch.device) -> str:

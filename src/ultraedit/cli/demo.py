@@ -14,7 +14,7 @@ from .common import EXIT_BAD_INPUT
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..demo import check_testbed_dtype, run_demo
     from ..models import ModelError
     from ..testbed.demo import run_demo as run_testbed_demo
 
@@ -22,9 +22,7 @@ def _demo_command(args: argparse.Namespace) -> int:
         if args.model == "testbed":
             from ..testbed import TESTBED_CONFIG
 
-            if args.dtype != "auto":
-                raise ValueError("--dtype applies to real models; the testbed demo runs in float32")
-
+            check_testbed_dtype(args.dtype)
             config = replace(TESTBED_CONFIG, lr=args.lr) if args.lr is not None else TESTBED_CONFIG
             scores = run_testbed_demo(edits=args.edits or 300, turn_size=args.turn_size, show=args.show,
                                       config=config, device=args.device, data_dir=args.data_dir,
