@@ -19,7 +19,7 @@ from ultraedit.methods.alphaedit import AlphaEditMethod, AlphaEditParams
 from ultraedit.methods.common import Encoded, MethodError
 from ultraedit.methods.ft import FTMethod, FTParams
 from ultraedit.methods.grace import Codebook, GraceMethod, GraceParams
-from ultraedit.methods.memit import MEMITMethod, MEMITParams
+from ultraedit.methods.memit import MEMITMethod, MEMITParams, compute_targets
 
 DOWN = "model.layers.{}.mlp.down_proj"
 
@@ -65,8 +65,9 @@ def freeze(model):
 
 
 # --------------------------------------------------------------------------- MEMIT / AlphaEdit
-def ref_targets(model, batch, layer, steps, lr, wd, clamp):
-    """MEMIT's target values, one request at a time, delta added to decoder layer ``layer``'s output."""
+def ref_targets(model, batch, layer, steps, lr, wd, clamp, stop_loss=5e-2):
+    """MEMIT's target values, one request at a time as the published loop (stop once the loss is
+    below ``stop_loss``; the last iteration takes no step), delta added to layer ``layer``'s output."""
     freeze(model)
     out = []
     for ids, labels, pos, _ in rows(batch):
@@ -82,8 +83,10 @@ def ref_targets(model, batch, layer, steps, lr, wd, clamp):
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
         handle = model.model.layers[layer].register_forward_hook(add)
-        for _ in range(steps):
+        for it in range(steps):
             loss = target_loss(model(ids).logits[0], labels) + wd * delta.norm() / h0.norm() ** 2
+            if loss < stop_loss or it == steps - 1:
+                break
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -110,7 +113,8 @@ def keys_and_hidden(model, batch, name, layer):
 
 def ref_memit_turn(model, batch, layers, moments, p, alpha=None):
     """One MEMIT turn; with ``alpha=(projectors, past_keys, L2)`` AlphaEdit's projected update."""
-    z = ref_targets(model, batch, layers[-1], p.v_num_grad_steps, p.v_lr, p.v_weight_decay, p.clamp_norm_factor)
+    z = ref_targets(model, batch, layers[-1], p.v_num_grad_steps, p.v_lr, p.v_weight_decay, p.clamp_norm_factor,
+                    p.v_early_stop_loss)
     for j, layer in enumerate(layers):
         name = DOWN.format(layer)
         k, h = keys_and_hidden(model, batch, name, layers[-1])
@@ -130,8 +134,8 @@ def ref_memit_turn(model, batch, layers, moments, p, alpha=None):
 
 
 def memit_params(cls=MEMITParams, **kw):
-    return cls(layers=[1, 2], v_num_grad_steps=8, v_lr=0.1, v_weight_decay=0.5, clamp_norm_factor=0.75,
-               mom2_update_weight=2.0, **kw)
+    return cls(**{"layers": [1, 2], "v_num_grad_steps": 8, "v_lr": 0.1, "v_weight_decay": 0.5,
+                  "clamp_norm_factor": 0.75, "mom2_update_weight": 2.0, **kw})
 
 
 def test_memit_matches_plain_formula():
@@ -149,6 +153,21 @@ def test_memit_matches_plain_formula():
         want = ref.get_submodule(DOWN.format(l)).weight - base.get_submodule(DOWN.format(l)).weight
         assert want.norm() > 1e-3
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-5)
+
+
+def test_memit_targets_stop_per_request_as_the_published_loop():
+    """Each request stops on its own loss: at once, midway, or never, and leaves the batch then."""
+    model = freeze(tiny_model("llama", seed=1))
+    batch = encoded(0)
+    opts = {"v_lr": 1.0, "v_weight_decay": 0.0, "clamp_norm_factor": 4.0}
+    got, _ = compute_targets(model, batch, 2, memit_params(**opts, v_early_stop_loss=4.52))
+    want = ref_targets(model, batch, 2, 8, 1.0, 0.0, 4.0, 4.52)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    never = ref_targets(model, batch, 2, 8, 1.0, 0.0, 4.0, -1.0)
+    h0 = ref_targets(model, batch, 2, 1, 1.0, 0.0, 4.0, -1.0)
+    at_once = (want == h0).all(1)
+    not_stopped = (want == never).all(1)
+    assert at_once.any() and not_stopped.any() and (~at_once & ~not_stopped).any()
 
 
 def plain_projector(moment: torch.Tensor, threshold: float) -> torch.Tensor:

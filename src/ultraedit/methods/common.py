@@ -218,6 +218,18 @@ class Tail:
         self.labels = batch.labels[self.mask]
         self.hidden, self.kwargs = self._capture(batch)
 
+    def subset(self, rows: torch.Tensor) -> Tail:
+        """The same Tail restricted to sequences ``rows`` (a 1-D index): hidden states, labels and
+        every call argument batched over sequences are indexed; shared ones (rotary tables) kept."""
+        n = self.hidden.shape[0]
+        part = object.__new__(Tail)
+        part.model, part.layers, part.start, part.norm, part.head = self.model, self.layers, self.start, self.norm, self.head
+        part.mask = self.mask[rows]
+        part.labels = batch_labels(self, rows)
+        part.hidden = self.hidden[rows]
+        part.kwargs = {k: _rows_of(v, rows, n) for k, v in self.kwargs.items()}
+        return part
+
     @torch.no_grad()
     def _capture(self, batch: Encoded) -> tuple[torch.Tensor, dict[str, Any]]:
         if self.start >= len(self.layers):  # start after the last layer: the final norm's input
@@ -266,6 +278,22 @@ class Tail:
         rows = self.mask.nonzero()[:, 0]
         total = torch.zeros(self.mask.shape[0], dtype=values.dtype, device=values.device).index_add_(0, rows, values)
         return total / self.mask.sum(1).clamp(min=1) if reduce == "mean" else total
+
+
+def batch_labels(tail: Tail, rows: torch.Tensor) -> torch.Tensor:
+    """The flat label tokens of sequences ``rows`` of ``tail``, in label order."""
+    owner = tail.mask.nonzero()[:, 0]
+    keep = torch.isin(owner, rows.to(owner.device))
+    return tail.labels[keep]
+
+
+def _rows_of(value: Any, rows: torch.Tensor, n: int) -> Any:
+    """``value`` indexed by sequence when it is batched over the ``n`` sequences (tensors, tuples of them)."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() > 0 and value.shape[0] == n and n > 1 else value
+    if isinstance(value, tuple):
+        return tuple(_rows_of(v, rows, n) for v in value)
+    return value
 
 
 @torch.no_grad()

@@ -6,8 +6,9 @@ One turn (all its requests as one MEMIT batch):
    position (the last subject token, else the last prompt token). A residual ``delta_i`` added
    there is optimised with Adam (``v_lr``, ``v_num_grad_steps``) on the mean cross-entropy of the
    target tokens plus ``v_weight_decay * ||delta_i|| / ||h_i||^2``, clamped after every step to
-   ``||delta_i|| <= clamp_norm_factor * ||h_i||`` (stopping early once every request's loss is
-   below 5e-2). ``z_i = h_i + delta_i``.
+   ``||delta_i|| <= clamp_norm_factor * ||h_i||``; a request stops as soon as its own loss is
+   below ``v_early_stop_loss`` (5e-2), and the last iteration takes no step, as in the published
+   per-request loop. ``z_i = h_i + delta_i``.
 2. Spread over the edit layers, lowest first: for layer l (the j-th of L), with the keys ``K``
    (n x d_in, the module's inputs at the key positions) and ``h_i`` recomputed on the model as
    edited so far,  ``R = (Z - H) / (L - j)``  and
@@ -22,7 +23,8 @@ Deviations, for a CPU budget, stated in ``describe()``: the target values are op
 edit prompt alone (the published code also averages over 10 generated context prefixes and adds a
 KL term, ``kl_factor 0.0625``, on "{subject} is a" prompts), and all requests of a turn are
 optimised together in one batch (their losses are independent: the sum of per-request losses
-gives each delta its own gradient; Adam's update is per element).
+gives each delta its own gradient; Adam's update is per element; a finished request's delta is
+frozen and its sequences are dropped from the batch, so each request sees exactly its own loop).
 """
 
 from __future__ import annotations
@@ -53,15 +55,13 @@ from .common import (
 )
 from .covariance import second_moments
 
-EARLY_STOP_LOSS = 5e-2
-
-
 @dataclass
 class MEMITParams:
     layers: list[int] = field(default_factory=list)  # empty: layers 4-8 of 32, scaled to the model
     v_num_grad_steps: int = 25
     v_lr: float = 1e-1
     v_weight_decay: float = 0.5
+    v_early_stop_loss: float = 5e-2
     clamp_norm_factor: float = 0.75
     mom2_update_weight: float = 15000.0
     stats_file: str = ""  # text file for the key statistics; empty: text the model generates
@@ -76,33 +76,46 @@ DEVIATIONS = ("target values optimised on the edit prompt only (no context prefi
 
 
 def compute_targets(model: nn.Module, batch: Encoded, layer: int, p: MEMITParams) -> tuple[torch.Tensor, float]:
-    """``(z, final mean loss)``: the optimised output values of decoder layer ``layer`` at each
-    request's key position, ``(n, hidden)`` float32 (step 1 above)."""
+    """``(z, mean final loss)``: the optimised output values of decoder layer ``layer`` at each
+    request's key position, ``(n, hidden)`` float32 (step 1 above).
+
+    As the published per-request loop: a request stops once its loss is below
+    ``v_early_stop_loss`` (its delta is then frozen and its sequences leave the batch), and the
+    last of the ``v_num_grad_steps`` iterations only measures the loss."""
     saved = frozen(model)
     try:
         tail = Tail(model, batch, layer + 1)
-        rows = torch.arange(batch.input_ids.shape[0], device=tail.hidden.device)
-        h0 = tail.hidden[rows, batch.lookup].float()
+        n = tail.hidden.shape[0]
+        h0 = tail.hidden[torch.arange(n, device=tail.hidden.device), batch.lookup].float()
         h0_norm = h0.norm(dim=1)
         delta = torch.zeros_like(h0, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=p.v_lr)
-        loss = torch.zeros(())
-        for _ in range(p.v_num_grad_steps):
-            hidden = tail.hidden.index_put((rows, batch.lookup), delta.to(tail.hidden.dtype), accumulate=True)
-            nll = tail.per_row(tail.token_nll(hidden))
-            per_request = nll + p.v_weight_decay * delta.norm(dim=1) / h0_norm**2
-            loss = per_request.mean()
-            if bool((per_request < EARLY_STOP_LOSS).all()):
+        final = torch.zeros(n)
+        active = torch.arange(n, device=h0.device)
+        for step in range(p.v_num_grad_steps):
+            part = tail if len(active) == n else tail.subset(active)
+            at = (torch.arange(len(active), device=h0.device), batch.lookup[active])
+            hidden = part.hidden.index_put(at, delta[active].to(part.hidden.dtype), accumulate=True)
+            nll = part.per_row(part.token_nll(hidden))
+            per_request = nll + p.v_weight_decay * delta[active].norm(dim=1) / h0_norm[active] ** 2
+            final[active.cpu()] = per_request.detach().float().cpu()
+            going = per_request.detach() >= p.v_early_stop_loss
+            if step == p.v_num_grad_steps - 1 or not bool(going.any()):
                 break
             optimizer.zero_grad(set_to_none=True)
-            per_request.sum().backward()
+            per_request[going].sum().backward()
+            stopped = torch.ones(n, dtype=torch.bool, device=h0.device)
+            stopped[active[going]] = False
+            kept = delta.detach()[stopped].clone()
             optimizer.step()
             with torch.no_grad():
+                delta[stopped] = kept  # Adam's momentum must not move a finished request
                 scale = (p.clamp_norm_factor * h0_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
+            active = active[going]
     finally:
         unfreeze(saved)
-    return (h0 + delta).detach(), float(loss.detach())
+    return (h0 + delta).detach(), float(final.mean())
 
 
 class MEMITMethod:
