@@ -20,6 +20,7 @@ from ultraedit.methods.common import Encoded, MethodError
 from ultraedit.methods.ft import FTMethod, FTParams
 from ultraedit.methods.grace import Codebook, GraceMethod, GraceParams
 from ultraedit.methods.memit import MEMITMethod, MEMITParams, compute_targets
+from ultraedit.methods.wise import SideMemory, WiseMethod, WiseParams, ties_merge
 
 DOWN = "model.layers.{}.mlp.down_proj"
 
@@ -305,6 +306,152 @@ def test_grace_value_training_matches_plain_adam():
         torch.testing.assert_close(model(other).logits, ref(other).logits)
 
 
+# --------------------------------------------------------------------------- WISE
+def wise_batch(seed: int) -> Encoded:
+    """Three template rows of one request (prompts of different lengths, the same target), then an
+    unrelated row without labels: WISE's training batch for one edit."""
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.randint(3, VOCAB, (2,), generator=gen).tolist()
+    examples = []
+    for p in (4, 6, 3):
+        prompt = torch.randint(3, VOCAB, (p,), generator=gen).tolist()
+        examples.append((prompt + target[:-1], [-100] * (p - 1) + target))
+    loc = torch.randint(3, VOCAB, (5,), generator=gen).tolist()
+    examples.append((loc, [-100] * 5))
+    b = collate(examples, 0)
+    n = len(examples)
+    return Encoded(b["input_ids"], b["attention_mask"], b["labels"], torch.zeros(n, dtype=torch.long),
+                   torch.zeros(n, dtype=torch.long), [])
+
+
+def plain_distance(out0, out):
+    """Mean over tokens of ||silu(out) - silu(out0)|| for one unpadded sequence ``(T, d)``."""
+    return (F.silu(out) - F.silu(out0)).norm(dim=-1).mean()
+
+
+def ref_wise_edit(model, batch, layer, mask, p):
+    """One WISE edit, plain: each row run alone through the whole model with down_proj's output
+    replaced by ``x W^T``; SGD with the gradient masked, clamped to ``W0 +- norm_constraint``."""
+    module = model.get_submodule(DOWN.format(layer))
+    base = module.weight.detach().clone()
+    weight = base.clone().requires_grad_(True)
+    seen = {}
+
+    def replace(mod, args, out):
+        seen["out0"], seen["new"] = out[0], F.linear(args[0], weight)[0]
+        return F.linear(args[0], weight)
+
+    handle = module.register_forward_hook(replace)
+    opt = torch.optim.SGD([weight], lr=p.edit_lr, weight_decay=p.weight_decay)
+    a_min = None
+    for it in range(p.n_iter):
+        ft, d = [], []
+        for ids, labels, _, _ in rows(batch):
+            logits = model(ids).logits[0]
+            if (labels != -100).any():
+                ft.append(target_loss(logits, labels))
+            d.append(plain_distance(seen["out0"], seen["new"]))
+        d_in, d_out = torch.stack(d[:-1]), d[-1]
+        hinge = lambda x: x[x > 0].mean() if (x > 0).any() else x.new_zeros(())  # noqa: E731
+        loss = (torch.stack(ft).mean() + hinge(d_out - d_in + p.gamma) + hinge(d_out.view(1) - p.alpha)
+                + hinge(p.beta - d_in))
+        if it == p.n_iter - 1:
+            a_min = float(d_in.detach().mean())
+        opt.zero_grad()
+        loss.backward()
+        weight.grad *= mask
+        opt.step()
+        with torch.no_grad():
+            weight.copy_(weight.clamp(min=base - p.norm_constraint, max=base + p.norm_constraint))
+    handle.remove()
+    return weight.detach(), a_min
+
+
+def test_wise_edit_matches_plain_training():
+    model = tiny_model("llama", seed=11)
+    ref = freeze(copy.deepcopy(model))
+    params = WiseParams(layer=2, n_iter=4, edit_lr=0.5, mask_ratio=0.5, norm_constraint=0.05)
+    method = WiseMethod(model, None, params, seed=2, prefixes=[])
+    batch = wise_batch(3)
+    method.edit_encoded(batch)
+    want, a_min = ref_wise_edit(ref, batch, 2, method.memory.mask, params)
+    got = method.memory.current
+    assert (got - method.memory.base).abs().max() > 1e-3  # it moved, inside the clamp
+    assert (got - method.memory.base).abs().max() <= 0.05 + 1e-6
+    assert 0.3 < float(method.memory.mask.mean()) < 0.7
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert method.memory.current_min == pytest.approx(a_min, rel=1e-4)
+    torch.testing.assert_close(model.get_submodule(DOWN.format(2)).weight, ref.get_submodule(DOWN.format(2)).weight)
+
+
+def test_wise_routes_each_sequence_by_its_activation_distance():
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(3, 4, generator=gen)
+    memory = SideMemory(base)
+    memory.current = base + 0.5 * torch.randn(3, 4, generator=gen)
+    memory.current_min = 1.0
+    memory.shards = [(base + torch.randn(3, 4, generator=gen), 2.0), (base + 2 * torch.randn(3, 4, generator=gen), 13.0)]
+    x = torch.randn(6, 5, 4, generator=gen) * torch.linspace(0.1, 2.0, 6)[:, None, None]
+    mask = torch.ones(6, 5)
+    mask[1, 3:] = 0
+    out0 = F.linear(x, base)
+    got = memory.route(x, out0, F.silu, mask, ratio=0.5)
+    chosen = set()
+    for b in range(6):
+        n = int(mask[b].sum())
+        outs = [F.linear(x[b, :n], w) for w in (memory.current, *(w for w, _ in memory.shards))]
+        best = plain_distance(out0[b, :n], outs[0])
+        pick = 0 if best >= 0.5 * memory.current_min else None
+        for i, (_, a) in enumerate(memory.shards, start=1):
+            d = plain_distance(out0[b, :n], outs[i])
+            if d > best and d > 0.5 * a:
+                pick, best = i, d
+        chosen.add(pick)
+        torch.testing.assert_close(got[b, :n], out0[b, :n] if pick is None else outs[pick], rtol=1e-5, atol=1e-6)
+    assert chosen == {None, 0, 1, 2}  # main memory, the side memory and each shard all occur
+
+
+def test_ties_merge_matches_the_plain_rule():
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 5, generator=gen)
+    weights = [base + torch.randn(2, 5, generator=gen) for _ in range(3)]
+    got = ties_merge(base, weights, density=0.6)
+    deltas = []
+    for w in weights:
+        d = (w - base).flatten()
+        keep = sorted(range(10), key=lambda i: -abs(float(d[i])))[:6]
+        deltas.append([float(d[i]) / 3 if i in keep else 0.0 for i in range(10)])
+    for i in range(10):
+        column = [d[i] for d in deltas]
+        sign = 1.0 if sum(column) >= 0 else -1.0
+        agree = [v for v in column if v != 0 and (v > 0) == (sign > 0)]
+        want = float(base.flatten()[i]) + (sum(agree) / (len(agree) / 3) if agree else 0.0)
+        assert float(got.flatten()[i]) == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_wise_saves_shards_and_merges_on_schedule():
+    model = tiny_model("llama", seed=12)
+    params = WiseParams(layer=2, n_iter=2, edit_lr=0.5, save_freq=2, merge_freq=4)
+    method = WiseMethod(model, None, params, seed=0, prefixes=[])
+    memory, saved = method.memory, []
+    save = memory.save
+    memory.save = lambda: (saved.append((memory.current.clone(), memory.current_min)), save())[1]
+    masks = []
+    for i in range(5):
+        method.edit_encoded(wise_batch(20 + i))
+        masks.append(memory.mask)
+        if i == 1:
+            assert len(memory.shards) == 1 and torch.equal(memory.current, memory.base)
+    assert [len(saved), len(memory.shards)] == [2, 1]  # shards of edits 1-2 and 3-4 merged at edit 4
+    merged, a_min = memory.shards[0]
+    torch.testing.assert_close(merged, ties_merge(memory.base, [w for w, _ in saved], params.densities))
+    assert a_min == min(a for _, a in saved)
+    assert not torch.equal(memory.current, memory.base)  # edit 5 in a fresh side memory
+    assert masks[0] is masks[1] and masks[1] is not masks[2]  # one gradient mask per shard
+    with pytest.raises(ValueError, match="multiple of save_freq"):
+        WiseMethod(model, None, WiseParams(layer=2, save_freq=3, merge_freq=4), prefixes=[])
+
+
 # --------------------------------------------------------------------------- key statistics
 def test_second_moments_from_a_file_match_plain_and_are_cached(tmp_path, monkeypatch):
     from ultraedit.methods.covariance import second_moments
@@ -334,12 +481,12 @@ def test_second_moments_from_a_file_match_plain_and_are_cached(tmp_path, monkeyp
 
 
 # --------------------------------------------------------------------------- in the bench
-@pytest.mark.parametrize("method", ["ft", "memit", "alphaedit", "grace"])
+@pytest.mark.parametrize("method", ["ft", "memit", "alphaedit", "grace", "wise"])
 def test_bench_runs_each_baseline(method, tmp_path, monkeypatch):
     from ultraedit.bench import BenchConfig, run
 
     monkeypatch.setenv("ULTRAEDIT_CACHE", str(tmp_path / "cache"))
-    options = {"ft": {"num_steps": "2"}, "grace": {"n_iter": "3"}}.get(
+    options = {"ft": {"num_steps": "2"}, "grace": {"n_iter": "3"}, "wise": {"n_iter": "2", "templates": "2"}}.get(
         method, {"stats_sequences": "2", "stats_length": "16", "v_num_grad_steps": "3"})
     config = BenchConfig(model="testbed", dataset="testbed", out=str(tmp_path / "out"), turns=2, turn_size=5,
                          batch_size=5, method=method, progress=False, method_options=options)

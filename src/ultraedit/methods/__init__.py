@@ -3,7 +3,9 @@
 * ``ft``: FT-M, Adam fine-tuning of one MLP output projection on the target tokens (:mod:`.ft`);
 * ``memit``: MEMIT's multi-layer closed-form edit with key statistics of generic text (:mod:`.memit`);
 * ``alphaedit``: MEMIT's update projected onto the null space of preserved keys, sequential (:mod:`.alphaedit`);
-* ``grace``: a key-value codebook adaptor with deferral radii at one layer (:mod:`.grace`).
+* ``grace``: a key-value codebook adaptor with deferral radii at one layer (:mod:`.grace`);
+* ``wise``: a side memory of one MLP output projection with activation routing, shards and TIES
+  merging (:mod:`.wise`).
 
 Each module holds one method; importing this package registers them with :mod:`ultraedit.bench`.
 Their hyperparameters default to the published configurations (each ``describe()`` names its
@@ -18,15 +20,17 @@ from .common import MethodError
 from .ft import FTMethod
 from .grace import GraceMethod
 from .memit import MEMITMethod
+from .wise import WiseMethod
 
 BASELINES = {
     "ft": FTMethod.from_bench,
     "memit": MEMITMethod.from_bench,
     "alphaedit": AlphaEditMethod.from_bench,
     "grace": GraceMethod.from_bench,
+    "wise": WiseMethod.from_bench,
 }
 
 for _name, _factory in BASELINES.items():
     register_method(_name, _factory)
 
-__all__ = ["BASELINES", "AlphaEditMethod", "FTMethod", "GraceMethod", "MEMITMethod", "MethodError"]
+__all__ = ["BASELINES", "AlphaEditMethod", "FTMethod", "GraceMethod", "MEMITMethod", "MethodError", "WiseMethod"]
