@@ -29,7 +29,8 @@ from torch import nn
 from .batching import IGNORE, EditRequest, collate, pad_id_of, subject_of, tokenize_pair
 
 
-def _seed(request: EditRequest) -> int:
+def request_seed(request: EditRequest) -> int:
+    """A seed from a request's text (so derived choices survive a resume)."""
     return int.from_bytes(hashlib.sha256(f"{request.prompt}\0{request.target}".encode()).digest()[:8], "big")
 
 
@@ -45,7 +46,7 @@ def with_prefixes(requests: Sequence[EditRequest], per_request: int) -> tuple[li
 
     sentences = package_text("generic.txt")
     for index, request in enumerate(requests):
-        for sentence in random.Random(_seed(request)).sample(sentences, min(per_request, len(sentences))):
+        for sentence in random.Random(request_seed(request)).sample(sentences, min(per_request, len(sentences))):
             sequences.append(EditRequest(f"{sentence} {request.prompt}", request.target, id=request.id,
                                          extra=request.extra))
             owners.append(index)
@@ -64,7 +65,7 @@ def neighbour_pairs(requests: Sequence[EditRequest], per_request: int) -> list[t
         if subject is None:
             continue
         others = [s for s in subjects if s != subject and s not in subject and subject not in s]
-        random.Random(_seed(request)).shuffle(others)
+        random.Random(request_seed(request)).shuffle(others)
         chosen = 0
         for other in others:
             if chosen == per_request:

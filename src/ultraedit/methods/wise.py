@@ -45,7 +45,6 @@ generic text; no chat template.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -57,6 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batching import IGNORE, EditRequest, collate, pad_id_of, tokenize_pair
+from ..neighbours import request_seed
+from ..preserve import package_text
 from .common import Encoded, Tail, frozen, one_layer_module, one_layer_params, unfreeze, weight_out_in
 
 #: EasyEdit's seeds for the context templates, and (new tokens, count) of each group.
@@ -233,10 +234,7 @@ class WiseMethod:
         """The request behind every context prefix, then one unrelated sentence (no labels)."""
         examples = [tokenize_pair(self.tokenizer, f"{p} {request.prompt}" if p else request.prompt, request.target)
                     for p in self.prefixes]
-        from ..preserve import package_text
-
-        digest = hashlib.sha256(f"{request.prompt}\0{request.target}".encode()).digest()
-        sentence = random.Random(int.from_bytes(digest[:8], "big")).choice(package_text("generic.txt"))
+        sentence = random.Random(request_seed(request)).choice(package_text("generic.txt"))
         ids = list(self.tokenizer(sentence)["input_ids"])
         examples.append((ids, [IGNORE] * len(ids)))
         batch = collate(examples, pad_id_of(self.tokenizer))
