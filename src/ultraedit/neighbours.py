@@ -85,7 +85,7 @@ def neighbour_grams(
     target positions of ``pairs`` (teacher-forced, as edit requests are)."""
     from .preserve import key_grams
 
-    encoded = [tokenize_pair(tokenizer, p, t) for p, t in pairs]
+    encoded = sorted((tokenize_pair(tokenizer, p, t) for p, t in pairs), key=lambda pair: len(pair[0]))  # less padding
     pad = pad_id_of(tokenizer)
     batches = (collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size))
     sums, _ = key_grams(model, modules, ({**b, "positions": b["labels"] != IGNORE} for b in batches), dtype)
