@@ -57,7 +57,7 @@ class LostShiftWarning(UserWarning):
 #: modules (the fallback of :func:`ultraedit.presets.recommended_preset`).
 RECOMMENDED: dict[str, Any] = {
     "lr": 1e-5, "lr_scale": "width", "refine_steps": 5, "preserve": 300.0, "memory": 1.0, "confidence": 0.8,
-    "subject_keys": 1.0, "subject_depth": 0.43, "key_outliers": 4.0,
+    "subject_keys": 1.0, "subject_depth": 0.43, "key_outliers": 4.0, "neighbours": 8,
 }
 #: Where the recommended layers do not fit (the family preset's modules): the step measured for
 #: gate/up_proj, and no subject rows (measured only on the MLP output projections).
@@ -215,7 +215,8 @@ class EditConfig:
         target, or the family preset where those modules' ``d_in x d_in`` statistics would exceed
         2 GiB (:func:`ultraedit.presets.recommended_preset`), the step size carried from the
         authors' lr by the module shapes (``lr_scale="width"``), refinement steps to a confidence
-        margin, generic-text preserved keys and the memory of earlier turns' keys.
+        margin, generic-text preserved keys, the memory of earlier turns' keys and 8 subject-swapped
+        neighbours per request as preserved keys.
         Rules, not a per-checkpoint table (measured on SmolLM2-135M; see the README)."""
         fields: dict[str, Any] = dict(RECOMMENDED)
         preset = recommended_preset(model)
