@@ -10,7 +10,7 @@
 #            --no-index --find-links; the sha256 check runs), then the demo and a ZsRE-500 bench
 #            on cuda in bfloat16 (recommended, then faithful) and the demo in float32 for comparison.
 #   baselines [METHOD...]: after stage 2 on the same warm machine, issue 13's CounterFact-2000 runs
-#            (20 turns of 100) of each method (default: memit alphaedit ft grace) on cuda in
+#            (20 turns of 100) of each method (default: memit alphaedit ft grace wise) on cuda in
 #            float32, as on the CPU, one results.json each (SECONDS per method, default 150).
 #
 # Carried (ignored paths): .gpu/whl/*.whl (gguf, ijson), .gpu/zsre-500.json, .gpu/counterfact-20k.json.gz;
@@ -48,7 +48,7 @@ fi
 if [ "$stage" = baselines ]; then
     shift
     [ -d /tmp/uecache/models/smollm2-135m ] || { echo "stage 2 did not run on this machine (no model in /tmp/uecache)"; exit 2; }
-    for m in ${*:-memit alphaedit ft grace}; do
+    for m in ${*:-memit alphaedit ft grace wise}; do
         step baseline $m counterfact 2000
         timeout "${SECONDS_PER_METHOD:-150}" $ue bench --model smollm2-135m --dataset counterfact \
             --data .gpu/counterfact-20k.json.gz --skip-invalid --turns 20 --turn-size 100 --method $m \
