@@ -295,5 +295,4 @@ class WiseMethod:
 
     def describe(self) -> dict[str, Any]:
         return {**asdict(self.params), "modules": [self.module_name], "source": self.source,
-                "deviations": DEVIATIONS, "context_prefixes": self.prefixes[1:],
-                "shards": len(self.memory.shards), "edits": self.count}
+                "deviations": DEVIATIONS, "context_prefixes": self.prefixes[1:]}
