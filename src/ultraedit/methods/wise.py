@@ -186,6 +186,7 @@ class WiseMethod:
         self.seen: dict[str, torch.Tensor] = {}   # while editing: both outputs of the last forward
         self.attention_mask: torch.Tensor | None = None
         self.prefixes = [""] + list(prefixes if prefixes is not None else self._generate_prefixes())
+        self.sentences = package_text("generic.txt")  # the unrelated rows, read once
         self.handles = [model.register_forward_pre_hook(self._remember_mask, with_kwargs=True),
                         self.module.register_forward_hook(self._hook)]
 
@@ -234,7 +235,7 @@ class WiseMethod:
         """The request behind every context prefix, then one unrelated sentence (no labels)."""
         examples = [tokenize_pair(self.tokenizer, f"{p} {request.prompt}" if p else request.prompt, request.target)
                     for p in self.prefixes]
-        sentence = random.Random(request_seed(request)).choice(package_text("generic.txt"))
+        sentence = random.Random(request_seed(request)).choice(self.sentences)
         ids = list(self.tokenizer(sentence)["input_ids"])
         examples.append((ids, [IGNORE] * len(ids)))
         batch = collate(examples, pad_id_of(self.tokenizer))
