@@ -137,15 +137,19 @@ class SideMemory:
         self.shards: list[tuple[torch.Tensor, float]] = []
         self.mask: torch.Tensor | None = None
 
+    def output(self, x: torch.Tensor, out0: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The module's output with ``weight`` in place of ``W0``: ``out0 + x (weight - W0)^T``."""
+        return out0 + F.linear(x, (weight - self.base).to(x.dtype))
+
     def route(self, x: torch.Tensor, out0: torch.Tensor, act: Callable, mask: torch.Tensor | None,
               ratio: float) -> torch.Tensor:
         """Each sequence's output under the published retrieve rule (module docstring)."""
-        new = out0 + F.linear(x, (self.current - self.base).to(x.dtype))
+        new = self.output(x, out0, self.current)
         best = distances(out0, new, act, mask, infer=True)
         use_new = best >= self.current_min * ratio
         out = torch.where(use_new[:, None, None], new, out0)
         for weight, a_min in self.shards:
-            shard = out0 + F.linear(x, (weight - self.base).to(x.dtype))
+            shard = self.output(x, out0, weight)
             dist = distances(out0, shard, act, mask, infer=True)
             take = (dist > best) & (dist > a_min * ratio)
             out = torch.where(take[:, None, None], shard, out)
@@ -216,7 +220,7 @@ class WiseMethod:
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         if self.editing is not None:
-            new = output + F.linear(x, (self.editing - self.memory.base).to(x.dtype))
+            new = self.memory.output(x, output, self.editing)
             self.seen = {"out0": output, "new": new}
             return new
         mask = self.attention_mask
