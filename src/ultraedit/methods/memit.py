@@ -55,6 +55,7 @@ from .common import (
 )
 from .covariance import second_moments
 
+
 @dataclass
 class MEMITParams:
     layers: list[int] = field(default_factory=list)  # empty: layers 4-8 of 32, scaled to the model
