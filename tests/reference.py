@@ -171,12 +171,13 @@ def reference_capture(model, names, batches):
     return captured
 
 
-def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, ridge=1.0):
+def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, ridge=1.0, preserve=None):
     """A turn with refinement steps (EditConfig.refine_steps), plainly: step 1 is reference_turn;
     each later step re-captures, stops if every request is right, else solves
-    (K_w^T K_w + K_r^T K_r + ridge I) dW = K_w^T V_w for the wrong rows w, the right rows r kept
-    (normalizer statistics from step 1, not updated again), and applies dW."""
-    reference_turn(model, names, batches, normalizers, lr=lr, ridge=ridge)
+    (K_w^T K_w + K_r^T K_r + ridge I + P) dW = K_w^T V_w for the wrong rows w, the right rows r kept
+    (normalizer statistics from step 1, not updated again), and applies dW. ``preserve`` (name ->
+    P, d_in x d_in; zero when not given) is in every step's system."""
+    reference_turn(model, names, batches, normalizers, lr=lr, ridge=ridge, preserve=preserve)
     modules = {n: model.get_submodule(n) for n in names}
     for _ in range(steps - 1):
         captured = reference_capture(model, names, batches)
@@ -191,6 +192,8 @@ def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, r
             K_hat, G_hat = z[:, : K.shape[1]], z[:, K.shape[1] :]
             V = (-lr * (K_hat**2).sum(1, keepdim=True) * G_hat)[wrong]
             A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)  # all rows: wrong + kept
+            if preserve is not None:
+                A = A + preserve[n].to(A.dtype)
             shift = torch.linalg.solve(A, K[wrong].T @ V)
             with torch.no_grad():
                 m = modules[n]

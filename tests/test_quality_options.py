@@ -12,7 +12,7 @@ from ultraedit import EditConfig, EditError, EditRequest, UltraEditor
 from ultraedit.capture import capture
 from ultraedit.neighbours import neighbour_grams, neighbour_pairs, subject_of
 from ultraedit.presets import recommended_preset, resolve_modules
-from ultraedit.solver import ridge_solve
+from ultraedit.solver import Preserved, ridge_solve
 
 
 def test_new_options_default_to_the_authors_method():
@@ -35,16 +35,68 @@ def test_bad_option_values_are_refused(bad):
         EditConfig(**bad)
 
 
-def test_ridge_solve_with_preserved_keys_matches_a_plain_solve():
-    gen = torch.Generator().manual_seed(0)
-    keys, values = torch.randn(2, 7, 5, generator=gen), torch.randn(2, 7, 3, generator=gen)
-    kept = torch.randn(2, 9, 5, generator=gen)
+@pytest.mark.parametrize("method", ["auto", "dual", "primal"])
+@pytest.mark.parametrize("n", [3, 7, 12])  # fewer rows than d_in (auto: the dual form), as many, more
+def test_ridge_solve_with_preserved_keys_matches_a_plain_solve(method, n):
+    gen = torch.Generator().manual_seed(n)
+    keys, values = torch.randn(2, n, 7, generator=gen), torch.randn(2, n, 3, generator=gen)
+    kept = torch.randn(2, 9, 7, generator=gen)
     preserve = kept.transpose(-1, -2) @ kept
-    ours = ridge_solve(keys, values, 0.5, "dual", preserve=preserve)  # preserve forces the primal form
+    ours = ridge_solve(keys, values, 0.5, method, preserve=preserve)
     for m in range(2):
         k, v = keys[m].double(), values[m].double()
-        a = k.T @ k + 0.5 * torch.eye(5, dtype=torch.float64) + preserve[m].double()
-        torch.testing.assert_close(ours[m].double(), torch.linalg.solve(a, k.T @ v), rtol=1e-4, atol=1e-6)
+        a = k.T @ k + 0.5 * torch.eye(7, dtype=torch.float64) + preserve[m].double()
+        torch.testing.assert_close(ours[m].double(), torch.linalg.solve(a, k.T @ v), rtol=1e-4, atol=1e-5)
+
+
+def test_a_preserved_term_is_factored_once_and_solves_any_rows_against_it():
+    """The refinement steps' use: one ``Preserved`` per turn, solved against with new rows each step."""
+    gen = torch.Generator().manual_seed(1)
+    kept = torch.randn(4, 30, 16, generator=gen, dtype=torch.float64)
+    terms = Preserved(kept.transpose(-1, -2) @ kept, 2.0)
+    first = terms.factor()
+    for rows in (5, 11):
+        keys, values = torch.randn(4, rows, 16, generator=gen, dtype=torch.float64), torch.randn(4, rows, 6, generator=gen, dtype=torch.float64)
+        a = keys.transpose(-1, -2) @ keys + 2.0 * torch.eye(16, dtype=torch.float64) + terms.matrix
+        torch.testing.assert_close(ridge_solve(keys, values, 2.0, "dual", preserve=terms),
+                                   torch.linalg.solve(a, keys.transpose(-1, -2) @ values))
+    assert terms.factor() is first
+    with pytest.raises(ValueError, match="ridge"):
+        ridge_solve(keys, values, 1.0, preserve=terms)
+
+
+def test_a_preserved_term_that_cannot_be_factored_falls_back_to_the_primal_system():
+    """``lambda I + P`` not positive definite (P outside its contract): no factor, the primal system solved as it is."""
+    gen = torch.Generator().manual_seed(2)
+    keys, values = torch.randn(5, 8, dtype=torch.float64, generator=gen), torch.randn(5, 3, dtype=torch.float64, generator=gen)
+    terms = Preserved(-3.0 * torch.eye(8, dtype=torch.float64), 1.0)
+    assert terms.factor() is None
+    a = keys.T @ keys - 2.0 * torch.eye(8, dtype=torch.float64)
+    torch.testing.assert_close(ridge_solve(keys, values, 1.0, "dual", preserve=terms), torch.linalg.solve(a, keys.T @ values))
+
+
+@pytest.mark.parametrize("solver", ["dual", "primal"])
+def test_refine_steps_with_preserved_keys_match_a_plain_implementation(solver):
+    """Every refinement step solves against the turn's preserved term, the right rows kept as well."""
+    model = tiny_model("llama")
+    ref_model = copy.deepcopy(model)
+    names = resolve_modules(model)
+    gen = torch.Generator().manual_seed(3)
+    grams = {}
+    for n in names:
+        rows = torch.randn(20, model.get_submodule(n).weight.shape[1], generator=gen)
+        grams[n] = 5.0 * rows.T @ rows
+    editor = UltraEditor(model, EditConfig(modules=names, lr=0.3, refine_steps=3, solver=solver))
+    base = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    batches = random_turn(210)
+    pending = editor.prepare(batches, preserved=grams)
+    editor.commit(pending)
+    assert pending.report.steps > 1
+    reference_refined_turn(ref_model, names, batches, {}, steps=3, lr=0.3, preserve=grams)
+    for n in names:
+        ours = model.get_submodule(n).weight.detach() - base[n]
+        ref = ref_model.get_submodule(n).weight.detach() - base[n]
+        assert float((ours - ref).norm() / ref.norm()) <= 1e-3, n
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -32,7 +32,7 @@ from .capture import MinibatchCapture, capture, key_mask
 from .normalizer import LifelongNormalizer
 from .neighbours import neighbour_grams, neighbour_pairs, with_prefixes
 from .presets import layer_index, num_layers, preset_for, recommended_preset, resolve_modules
-from .solver import ridge_solve, target_values
+from .solver import Preserved, ridge_solve, target_values
 
 if TYPE_CHECKING:  # pragma: no cover
     from .state import RevertReport
@@ -508,10 +508,11 @@ class UltraEditor:
                 normalizers[module_shape(module)].update(torch.cat((mb.keys[name], mb.grads[name]), -1))
 
         # Steps 4-6 (plus refinement steps when configured).
+        preserve = self._preserved(normalizers, preserved)
         if self.config.refine_steps == 1:
-            shifts, steps = self._solve(captures, normalizers, out_dtype="weights", preserved=preserved), 1
+            shifts, steps = self._solve(captures, normalizers, out_dtype="weights", preserve=preserve), 1
         else:
-            shifts, steps = self._refine(batches, order, captures, normalizers, preserved)
+            shifts, steps = self._refine(batches, order, captures, normalizers, preserve)
         bad = [n for n, m in self.modules.items() if not bool(torch.isfinite(shifts[n].to(m.weight.dtype)).all())]
         if bad:
             raise EditError(
@@ -557,12 +558,13 @@ class UltraEditor:
         normalizers: dict[tuple[int, int], LifelongNormalizer],
         edited: list[torch.Tensor] | None = None,
         out_dtype: str = "compute",
-        preserved: dict[str, torch.Tensor] | None = None,
+        preserve: dict[tuple[int, int], Preserved | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Steps 4-6 for every module, batched over modules of equal shape (they have the same rows).
 
         ``edited`` (per minibatch, a bool per captured row) restricts the edit to those rows; the
         other rows' keys are preserved (added to the ridge, as rows whose value is 0).
+        ``preserve``: per module shape, the turn's preserved-key term (:meth:`_preserved`).
         ``out_dtype="weights"`` returns each shift in its weight's dtype, else in the compute dtype.
         """
         shifts: dict[str, torch.Tensor] = {}
@@ -588,13 +590,16 @@ class UltraEditor:
                 values = values.masked_fill(outliers[..., None], 0.0)
             if self.config.subject_depth > 0:
                 values = values.masked_fill(self._rows_left_alone(group, subject)[..., None], 0.0)
-            preserve = self._preserved(group, kept, preserved)
+            if kept is not None and kept.shape[-2] > 0:  # rows already right: preserved, value 0
+                keys = torch.cat((keys, kept), -2)
+                values = torch.cat((values, values.new_zeros(*kept.shape[:-1], values.shape[-1])), -2)
             # Held in the dtype commit adds them in: float32 where they accumulate into the float32
             # delta; otherwise the weights' dtype (bit-identical weights, half the memory for bf16).
             shift_dtypes = {self._shift_dtype(self.modules[n]) for n in group}
             single = shift_dtypes.pop() if len(shift_dtypes) == 1 else None
             target = single if out_dtype == "weights" else None
-            solved = ridge_solve(keys, values, self.config.ridge, self.config.solver, target, preserve)
+            terms = (preserve or {}).get(shape)
+            solved = ridge_solve(keys, values, self.config.ridge, self.config.solver, target, terms)
             for name, shift in zip(group, solved):
                 shifts[name] = shift
         return shifts
@@ -614,21 +619,23 @@ class UltraEditor:
         return torch.where(lower[:, None], ~subject[None, :], subject[None, :])
 
     def _preserved(
-        self, group: list[str], kept: torch.Tensor | None, preserved: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor | None:
-        """The ridge's preserved-key term of a group of modules: ``alpha E0[k k^T]`` (generic text),
-        ``beta M`` (earlier turns' keys) and ``K^T K`` of this turn's rows that are already right
-        (refinement steps), and the turn's own ``preserved`` terms (neighbours); or ``None``."""
-        terms = []
-        if self.config.preserve > 0:
-            terms.append(self.config.preserve * torch.stack([self._generic_moments()[n] for n in group]))
-        if self.config.memory > 0 and self.key_memory:
-            terms.append(self.config.memory * torch.stack([self.key_memory[n] for n in group]))
-        if preserved:
-            terms.append(torch.stack([preserved[n] for n in group]))
-        if kept is not None and kept.shape[-2] > 0:
-            terms.append(kept.transpose(-1, -2) @ kept)
-        return sum(terms[1:], terms[0]) if terms else None
+        self, normalizers: dict[tuple[int, int], LifelongNormalizer], preserved: dict[str, torch.Tensor] | None = None
+    ) -> dict[tuple[int, int], Preserved | None]:
+        """Per module shape, the ridge's preserved-key term of the turn: ``alpha E0[k k^T]`` (generic
+        text), ``beta M`` (earlier turns' keys) and the turn's own ``preserved`` terms (neighbours);
+        ``None`` for none. One :class:`Preserved` per shape, so refinement steps factor it once."""
+        out: dict[tuple[int, int], Preserved | None] = {}
+        for shape in normalizers:
+            group = [n for n, m in self.modules.items() if module_shape(m) == shape]
+            terms = []
+            if self.config.preserve > 0:
+                terms.append(self.config.preserve * torch.stack([self._generic_moments()[n] for n in group]))
+            if self.config.memory > 0 and self.key_memory:
+                terms.append(self.config.memory * torch.stack([self.key_memory[n] for n in group]))
+            if preserved:
+                terms.append(torch.stack([preserved[n] for n in group]))
+            out[shape] = Preserved(sum(terms[1:], terms[0]), self.config.ridge) if terms else None
+        return out
 
     def _neighbour_grams(self, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor] | None:
         """``neighbour_weight * N^T N`` per module for a turn's text requests (``neighbours`` > 0)."""
@@ -656,12 +663,12 @@ class UltraEditor:
         order: Sequence[int] | None,
         captures: list[MinibatchCapture],
         normalizers: dict[tuple[int, int], LifelongNormalizer],
-        preserved: dict[str, torch.Tensor] | None = None,
+        preserve: dict[tuple[int, int], Preserved | None] | None = None,
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Refinement steps: apply the shift so far, capture again, solve again for the requests
         not yet right (the right ones preserved), until all are right or ``refine_steps`` steps.
         The weights are restored before returning; the shifts are the sum of the steps'."""
-        total = self._solve(captures, normalizers, preserved=preserved)
+        total = self._solve(captures, normalizers, preserve=preserve)
         steps = 1
         saved = {n: m.weight.detach().clone() for n, m in self.modules.items()}
         try:
@@ -674,7 +681,7 @@ class UltraEditor:
                 wrong = _unsolved_rows(batches, captures, self.config.confidence)
                 if not any(bool(w.any()) for w in wrong):
                     break
-                step = self._solve(captures, normalizers, edited=wrong, preserved=preserved)
+                step = self._solve(captures, normalizers, edited=wrong, preserve=preserve)
                 total = {n: total[n] + step[n] for n in total}
                 steps += 1
         finally:
