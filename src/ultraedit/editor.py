@@ -572,7 +572,7 @@ class UltraEditor:
         select = torch.cat(edited) if edited is not None else None
         subject_rows = torch.cat([mb.subject for mb in captures])  # per row: at a subject position?
         for shape, norm in normalizers.items():
-            group = [n for n, m in self.modules.items() if module_shape(m) == shape]
+            group = self._group(shape)
             keys = torch.stack([torch.cat([mb.keys[n] for mb in captures]).to(norm.device, dtype) for n in group])
             grads = torch.stack([torch.cat([mb.grads[n] for mb in captures]).to(norm.device, dtype) for n in group])
             outliers = self._outlier_rows(keys)
@@ -604,6 +604,10 @@ class UltraEditor:
                 shifts[name] = shift
         return shifts
 
+    def _group(self, shape: tuple[int, int]) -> list[str]:
+        """The edit modules of one ``(d_in, d_out)`` shape, in config order (solved together)."""
+        return [n for n, m in self.modules.items() if module_shape(m) == shape]
+
     def _outlier_rows(self, keys: torch.Tensor) -> torch.Tensor | None:
         """``(modules, rows)`` bool: keys longer than ``key_outliers`` x their module's median (or ``None``)."""
         if self.config.key_outliers <= 0:
@@ -626,7 +630,7 @@ class UltraEditor:
         ``None`` for none. One :class:`Preserved` per shape, so refinement steps factor it once."""
         out: dict[tuple[int, int], Preserved | None] = {}
         for shape in normalizers:
-            group = [n for n, m in self.modules.items() if module_shape(m) == shape]
+            group = self._group(shape)
             terms = []
             if self.config.preserve > 0:
                 terms.append(self.config.preserve * torch.stack([self._generic_moments()[n] for n in group]))
