@@ -52,13 +52,15 @@ def key_positions(batch):
 
 
 def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper", preserve=None, keys_out=None,
-                   outliers=0.0, subject_only=()):
+                   outliers=0.0, subject_only=(), project=None, frozen=()):
     """Apply one turn to ``model`` in place; ``normalizers`` (shape -> RefNormalizer) is updated.
     ``preserve`` (name -> d_in x d_in) is added to the ridge system; ``keys_out`` (a dict) receives
     each module's keys of the turn (float64). ``outliers`` > 0: rows whose key norm is above that
     multiple of the module's median (the lower middle value) get value 0. With ``subject_only``
     (module names), those modules give their target rows value 0 and the others their subject rows
-    (batches with ``subject_index``)."""
+    (batches with ``subject_index``). ``project`` (name -> d_in x d_in projector P) solves
+    ``(P (K^T K + preserve) P + ridge I) dW = P K^T V`` instead. ``frozen`` (module names): every
+    row of those modules gets value 0."""
     modules = {n: model.get_submodule(n) for n in names}
     for p in model.parameters():
         p.requires_grad_(True)
@@ -117,12 +119,19 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
             for i, is_subject in enumerate(subject_row):
                 if is_subject != (n in subject_only):
                     V[i] = 0.0
-        A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)
+        if n in frozen:
+            V[:] = 0.0
+        A = K.T @ K
         if preserve is not None:
             A = A + preserve[n].double()
+        rhs = K.T @ V
+        if project is not None:
+            P = project[n].double()
+            A, rhs = P @ A @ P, P @ rhs
+        A = A + ridge * torch.eye(K.shape[1], dtype=K.dtype)
         if keys_out is not None:
             keys_out[n] = K
-        shifts[n] = torch.linalg.solve(A, K.T @ V)
+        shifts[n] = torch.linalg.solve(A, rhs)
     with torch.no_grad():
         for n, m in modules.items():
             if isinstance(m, torch.nn.Linear):
@@ -159,6 +168,7 @@ def reference_capture(model, names, batches):
         at = key_positions(batch)
         row_of_token = [r for r in range(mask.shape[0]) for _ in range(int(at[r].sum()))]
         captured.append({
+            "subject": (at & ~mask)[at],
             "keys": {n: inputs[n][at].detach().double() for n in names},
             "grads": {n: outputs[n].grad[at].detach().double() for n in names},
             "wrong": torch.tensor([not right[r] for r in row_of_token]),
@@ -171,17 +181,22 @@ def reference_capture(model, names, batches):
     return captured
 
 
-def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, ridge=1.0, preserve=None):
+def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, ridge=1.0, preserve=None,
+                           subject_only=(), lower_only_steps=0):
     """A turn with refinement steps (EditConfig.refine_steps), plainly: step 1 is reference_turn;
     each later step re-captures, stops if every request is right, else solves
     (K_w^T K_w + K_r^T K_r + ridge I + P) dW = K_w^T V_w for the wrong rows w, the right rows r kept
     (normalizer statistics from step 1, not updated again), and applies dW. ``preserve`` (name ->
-    P, d_in x d_in; zero when not given) is in every step's system."""
-    reference_turn(model, names, batches, normalizers, lr=lr, ridge=ridge, preserve=preserve)
+    P, d_in x d_in; zero when not given) is in every step's system. ``subject_only`` as in
+    reference_turn, every step; in the first ``lower_only_steps`` steps the other modules edit nothing."""
+    upper = [n for n in names if n not in subject_only]
+    reference_turn(model, names, batches, normalizers, lr=lr, ridge=ridge, preserve=preserve, subject_only=subject_only,
+                   frozen=upper if lower_only_steps >= 1 else ())
     modules = {n: model.get_submodule(n) for n in names}
-    for _ in range(steps - 1):
+    for step in range(1, steps):
         captured = reference_capture(model, names, batches)
         wrong = torch.cat([c["wrong"] for c in captured])
+        subject = torch.cat([c["subject"] for c in captured])
         if not bool(wrong.any()):
             return
         for n in names:
@@ -190,7 +205,12 @@ def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, r
             norm = normalizers[shape_of(modules[n])]
             z = (torch.cat([K, G], 1) - norm.mean) / (norm.std + torch.finfo(torch.float32).eps)
             K_hat, G_hat = z[:, : K.shape[1]], z[:, K.shape[1] :]
-            V = (-lr * (K_hat**2).sum(1, keepdim=True) * G_hat)[wrong]
+            V = -lr * (K_hat**2).sum(1, keepdim=True) * G_hat
+            if subject_only:
+                V[subject != (n in subject_only)] = 0.0
+                if step < lower_only_steps and n not in subject_only:
+                    V[:] = 0.0
+            V = V[wrong]
             A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)  # all rows: wrong + kept
             if preserve is not None:
                 A = A + preserve[n].to(A.dtype)

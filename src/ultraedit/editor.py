@@ -132,6 +132,12 @@ class EditConfig:
             are massive activations at attention-sink tokens (the first token, some bare-space
             tokens: ~10x the usual norm in SmolLM2's middle layers); ``V`` grows with
             ``||K_hat||^2``, and a shift fitted to them moves every sequence. 0 = off.
+        null_space: confine each module's shift to the directions of its input space that carry
+            at most this share of the generic text's key energy (the trailing eigenvectors of
+            ``E0[k k^T]``, projector ``P``), AlphaEdit's null-space projection: the turn solves
+            ``(P (K^T K + T) P + lambda I)^-1 P K^T V`` (``T``: the preserved terms above), whose
+            solution lies in ``P``'s range, so generic text's keys are (nearly) unmoved whatever
+            the step. Needs a tokenizer. 0 = off.
     """
 
     modules: list[str] | None = None
@@ -154,6 +160,8 @@ class EditConfig:
     subject_keys: float = 0.0
     subject_depth: float = 0.0
     key_outliers: float = 0.0
+    null_space: float = 0.0
+    subject_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -200,6 +208,12 @@ class EditConfig:
             raise ValueError(f"EditConfig.key_outliers must be a finite number >= 0, got {self.key_outliers}")
         if not (math.isfinite(self.subject_keys) and self.subject_keys >= 0):
             raise ValueError(f"EditConfig.subject_keys must be a finite number >= 0, got {self.subject_keys}")
+        if not (isinstance(self.subject_steps, int) and 0 <= self.subject_steps < self.refine_steps):
+            raise ValueError(f"EditConfig.subject_steps must be an int in [0, refine_steps), got {self.subject_steps!r}")
+        if self.subject_steps and self.subject_depth <= 0:
+            raise ValueError("EditConfig.subject_steps needs subject_depth > 0 (which modules edit at the subject)")
+        if not (0.0 <= self.null_space < 1.0):
+            raise ValueError(f"EditConfig.null_space must be in [0, 1), got {self.null_space}")
 
     def module_lr(self, shape: tuple[int, int]) -> float:
         """The step size used for modules of shape ``(d_in, d_out)`` (see ``lr_scale``)."""
@@ -267,6 +281,8 @@ def options_summary() -> str:
         "               rows, the others only the target rows (the rest preserved)",
         "  key_outliers rows whose key norm is over this multiple of the turn's median are kept, not edited",
         "               (massive activations at attention-sink tokens)",
+        "  null_space   shifts confined to the input directions carrying at most this share of the generic",
+        "               text's key energy (AlphaEdit's null-space projection of E0[k k^T]; 0 = off)",
     ])
 
 
@@ -336,6 +352,15 @@ def apply_shift(module: nn.Module, shift: torch.Tensor, alpha: float = 1.0) -> N
     delta = shift if (Conv1D and isinstance(module, Conv1D)) else shift.T
     with torch.no_grad():
         weight.add_(delta.to(device=weight.device, dtype=weight.dtype), alpha=alpha)
+
+
+def null_space_projector(moments: torch.Tensor, share: float) -> torch.Tensor:
+    """``U U^T`` over the eigenvectors of ``moments`` (symmetric PSD ``d x d``) with the smallest
+    eigenvalues, as many as together carry at most ``share`` of the trace (``EditConfig.null_space``)."""
+    eigenvalues, vectors = torch.linalg.eigh(moments.double())
+    energy = eigenvalues.clamp_min(0).cumsum(0)  # ascending: the trailing directions first
+    kept = vectors[:, energy <= share * energy[-1]]
+    return (kept @ kept.T).to(moments.dtype)
 
 
 def _unsolved_rows(
@@ -435,7 +460,8 @@ class UltraEditor:
         # (state.load builds the editor before applying the saved shift), so a resumed session
         # solves with the same moments as the uninterrupted one.
         self._moments: dict[str, torch.Tensor] | None = None
-        if config.preserve > 0 and tokenizer is not None:
+        self._projectors: dict[tuple[int, int], torch.Tensor] = {}
+        if (config.preserve > 0 or config.null_space > 0) and tokenizer is not None:
             self._generic_moments()
         # EditConfig.memory > 0: per module, the sum of K^T K over all committed turns (empty = zero).
         self.key_memory: dict[str, torch.Tensor] = {}
@@ -559,6 +585,7 @@ class UltraEditor:
         edited: list[torch.Tensor] | None = None,
         out_dtype: str = "compute",
         preserve: dict[tuple[int, int], Preserved | None] | None = None,
+        lower_only: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Steps 4-6 for every module, batched over modules of equal shape (they have the same rows).
 
@@ -589,7 +616,7 @@ class UltraEditor:
             if outliers is not None:
                 values = values.masked_fill(outliers[..., None], 0.0)
             if self.config.subject_depth > 0:
-                values = values.masked_fill(self._rows_left_alone(group, subject)[..., None], 0.0)
+                values = values.masked_fill(self._rows_left_alone(group, subject, lower_only)[..., None], 0.0)
             if kept is not None and kept.shape[-2] > 0:  # rows already right: preserved, value 0
                 keys = torch.cat((keys, kept), -2)
                 values = torch.cat((values, values.new_zeros(*kept.shape[:-1], values.shape[-1])), -2)
@@ -599,6 +626,8 @@ class UltraEditor:
             single = shift_dtypes.pop() if len(shift_dtypes) == 1 else None
             target = single if out_dtype == "weights" else None
             terms = (preserve or {}).get(shape)
+            if self.config.null_space > 0:  # P K: the solution stays in P's range (EditConfig.null_space)
+                keys = keys @ self._projector(shape)
             solved = ridge_solve(keys, values, self.config.ridge, self.config.solver, target, terms)
             for name, shift in zip(group, solved):
                 shifts[name] = shift
@@ -615,12 +644,14 @@ class UltraEditor:
         norms = torch.linalg.vector_norm(keys, dim=-1)
         return norms > self.config.key_outliers * norms.median(dim=-1, keepdim=True).values
 
-    def _rows_left_alone(self, group: list[str], subject: torch.Tensor) -> torch.Tensor:
+    def _rows_left_alone(self, group: list[str], subject: torch.Tensor, lower_only: bool = False) -> torch.Tensor:
         """``(modules, rows)`` bool (``subject_depth``): target rows in the modules below the
-        split, subject rows in those above it (``subject``: per row, is it a subject row?)."""
+        split, subject rows in those above it (``subject``: per row, is it a subject row?);
+        ``lower_only``: every row in the modules above it."""
         split = self.config.subject_depth * num_layers(self.model)
         lower = torch.tensor([layer_index(name) < split for name in group], device=subject.device)
-        return torch.where(lower[:, None], ~subject[None, :], subject[None, :])
+        upper_rows = torch.ones_like(subject) if lower_only else subject
+        return torch.where(lower[:, None], ~subject[None, :], upper_rows[None, :])
 
     def _preserved(
         self, normalizers: dict[tuple[int, int], LifelongNormalizer], preserved: dict[str, torch.Tensor] | None = None
@@ -638,8 +669,21 @@ class UltraEditor:
                 terms.append(self.config.memory * torch.stack([self.key_memory[n] for n in group]))
             if preserved:
                 terms.append(torch.stack([preserved[n] for n in group]))
-            out[shape] = Preserved(sum(terms[1:], terms[0]), self.config.ridge) if terms else None
+            matrix = sum(terms[1:], terms[0]) if terms else None
+            if matrix is not None and self.config.null_space > 0:
+                projector = self._projector(shape)
+                matrix = projector @ matrix @ projector
+            out[shape] = Preserved(matrix, self.config.ridge) if matrix is not None else None
         return out
+
+    def _projector(self, shape: tuple[int, int]) -> torch.Tensor:
+        """``(modules, d_in, d_in)``: per module of ``shape``, the projector onto the eigenvectors of
+        ``E0[k k^T]`` that together carry at most ``null_space`` of its trace (``null_space``)."""
+        if shape not in self._projectors:
+            moments = self._generic_moments()
+            self._projectors[shape] = torch.stack(
+                [null_space_projector(moments[n], self.config.null_space) for n in self._group(shape)])
+        return self._projectors[shape]
 
     def _neighbour_grams(self, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor] | None:
         """``neighbour_weight * N^T N`` per module for a turn's text requests (``neighbours`` > 0)."""
@@ -655,7 +699,8 @@ class UltraEditor:
         """``E0[k k^T]`` per edit module over the package's generic text (computed once)."""
         if self._moments is None:
             if self.tokenizer is None:
-                raise EditError("EditConfig.preserve > 0 needs the tokenizer: UltraEditor(model, config, tokenizer=...)")
+                raise EditError("EditConfig.preserve > 0 (or null_space > 0) needs the tokenizer: "
+                                "UltraEditor(model, config, tokenizer=...)")
             from .preserve import key_moments
 
             self._moments = key_moments(self.model, self.tokenizer, self.modules, dtype=self.config.torch_dtype)
@@ -672,7 +717,8 @@ class UltraEditor:
         """Refinement steps: apply the shift so far, capture again, solve again for the requests
         not yet right (the right ones preserved), until all are right or ``refine_steps`` steps.
         The weights are restored before returning; the shifts are the sum of the steps'."""
-        total = self._solve(captures, normalizers, preserve=preserve)
+        subject_first = self.config.subject_steps
+        total = self._solve(captures, normalizers, preserve=preserve, lower_only=subject_first >= 1)
         steps = 1
         saved = {n: m.weight.detach().clone() for n, m in self.modules.items()}
         try:
@@ -685,7 +731,8 @@ class UltraEditor:
                 wrong = _unsolved_rows(batches, captures, self.config.confidence)
                 if not any(bool(w.any()) for w in wrong):
                     break
-                step = self._solve(captures, normalizers, edited=wrong, preserve=preserve)
+                step = self._solve(captures, normalizers, edited=wrong, preserve=preserve,
+                                   lower_only=steps < subject_first)
                 total = {n: total[n] + step[n] for n in total}
                 steps += 1
         finally:
