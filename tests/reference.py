@@ -52,15 +52,14 @@ def key_positions(batch):
 
 
 def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper", preserve=None, keys_out=None,
-                   outliers=0.0, subject_only=(), project=None, frozen=()):
+                   outliers=0.0, subject_only=(), frozen=()):
     """Apply one turn to ``model`` in place; ``normalizers`` (shape -> RefNormalizer) is updated.
     ``preserve`` (name -> d_in x d_in) is added to the ridge system; ``keys_out`` (a dict) receives
     each module's keys of the turn (float64). ``outliers`` > 0: rows whose key norm is above that
     multiple of the module's median (the lower middle value) get value 0. With ``subject_only``
     (module names), those modules give their target rows value 0 and the others their subject rows
-    (batches with ``subject_index``). ``project`` (name -> d_in x d_in projector P) solves
-    ``(P (K^T K + preserve) P + ridge I) dW = P K^T V`` instead. ``frozen`` (module names): every
-    row of those modules gets value 0."""
+    (batches with ``subject_index``). ``frozen`` (module names): every row of those modules gets
+    value 0."""
     modules = {n: model.get_submodule(n) for n in names}
     for p in model.parameters():
         p.requires_grad_(True)
@@ -121,17 +120,12 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
                     V[i] = 0.0
         if n in frozen:
             V[:] = 0.0
-        A = K.T @ K
+        A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)
         if preserve is not None:
             A = A + preserve[n].double()
-        rhs = K.T @ V
-        if project is not None:
-            P = project[n].double()
-            A, rhs = P @ A @ P, P @ rhs
-        A = A + ridge * torch.eye(K.shape[1], dtype=K.dtype)
         if keys_out is not None:
             keys_out[n] = K
-        shifts[n] = torch.linalg.solve(A, rhs)
+        shifts[n] = torch.linalg.solve(A, K.T @ V)
     with torch.no_grad():
         for n, m in modules.items():
             if isinstance(m, torch.nn.Linear):

@@ -10,7 +10,7 @@ from tiny import ARCHS, random_turn, tiny_model
 
 from ultraedit import EditConfig, EditError, EditRequest, UltraEditor
 from ultraedit.capture import capture
-from ultraedit.editor import apply_shift, null_space_projector
+from ultraedit.editor import apply_shift
 from ultraedit.neighbours import neighbour_grams, neighbour_pairs, subject_of
 from ultraedit.presets import recommended_preset, resolve_modules
 from ultraedit.solver import Preserved, ridge_solve
@@ -30,8 +30,7 @@ def test_width_lr_scale_keeps_the_row_norm_of_v_at_the_reference_shape():
 
 @pytest.mark.parametrize("bad", [{"lr_scale": "auto"}, {"refine_steps": 0}, {"preserve": -1.0}, {"memory": float("nan")}, {"confidence": 1.0},
                                  {"neighbours": -1}, {"neighbour_weight": -1.0}, {"subject_keys": -1.0},
-                                 {"key_outliers": float("nan")}, {"subject_depth": 1.5}, {"null_space": 1.0},
-                                 {"null_space": -0.1}])
+                                 {"key_outliers": float("nan")}, {"subject_depth": 1.5}])
 def test_bad_option_values_are_refused(bad):
     with pytest.raises(ValueError, match="EditConfig"):
         EditConfig(**bad)
@@ -228,58 +227,6 @@ def test_generic_key_moments_match_a_plain_one_sequence_at_a_time_computation():
         h.remove()
     for n in names:
         torch.testing.assert_close(ours[n].double(), sums[n] / count, rtol=1e-4, atol=1e-6)
-
-
-def test_the_null_space_projector_keeps_the_low_energy_directions():
-    gen = torch.Generator().manual_seed(4)
-    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
-    energies = torch.tensor([50.0, 20.0, 5.0, 2.0, 0.5, 0.1], dtype=torch.float64)  # trailing shares .0013, .0077, .034, ...
-    moments = basis @ torch.diag(energies) @ basis.T
-    for share, kept in ((0.001, 0), (0.005, 1), (0.008, 2), (0.04, 3), (0.5, 5)):
-        projector = null_space_projector(moments, share)
-        expected = basis[:, 6 - kept:] @ basis[:, 6 - kept:].T
-        torch.testing.assert_close(projector, expected, atol=1e-9, rtol=0)
-
-
-def test_a_turn_with_a_null_space_solves_the_projected_system_and_leaves_generic_keys_alone():
-    """``null_space``: ``(P (K^T K + alpha E0) P + lambda I)^-1 P K^T V``, P from E0's eigenvectors
-    (computed here by sorting them one by one), and the shift moves no high-energy direction."""
-    import transformers as T
-    from test_bench import _tokenizer
-    from tiny import tiny_config
-
-    tok = _tokenizer()
-    config = tiny_config("llama")
-    config.vocab_size = len(tok)
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(config).eval()
-    ref_model = copy.deepcopy(model)
-    names = resolve_modules(model)
-    share, alpha, lr = 0.3, 2.0, 1e-2
-    editor = UltraEditor(model, EditConfig(modules=names, lr=lr, preserve=alpha, null_space=share), tokenizer=tok)
-    moments = {n: m.double() for n, m in editor._generic_moments().items()}
-    projectors = {}
-    for n in names:
-        values, vectors = torch.linalg.eigh(moments[n])
-        pairs = sorted(zip(values.tolist(), vectors.T), key=lambda p: p[0])
-        total, chosen = float(values.clamp_min(0).sum()), []
-        for value, vector in pairs:
-            if sum(max(v, 0.0) for v, _ in chosen) + max(value, 0.0) > share * total:
-                break
-            chosen.append((value, vector))
-        u = torch.stack([v for _, v in chosen], 1)
-        projectors[n] = u @ u.T
-        assert 0 < u.shape[1] < moments[n].shape[0]
-    base = {n: model.get_submodule(n).weight.detach().clone() for n in names}
-    batches = random_turn(60, vocab=len(tok))
-    editor.edit_tokens(batches)
-    reference_turn(ref_model, names, batches, {}, lr=lr, preserve={n: alpha * moments[n] for n in names}, project=projectors)
-    for n in names:
-        ours = (model.get_submodule(n).weight.detach() - base[n]).double()
-        ref = (ref_model.get_submodule(n).weight.detach() - base[n]).double()
-        assert float((ours - ref).norm() / ref.norm()) <= 1e-4, n
-        outside = torch.eye(len(projectors[n]), dtype=torch.float64) - projectors[n]
-        assert float((ours @ outside).norm()) <= 1e-5 * float(ours.norm()), n  # W (d_out x d_in): rows in P's range
 
 
 def test_a_resumed_session_with_the_new_options_equals_an_uninterrupted_one(tmp_path):

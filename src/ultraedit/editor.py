@@ -132,12 +132,11 @@ class EditConfig:
             are massive activations at attention-sink tokens (the first token, some bare-space
             tokens: ~10x the usual norm in SmolLM2's middle layers); ``V`` grows with
             ``||K_hat||^2``, and a shift fitted to them moves every sequence. 0 = off.
-        null_space: confine each module's shift to the directions of its input space that carry
-            at most this share of the generic text's key energy (the trailing eigenvectors of
-            ``E0[k k^T]``, projector ``P``), AlphaEdit's null-space projection: the turn solves
-            ``(P (K^T K + T) P + lambda I)^-1 P K^T V`` (``T``: the preserved terms above), whose
-            solution lies in ``P``'s range, so generic text's keys are (nearly) unmoved whatever
-            the step. Needs a tokenizer. 0 = off.
+        subject_steps: with ``subject_depth``, the turn's first this many refinement steps solve
+            only the modules below the split (the subject rows); the modules above join from the
+            next step, for what the subject edit has not yet carried. The edit is then written at
+            the subject first, as far as it goes, which its paraphrases share; the target rows
+            finish it. 0 = every step solves every module.
     """
 
     modules: list[str] | None = None
@@ -160,7 +159,6 @@ class EditConfig:
     subject_keys: float = 0.0
     subject_depth: float = 0.0
     key_outliers: float = 0.0
-    null_space: float = 0.0
     subject_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -212,8 +210,6 @@ class EditConfig:
             raise ValueError(f"EditConfig.subject_steps must be an int in [0, refine_steps), got {self.subject_steps!r}")
         if self.subject_steps and self.subject_depth <= 0:
             raise ValueError("EditConfig.subject_steps needs subject_depth > 0 (which modules edit at the subject)")
-        if not (0.0 <= self.null_space < 1.0):
-            raise ValueError(f"EditConfig.null_space must be in [0, 1), got {self.null_space}")
 
     def module_lr(self, shape: tuple[int, int]) -> float:
         """The step size used for modules of shape ``(d_in, d_out)`` (see ``lr_scale``)."""
@@ -281,8 +277,8 @@ def options_summary() -> str:
         "               rows, the others only the target rows (the rest preserved)",
         "  key_outliers rows whose key norm is over this multiple of the turn's median are kept, not edited",
         "               (massive activations at attention-sink tokens)",
-        "  null_space   shifts confined to the input directions carrying at most this share of the generic",
-        "               text's key energy (AlphaEdit's null-space projection of E0[k k^T]; 0 = off)",
+        "  subject_steps with subject_depth: the turn's first this many steps solve only the modules that edit at",
+        "               the subject; the upper modules join after (the edit goes into the subject first)",
     ])
 
 
@@ -352,15 +348,6 @@ def apply_shift(module: nn.Module, shift: torch.Tensor, alpha: float = 1.0) -> N
     delta = shift if (Conv1D and isinstance(module, Conv1D)) else shift.T
     with torch.no_grad():
         weight.add_(delta.to(device=weight.device, dtype=weight.dtype), alpha=alpha)
-
-
-def null_space_projector(moments: torch.Tensor, share: float) -> torch.Tensor:
-    """``U U^T`` over the eigenvectors of ``moments`` (symmetric PSD ``d x d``) with the smallest
-    eigenvalues, as many as together carry at most ``share`` of the trace (``EditConfig.null_space``)."""
-    eigenvalues, vectors = torch.linalg.eigh(moments.double())
-    energy = eigenvalues.clamp_min(0).cumsum(0)  # ascending: the trailing directions first
-    kept = vectors[:, energy <= share * energy[-1]]
-    return (kept @ kept.T).to(moments.dtype)
 
 
 def _unsolved_rows(
@@ -460,8 +447,7 @@ class UltraEditor:
         # (state.load builds the editor before applying the saved shift), so a resumed session
         # solves with the same moments as the uninterrupted one.
         self._moments: dict[str, torch.Tensor] | None = None
-        self._projectors: dict[tuple[int, int], torch.Tensor] = {}
-        if (config.preserve > 0 or config.null_space > 0) and tokenizer is not None:
+        if config.preserve > 0 and tokenizer is not None:
             self._generic_moments()
         # EditConfig.memory > 0: per module, the sum of K^T K over all committed turns (empty = zero).
         self.key_memory: dict[str, torch.Tensor] = {}
@@ -626,8 +612,6 @@ class UltraEditor:
             single = shift_dtypes.pop() if len(shift_dtypes) == 1 else None
             target = single if out_dtype == "weights" else None
             terms = (preserve or {}).get(shape)
-            if self.config.null_space > 0:  # P K: the solution stays in P's range (EditConfig.null_space)
-                keys = keys @ self._projector(shape)
             solved = ridge_solve(keys, values, self.config.ridge, self.config.solver, target, terms)
             for name, shift in zip(group, solved):
                 shifts[name] = shift
@@ -669,21 +653,8 @@ class UltraEditor:
                 terms.append(self.config.memory * torch.stack([self.key_memory[n] for n in group]))
             if preserved:
                 terms.append(torch.stack([preserved[n] for n in group]))
-            matrix = sum(terms[1:], terms[0]) if terms else None
-            if matrix is not None and self.config.null_space > 0:
-                projector = self._projector(shape)
-                matrix = projector @ matrix @ projector
-            out[shape] = Preserved(matrix, self.config.ridge) if matrix is not None else None
+            out[shape] = Preserved(sum(terms[1:], terms[0]), self.config.ridge) if terms else None
         return out
-
-    def _projector(self, shape: tuple[int, int]) -> torch.Tensor:
-        """``(modules, d_in, d_in)``: per module of ``shape``, the projector onto the eigenvectors of
-        ``E0[k k^T]`` that together carry at most ``null_space`` of its trace (``null_space``)."""
-        if shape not in self._projectors:
-            moments = self._generic_moments()
-            self._projectors[shape] = torch.stack(
-                [null_space_projector(moments[n], self.config.null_space) for n in self._group(shape)])
-        return self._projectors[shape]
 
     def _neighbour_grams(self, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor] | None:
         """``neighbour_weight * N^T N`` per module for a turn's text requests (``neighbours`` > 0)."""
@@ -699,8 +670,7 @@ class UltraEditor:
         """``E0[k k^T]`` per edit module over the package's generic text (computed once)."""
         if self._moments is None:
             if self.tokenizer is None:
-                raise EditError("EditConfig.preserve > 0 (or null_space > 0) needs the tokenizer: "
-                                "UltraEditor(model, config, tokenizer=...)")
+                raise EditError("EditConfig.preserve > 0 needs the tokenizer: UltraEditor(model, config, tokenizer=...)")
             from .preserve import key_moments
 
             self._moments = key_moments(self.model, self.tokenizer, self.modules, dtype=self.config.torch_dtype)

@@ -41,7 +41,6 @@ _OPTION_FLAGS = (
     ("subject_keys", float, "W", "weight of the rows at the subject's last token; 0 = off"),
     ("subject_depth", float, "F", "modules below this fraction of the layers edit at the subject"),
     ("key_outliers", float, "R", "rows with keys over R x the median norm are kept, not edited"),
-    ("null_space", float, "F", "shifts confined to input directions with at most this share of generic keys' energy"),
     ("subject_steps", int, "S", "first S refinement steps edit only the subject rows (lower modules)"),
 )
 
