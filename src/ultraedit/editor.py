@@ -578,6 +578,7 @@ class UltraEditor:
         ``edited`` (per minibatch, a bool per captured row) restricts the edit to those rows; the
         other rows' keys are preserved (added to the ridge, as rows whose value is 0).
         ``preserve``: per module shape, the turn's preserved-key term (:meth:`_preserved`).
+        ``lower_only`` (``subject_steps``): the modules above ``subject_depth`` edit no row.
         ``out_dtype="weights"`` returns each shift in its weight's dtype, else in the compute dtype.
         """
         shifts: dict[str, torch.Tensor] = {}
