@@ -66,6 +66,7 @@ def test_zsre_mapping():
         assert req.rephrases == (rec["rephrase"],)
         assert rec["loc"].startswith("nq question: ")
         assert req.locality == ((rec["loc"] + "?", rec["loc_ans"]),)
+        assert req.extra.get("target_true") == (rec["answers"][0] if rec.get("answers") else None)
     # EasyEdit's copy names the new answer ``alt``
     mend = raw("zsre_mend.json")
     assert [r.target for r in read_requests(FIXTURES / "zsre_mend.json")] == [r["alt"] for r in mend]

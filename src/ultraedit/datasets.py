@@ -6,7 +6,8 @@ Each maps to ``EditRequest(prompt, target, rephrases, locality, id, extra)`` as 
 - ``jsonl`` (ours): ``prompt`` -> ``target``; ``rephrases`` (list); ``locality`` (list of
   ``{"prompt", "answer"}``); ``id``; ``subject`` (optional, must occur in the prompt) ->
   ``extra["subject"]``.
-- ``zsre``: ``src`` -> ``ans`` (or ``alt``); ``rephrase``; ``loc + "?"`` -> ``loc_ans``.
+- ``zsre``: ``src`` -> ``ans`` (or ``alt``); ``rephrase``; ``loc + "?"`` -> ``loc_ans``; ``extra``
+  keeps ``subject`` and the first of ``answers`` (the true answer) as ``target_true``.
 - ``fever``: ``prompt`` -> ``alt``; one of the list ``equiv_prompt`` (seeded choice);
   ``unrel_prompt`` -> ``unrel_ans``; ``extra["equiv_prompts"]`` keeps them all.
 - ``wikibigedit``: ``update`` -> ``ans``; ``rephrase``; ``loc`` -> ``loc_ans``;
@@ -180,6 +181,9 @@ def _parse_zsre(record: dict[str, Any], index: int, seed: int) -> EditRequest:
     loc = _text(record, "loc")
     loc_ans = _text(record, "loc_ans")
     extra = {"subject": record["subject"]} if isinstance(record.get("subject"), str) else {}
+    answers = record.get("answers")
+    if isinstance(answers, list) and answers and isinstance(answers[0], str) and answers[0].strip():
+        extra["target_true"] = answers[0]
     return EditRequest(prompt, target, (rephrase,), ((loc + "?", loc_ans),), id=None, extra=extra)
 
 

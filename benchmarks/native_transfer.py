@@ -1,0 +1,79 @@
+"""How far does the model carry what it ALREADY knows from the edit prompt to the rephrases?
+
+An edit is asked to reach a data set's rephrases (GS). This measures the same reach for the
+model's own facts, with no edit at all: the unedited model's teacher-forced token accuracy on the
+record's TRUE answer (``extra["target_true"]``: ZsRE's ``answers[0]``, CounterFact's
+``ground_truth``) through the edit prompt and through each rephrase, over all records and over
+those whose true answer the model already gets from the prompt (all tokens, or at least half).
+The last ratio, rephrase over prompt accuracy on facts the model holds, is the transfer an edit
+stored as well as a native fact could expect; compare it with an edited model's GS / ES.
+
+    python benchmarks/native_transfer.py --model smollm2-135m --rows zsre:500 counterfact:10000
+
+Writes ``benchmarks/results/native_transfer.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ultraedit.datasets import read_requests
+from ultraedit.evaluation import score_pairs
+from ultraedit.models import load_model
+
+DATA = ROOT.parent / "shared" / "data"
+FILES = {"zsre": DATA / "zsre-500.json", "counterfact": DATA / "counterfact-20k.json.gz"}
+#: Subsets by the prompt's accuracy on the true answer: (name, lowest accuracy).
+KNOWN = (("all", 0.0), ("half known", 0.5), ("fully known", 1.0))
+
+
+def transfer(model, tok, requests) -> dict:
+    """Prompt and rephrase accuracy on the true answer, per subset of :data:`KNOWN`."""
+    facts = [r for r in requests if r.extra.get("target_true") and r.rephrases]
+    prompt_acc = score_pairs(model, tok, [(r.prompt, r.extra["target_true"]) for r in facts])["accuracy"]
+    pairs = [(p, r.extra["target_true"]) for r in facts for p in r.rephrases]
+    flat = iter(score_pairs(model, tok, pairs)["accuracy"])
+    rephrase_acc = [sum(next(flat) for _ in r.rephrases) / len(r.rephrases) for r in facts]
+    out = {}
+    for name, lowest in KNOWN:
+        chosen = [(p, q) for p, q in zip(prompt_acc, rephrase_acc) if p >= lowest]
+        n = len(chosen)
+        prompt = sum(p for p, _ in chosen) / n if n else None
+        rephrase = sum(q for _, q in chosen) / n if n else None
+        ratio = rephrase / prompt if n and prompt else None
+        out[name] = {"records": n, "prompt": prompt, "rephrase": rephrase, "ratio": ratio}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rows", nargs="+", default=["zsre:500", "counterfact:10000"], help="dataset:count")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "native_transfer.json")
+    args = ap.parse_args(argv)
+    model, tok = load_model(args.model)
+    results = {"model": args.model, "rows": {}}
+    for row in args.rows:
+        dataset, count = row.split(":")
+        reader = read_requests(FILES[dataset], dataset, skip_invalid=True)
+        requests = [r for _, r in zip(range(int(count)), reader)]
+        with torch.no_grad():
+            results["rows"][row] = transfer(model, tok, requests)
+        for name, m in results["rows"][row].items():
+            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            print(f"{row:18} {name:12} n={m['records']:5}  prompt {fmt(m['prompt'])}  rephrase "
+                  f"{fmt(m['rephrase'])}  ratio {fmt(m['ratio'])}", flush=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
