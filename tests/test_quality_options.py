@@ -600,3 +600,98 @@ def test_subject_depth_splits_the_rows_between_lower_and_upper_modules():
     UltraEditor(both, EditConfig(modules=names, lr=1e-3)).edit_tokens(batches)
     for n in names:
         assert not torch.allclose(both.get_submodule(n).weight, model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+
+
+def _anchored(model, batches, every=3):
+    """Make every ``every``-th sequence an anchor: its labels become the model's own argmax (so it
+    starts right). Returns the per-minibatch anchor masks."""
+    anchors, seq = [], 0
+    for batch in batches:
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mask = torch.tensor([(seq + r) % every == 0 for r in range(batch["input_ids"].shape[0])])
+        targets = (batch["labels"] != -100) & mask[:, None]
+        batch["labels"] = torch.where(targets, logits.argmax(-1), batch["labels"])
+        anchors.append(mask)
+        seq += batch["input_ids"].shape[0]
+    return anchors
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_anchors_are_kept_first_and_edited_back_only_where_their_token_is_lost(arch):
+    """``anchors``: in the first step an anchor's rows are kept (value 0); a later step edits it
+    only when its token is no longer the argmax (its probability does not count: confidence 0.3 is
+    far above what a tiny random model gives its argmax)."""
+    model = tiny_model(arch)
+    names = resolve_modules(model)
+    batches = random_turn(31, requests=24, batch_size=8)
+    anchors = _anchored(model, batches)
+    ref_model, plain = copy.deepcopy(model), copy.deepcopy(model)
+    config = EditConfig(modules=names, lr=0.5, refine_steps=3, confidence=0.3)
+    base = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    pending = UltraEditor(model, config).prepare(batches, anchors=anchors)
+    assert pending.report.steps == 3
+    for n in names:
+        apply_shift(model.get_submodule(n), pending.shifts[n])
+    reference_refined_turn(ref_model, names, batches, {}, steps=3, lr=0.5, confidence=0.3, anchors=anchors)
+    UltraEditor(plain, config).edit_tokens(batches)  # the same sequences, all pushed
+    for n in names:
+        ours = model.get_submodule(n).weight.detach() - base[n]
+        ref = ref_model.get_submodule(n).weight.detach() - base[n]
+        assert float((ours - ref).norm() / ref.norm()) <= 1e-3, n
+        assert not torch.allclose(plain.get_submodule(n).weight, model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+
+
+def test_one_step_with_anchors_keeps_their_rows():
+    model = tiny_model("qwen2")
+    names = resolve_modules(model)
+    batches = random_turn(32, requests=12, batch_size=4)
+    anchors = _anchored(model, batches, every=2)
+    ref_model = copy.deepcopy(model)
+    UltraEditor(model, EditConfig(modules=names, lr=1e-3)).commit(
+        UltraEditor(model, EditConfig(modules=names, lr=1e-3)).prepare(batches, anchors=anchors))
+    reference_turn(ref_model, names, batches, {}, lr=1e-3, anchors=anchors)
+    for n in names:
+        torch.testing.assert_close(model.get_submodule(n).weight, ref_model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+    with pytest.raises(EditError, match=r"anchors\[1\]"):
+        UltraEditor(model, EditConfig(modules=names)).prepare(batches, anchors=[anchors[0], anchors[1][:2], anchors[2]])
+    with pytest.raises(EditError, match="3 minibatches"):
+        UltraEditor(model, EditConfig(modules=names)).prepare(batches, anchors=anchors[:2])
+    with pytest.raises(ValueError, match="EditConfig.anchors"):
+        EditConfig(anchors=-1)
+
+
+def test_swapped_prompts_put_each_subject_into_the_turns_other_prompts():
+    from ultraedit.neighbours import swapped_prompts
+
+    swapped = swapped_prompts(SUBJECT_REQUESTS, 2)
+    assert swapped == swapped_prompts(SUBJECT_REQUESTS, 2)  # seeded by the requests' text
+    edited = {r.prompt for r in SUBJECT_REQUESTS}
+    assert len({p for _, p in swapped}) == len(swapped)
+    for owner, prompt in swapped:
+        subject = SUBJECT_REQUESTS[owner].extra["subject"]
+        assert subject in prompt and prompt not in edited
+        templates = [r.prompt.replace(r.extra["subject"], subject) for r in SUBJECT_REQUESTS if "subject" in r.extra]
+        assert prompt in templates and prompt != SUBJECT_REQUESTS[owner].prompt
+    assert {o for o, _ in swapped} == {0, 1, 2, 3}  # the request without a subject has none
+    assert sum(o == 0 for o, _ in swapped) == 2
+
+
+def test_anchor_requests_take_the_models_own_next_token():
+    from ultraedit.evaluation import greedy_decode
+    from ultraedit.neighbours import anchor_requests, swapped_prompts
+
+    model, tok = _text_model()
+    anchors, owners = anchor_requests(model, tok, SUBJECT_REQUESTS, 3)
+    assert anchors and len(anchors) == len(owners) <= len(swapped_prompts(SUBJECT_REQUESTS, 3))
+    for anchor, owner in zip(anchors, owners):
+        assert SUBJECT_REQUESTS[owner].extra["subject"] in anchor.prompt
+        assert tok(" " + anchor.target, add_special_tokens=False)["input_ids"] == greedy_decode(model, tok, anchor.prompt, 1)
+
+
+def test_edit_with_anchors_counts_the_requests_given():
+    model, tok = _text_model()
+    report = UltraEditor(model, EditConfig(lr=1e-3, refine_steps=2, anchors=2), tokenizer=tok).edit(SUBJECT_REQUESTS)
+    plain = UltraEditor(_text_model()[0], EditConfig(lr=1e-3, refine_steps=2), tokenizer=tok).edit(SUBJECT_REQUESTS)
+    assert report.requests == len(SUBJECT_REQUESTS)
+    assert all(report.rows[n] > plain.rows[n] for n in plain.rows)  # the anchors' rows ride along
