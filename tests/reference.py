@@ -52,14 +52,14 @@ def key_positions(batch):
 
 
 def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper", preserve=None, keys_out=None,
-                   outliers=0.0, subject_only=(), frozen=(), anchors=None):
+                   outliers=0.0, subject_only=(), frozen=()):
     """Apply one turn to ``model`` in place; ``normalizers`` (shape -> RefNormalizer) is updated.
     ``preserve`` (name -> d_in x d_in) is added to the ridge system; ``keys_out`` (a dict) receives
     each module's keys of the turn (float64). ``outliers`` > 0: rows whose key norm is above that
     multiple of the module's median (the lower middle value) get value 0. With ``subject_only``
     (module names), those modules give their target rows value 0 and the others their subject rows
     (batches with ``subject_index``). ``frozen`` (module names): every row of those modules gets
-    value 0. ``anchors`` (per batch, a bool per sequence): every row of those sequences gets value 0."""
+    value 0."""
     modules = {n: model.get_submodule(n) for n in names}
     for p in model.parameters():
         p.requires_grad_(True)
@@ -77,8 +77,8 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
     handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
     keys = {n: [] for n in names}
     grads = {n: [] for n in names}
-    subject_row, anchor_row = [], []
-    for b, batch in enumerate(batches):
+    subject_row = []
+    for batch in batches:
         model.zero_grad()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         mask = batch["labels"] != -100
@@ -86,8 +86,6 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
         loss.backward()
         at = key_positions(batch)
         subject_row += (at & (batch["labels"] == -100))[at].tolist()
-        for r in range(at.shape[0]):
-            anchor_row += [anchors is not None and bool(anchors[b][r])] * int(at[r].sum())
         for n in names:
             k = inputs[n][at].detach().double()
             g = outputs[n].grad[at].detach().double()
@@ -122,9 +120,6 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
                     V[i] = 0.0
         if n in frozen:
             V[:] = 0.0
-        for i, is_anchor in enumerate(anchor_row):
-            if is_anchor:
-                V[i] = 0.0
         A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)
         if preserve is not None:
             A = A + preserve[n].double()
@@ -140,10 +135,9 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
     return shifts
 
 
-def reference_capture(model, names, batches, confidence=0.0, anchors=None):
+def reference_capture(model, names, batches):
     """Plain per-minibatch capture: keys, output gradients (float64) at the key positions, and per
-    key row whether some target token of its sequence is not yet the argmax, or has a probability
-    below ``confidence`` (for an anchor sequence, ``anchors[b][r]``, only the argmax counts)."""
+    key row whether every target token of its sequence is already the argmax."""
     modules = {n: model.get_submodule(n) for n in names}
     inputs, outputs = {}, {}
 
@@ -159,18 +153,12 @@ def reference_capture(model, names, batches, confidence=0.0, anchors=None):
         p.requires_grad_(True)
     handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
     captured = []
-    for b, batch in enumerate(batches):
+    for batch in batches:
         model.zero_grad()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         mask = batch["labels"] != -100
         F.cross_entropy(logits[mask].float(), batch["labels"][mask]).backward()
-        right = []
-        for r in range(mask.shape[0]):
-            scores, gold = logits[r][mask[r]].detach().float(), batch["labels"][r][mask[r]]
-            hit = scores.argmax(-1) == gold
-            sure = torch.softmax(scores, -1).gather(-1, gold[:, None])[:, 0] >= confidence
-            anchor = anchors is not None and bool(anchors[b][r])
-            right.append(bool(hit.all()) if anchor or confidence <= 0 else bool((hit & sure).all()))
+        right = [bool((logits[r][mask[r]].argmax(-1) == batch["labels"][r][mask[r]]).all()) for r in range(mask.shape[0])]
         at = key_positions(batch)
         row_of_token = [r for r in range(mask.shape[0]) for _ in range(int(at[r].sum()))]
         captured.append({
@@ -188,20 +176,19 @@ def reference_capture(model, names, batches, confidence=0.0, anchors=None):
 
 
 def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, ridge=1.0, preserve=None,
-                           subject_only=(), lower_only_steps=0, confidence=0.0, anchors=None):
+                           subject_only=(), lower_only_steps=0):
     """A turn with refinement steps (EditConfig.refine_steps), plainly: step 1 is reference_turn;
     each later step re-captures, stops if every request is right, else solves
     (K_w^T K_w + K_r^T K_r + ridge I + P) dW = K_w^T V_w for the wrong rows w, the right rows r kept
     (normalizer statistics from step 1, not updated again), and applies dW. ``preserve`` (name ->
     P, d_in x d_in; zero when not given) is in every step's system. ``subject_only`` as in
-    reference_turn, every step; in the first ``lower_only_steps`` steps the other modules edit nothing.
-    ``confidence`` and ``anchors`` as in reference_capture; anchors get value 0 in step 1."""
+    reference_turn, every step; in the first ``lower_only_steps`` steps the other modules edit nothing."""
     upper = [n for n in names if n not in subject_only]
     reference_turn(model, names, batches, normalizers, lr=lr, ridge=ridge, preserve=preserve, subject_only=subject_only,
-                   frozen=upper if lower_only_steps >= 1 else (), anchors=anchors)
+                   frozen=upper if lower_only_steps >= 1 else ())
     modules = {n: model.get_submodule(n) for n in names}
     for step in range(1, steps):
-        captured = reference_capture(model, names, batches, confidence, anchors)
+        captured = reference_capture(model, names, batches)
         wrong = torch.cat([c["wrong"] for c in captured])
         subject = torch.cat([c["subject"] for c in captured])
         if not bool(wrong.any()):

@@ -30,7 +30,7 @@ from torch import nn
 from .batching import BATCH_KEYS, IGNORE, SUBJECT_INDEX, EditError, EditRequest, minibatches
 from .capture import MinibatchCapture, capture, key_mask
 from .normalizer import LifelongNormalizer
-from .neighbours import anchor_requests, neighbour_grams, neighbour_pairs, with_prefixes
+from .neighbours import neighbour_grams, neighbour_pairs, with_prefixes
 from .presets import layer_index, num_layers, preset_for, recommended_preset, resolve_modules
 from .solver import Preserved, ridge_solve, target_values
 
@@ -137,14 +137,6 @@ class EditConfig:
             next step, for what the subject edit has not yet carried. The edit is then written at
             the subject first, as far as it goes, which its paraphrases share; the target rows
             finish it. 0 = every step solves every module.
-        anchors: per request with a known subject, this many of the turn's other prompts with the
-            request's subject put in (its other relations: "The capital of Spain is" -> "Lisbon"
-            gives "The official language of Spain is", ...), each with the model's own greedy
-            next token (before the turn) as its target (:func:`ultraedit.neighbours.anchor_requests`).
-            They ride in the turn as sequences that are never pushed: kept (value 0) while the
-            model still predicts their token, and, in refinement steps, edited back to it when the
-            turn's shift has changed it. An edit carried by the subject's representation then
-            leaves the subject's other facts as they were. Text requests only. 0 = off.
     """
 
     modules: list[str] | None = None
@@ -168,7 +160,6 @@ class EditConfig:
     subject_depth: float = 0.0
     key_outliers: float = 0.0
     subject_steps: int = 0
-    anchors: int = 0
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -217,8 +208,6 @@ class EditConfig:
             raise ValueError(f"EditConfig.subject_keys must be a finite number >= 0, got {self.subject_keys}")
         if not (isinstance(self.subject_steps, int) and 0 <= self.subject_steps < self.refine_steps):
             raise ValueError(f"EditConfig.subject_steps must be an int in [0, refine_steps), got {self.subject_steps!r}")
-        if not (isinstance(self.anchors, int) and self.anchors >= 0):
-            raise ValueError(f"EditConfig.anchors must be an int >= 0, got {self.anchors!r}")
         if self.subject_steps and self.subject_depth <= 0:
             raise ValueError("EditConfig.subject_steps needs subject_depth > 0 (which modules edit at the subject)")
 
@@ -290,9 +279,6 @@ def options_summary() -> str:
         "               (massive activations at attention-sink tokens)",
         "  subject_steps with subject_depth: the turn's first this many steps solve only the modules that edit at",
         "               the subject; the upper modules join after (the edit goes into the subject first)",
-        "  anchors      per request with a subject, this many of the turn's other prompts with its subject put in,",
-        "               the model's own next token as target: kept while right, edited back when the turn changes",
-        "               them (the subject's other facts stay)",
     ])
 
 
@@ -365,31 +351,17 @@ def apply_shift(module: nn.Module, shift: torch.Tensor, alpha: float = 1.0) -> N
 
 
 def _unsolved_rows(
-    batches: Sequence[dict[str, torch.Tensor]], captures: list[MinibatchCapture], confidence: float = 0.0,
-    anchors: Sequence[torch.Tensor] | None = None,
+    batches: Sequence[dict[str, torch.Tensor]], captures: list[MinibatchCapture], confidence: float = 0.0
 ) -> list[torch.Tensor]:
     """Per minibatch, a bool per captured row (target token, or subject position): does its request still miss a target
-    token (not the argmax, or with ``confidence`` > 0, probability below it)? An anchor sequence
-    (``anchors``: per minibatch, a bool per sequence) misses only where its token is not the argmax."""
+    token (not the argmax, or with ``confidence`` > 0, probability below it)?"""
     out = []
-    for b, (batch, mb) in enumerate(zip(batches, captures)):
+    for batch, mb in zip(batches, captures):
         counts = (batch["labels"] != IGNORE).sum(1).tolist()
         done = mb.hits if confidence <= 0 else mb.hits & (mb.probs.to(mb.hits.device) >= confidence)
-        if anchors is not None and confidence > 0:
-            anchor_tokens = anchors[b].repeat_interleave(torch.tensor(counts)).to(done.device)
-            done = torch.where(anchor_tokens, mb.hits, done)
         missed = torch.stack([~h.all() for h in done.split(counts)])
         out.append(missed.repeat_interleave(key_mask(batch).sum(1).to(missed.device)))
     return out
-
-
-def _pushed_rows(
-    batches: Sequence[dict[str, torch.Tensor]], anchors: Sequence[torch.Tensor] | None
-) -> list[torch.Tensor] | None:
-    """Per minibatch, a bool per captured row: not an anchor's (``None`` without anchors: all)."""
-    if anchors is None:
-        return None
-    return [~a.repeat_interleave(key_mask(batch).sum(1).cpu()) for a, batch in zip(anchors, batches)]
 
 
 def _applied(weight: torch.Tensor, new: torch.Tensor, shift: torch.Tensor) -> tuple[float, float]:
@@ -493,25 +465,18 @@ class UltraEditor:
         Requests are tokenized with teacher forcing, sorted by length (longest first) and cut
         into minibatches of ``config.capture_batch_size``, as the authors do. With
         ``config.prefixes`` the turn also edits each request behind context prefixes
-        (:func:`ultraedit.neighbours.with_prefixes`), and with ``config.anchors`` it carries the
-        subject's other facts as anchors (:func:`ultraedit.neighbours.anchor_requests`); the report
-        counts the requests given.
+        (:func:`ultraedit.neighbours.with_prefixes`); the report counts the requests given.
         """
         if self.tokenizer is None:
             raise EditError("UltraEditor.edit needs a tokenizer: UltraEditor(model, config, tokenizer=...)")
         if not requests:
             raise EditError("a turn needs at least one edit request")
         sequences, owners = with_prefixes(requests, self.config.prefixes)
-        edited = len(sequences)
-        if self.config.anchors > 0:
-            anchors, anchor_owners = anchor_requests(self.model, self.tokenizer, requests, self.config.anchors)
-            sequences, owners = sequences + anchors, owners + anchor_owners
-        size = self.config.capture_batch_size
-        batches, order = minibatches(self.tokenizer, sequences, size, subjects=self.config.subject_keys > 0)
-        anchored = [torch.tensor([i >= edited for i in order[start : start + size]]) for start in range(0, len(order), size)]
-        order = [owners[i] for i in order]  # a prefixed copy or an anchor is named by its request
-        pending = self.prepare(batches, order=order, preserved=self._neighbour_grams(requests),
-                               anchors=anchored if edited < len(sequences) else None)
+        batches, order = minibatches(
+            self.tokenizer, sequences, self.config.capture_batch_size, subjects=self.config.subject_keys > 0
+        )
+        order = [owners[i] for i in order]  # a prefixed copy is named by its request
+        pending = self.prepare(batches, order=order, preserved=self._neighbour_grams(requests))
         pending.requests = requests
         pending.report.requests = len(requests)
         self.commit(pending)
@@ -539,17 +504,12 @@ class UltraEditor:
         batches: Sequence[dict[str, torch.Tensor]],
         order: Sequence[int] | None = None,
         preserved: dict[str, torch.Tensor] | None = None,
-        anchors: Sequence[torch.Tensor] | None = None,
     ) -> PendingTurn:
         """Compute a turn's shifts and updated statistics without changing anything.
 
-        ``preserved`` (module name -> ``(d_in, d_in)``) is added to this turn's ridge systems.
-        ``anchors`` (per minibatch, a bool per sequence): sequences whose targets the model already
-        predicts (``EditConfig.anchors``), never pushed further: their rows are kept (value 0), and
-        a refinement step edits them only where their target token is no longer the argmax."""
+        ``preserved`` (module name -> ``(d_in, d_in)``) is added to this turn's ridge systems."""
         start = time.perf_counter()
         batches = self._validate(batches, order)
-        anchors = self._validate_anchors(batches, anchors)
         captures = self._capture(batches, order)
         captured = time.perf_counter()
 
@@ -561,11 +521,10 @@ class UltraEditor:
 
         # Steps 4-6 (plus refinement steps when configured).
         preserve = self._preserved(normalizers, preserved)
-        pushed = _pushed_rows(batches, anchors)
         if self.config.refine_steps == 1:
-            shifts, steps = self._solve(captures, normalizers, pushed, out_dtype="weights", preserve=preserve), 1
+            shifts, steps = self._solve(captures, normalizers, out_dtype="weights", preserve=preserve), 1
         else:
-            shifts, steps = self._refine(batches, order, captures, normalizers, preserve, anchors)
+            shifts, steps = self._refine(batches, order, captures, normalizers, preserve)
         bad = [n for n, m in self.modules.items() if not bool(torch.isfinite(shifts[n].to(m.weight.dtype)).all())]
         if bad:
             raise EditError(
@@ -725,15 +684,12 @@ class UltraEditor:
         captures: list[MinibatchCapture],
         normalizers: dict[tuple[int, int], LifelongNormalizer],
         preserve: dict[tuple[int, int], Preserved | None] | None = None,
-        anchors: list[torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Refinement steps: apply the shift so far, capture again, solve again for the requests
         not yet right (the right ones preserved), until all are right or ``refine_steps`` steps.
-        The weights are restored before returning; the shifts are the sum of the steps'. ``anchors``
-        as in :meth:`prepare`: kept in the first step, edited later only where wrong."""
+        The weights are restored before returning; the shifts are the sum of the steps'."""
         subject_first = self.config.subject_steps
-        total = self._solve(captures, normalizers, _pushed_rows(batches, anchors), preserve=preserve,
-                            lower_only=subject_first >= 1)
+        total = self._solve(captures, normalizers, preserve=preserve, lower_only=subject_first >= 1)
         steps = 1
         saved = {n: m.weight.detach().clone() for n, m in self.modules.items()}
         try:
@@ -743,7 +699,7 @@ class UltraEditor:
                         module.weight.copy_(saved[name])
                     apply_shift(module, total[name])
                 captures = self._capture(batches, order)
-                wrong = _unsolved_rows(batches, captures, self.config.confidence, anchors)
+                wrong = _unsolved_rows(batches, captures, self.config.confidence)
                 if not any(bool(w.any()) for w in wrong):
                     break
                 step = self._solve(captures, normalizers, edited=wrong, preserve=preserve,
@@ -876,23 +832,6 @@ class UltraEditor:
     # ------------------------------------------------------------------ checks
     def _device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
-
-    @staticmethod
-    def _validate_anchors(
-        batches: list[dict[str, torch.Tensor]], anchors: Sequence[torch.Tensor] | None
-    ) -> list[torch.Tensor] | None:
-        if anchors is None:
-            return None
-        if len(anchors) != len(batches):
-            raise EditError(f"anchors: {len(anchors)} masks for {len(batches)} minibatches")
-        out = []
-        for b, (mask, batch) in enumerate(zip(anchors, batches)):
-            mask = torch.as_tensor(mask).cpu()
-            if mask.dtype != torch.bool or mask.shape != (batch["input_ids"].shape[0],):
-                raise EditError(f"anchors[{b}]: expected a bool tensor of shape ({batch['input_ids'].shape[0]},), "
-                                f"got {mask.dtype} {tuple(mask.shape)}")
-            out.append(mask)
-        return out
 
     def _validate(
         self, batches: Sequence[dict[str, torch.Tensor]], order: Sequence[int] | None

@@ -194,14 +194,6 @@ def greedy_decode(model: nn.Module, tokenizer: Any, prompt: str, n_tokens: int) 
     return out
 
 
-def next_tokens(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, batch_size: int = 64) -> list[int]:
-    """The greedy next token id after each prompt (:func:`greedy_decode` of one token, batched): the
-    argmax at the first answer position of a teacher-forced forward, which sees the prompt only,
-    so the placeholder answer plays no part."""
-    scores = teacher_forced(model, tokenizer, [(p, ".") for p in prompts], batch_size=batch_size)
-    return [predicted[0] for predicted in scores.predictions]
-
-
 @torch.no_grad()
 def complete(
     model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 4, batch_size: int = 16

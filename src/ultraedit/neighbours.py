@@ -15,12 +15,6 @@ other subjects of the turn, as preserved keys of the ridge:
 turn), so the shift is pushed toward what distinguishes the subject rather than the template.
 A neighbour is never a prompt edited in the same turn. The choice is deterministic (seeded by the
 request's text), so a resumed session computes what an uninterrupted one does.
-
-Anchors (``EditConfig.anchors``) are the other way round: the request's subject in the turn's
-other prompts ("The capital of Spain is" -> "Lisbon" gives "The official language of Spain is"),
-with the model's own next token as the target. An edit written into the subject's representation
-reaches every relation of the subject; the anchors are that subject's other facts, held where the
-model had them (the editor keeps them while right and edits them back when the turn moved them).
 """
 
 from __future__ import annotations
@@ -96,52 +90,3 @@ def neighbour_grams(
     batches = (collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size))
     sums, _ = key_grams(model, modules, ({**b, "positions": b["labels"] != IGNORE} for b in batches), dtype)
     return sums
-
-
-def swapped_prompts(requests: Sequence[EditRequest], per_request: int) -> list[tuple[int, str]]:
-    """``(owner, prompt)`` pairs: for each request with a subject, up to ``per_request`` prompts of
-    other requests of the turn with their subject replaced by this request's (drawn with a seed from
-    the request's text). Left out: prompts of the turn's edits and repeats."""
-    own = [subject_of(r) for r in requests]
-    edited = {r.prompt for r in requests}
-    seen: set[str] = set()
-    out = []
-    for index, (request, subject) in enumerate(zip(requests, own)):
-        if subject is None:
-            continue
-        others = [j for j, s in enumerate(own) if s is not None and s != subject and s not in subject and subject not in s]
-        random.Random(request_seed(request) + 1).shuffle(others)  # not the neighbours' draw
-        chosen = 0
-        for j in others:
-            if chosen == per_request:
-                break
-            prompt = requests[j].prompt.replace(own[j], subject, 1)
-            if prompt not in edited and prompt not in seen:
-                seen.add(prompt)
-                out.append((index, prompt))
-                chosen += 1
-    return out
-
-
-def anchor_requests(
-    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], per_request: int
-) -> tuple[list[EditRequest], list[int]]:
-    """``(anchors, owners)``: :func:`swapped_prompts`, each with the model's greedy next token as its
-    target, and the index of the request whose subject it carries. A prompt whose next token is not
-    a word (no leading space, or not the one token its text re-tokenizes to) is left out: it could
-    not be given back as a target."""
-    from .evaluation import next_tokens
-
-    swapped = swapped_prompts(requests, per_request)
-    tokens = next_tokens(model, tokenizer, [prompt for _, prompt in swapped])
-    anchors, owners = [], []
-    for (owner, prompt), token in zip(swapped, tokens):
-        text = tokenizer.decode([token])
-        word = text.strip()
-        if not text.startswith(" ") or not word or any(c in word for c in "\n\r"):
-            continue
-        if list(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) != [token]:
-            continue
-        anchors.append(EditRequest(prompt, word, id=requests[owner].id))
-        owners.append(owner)
-    return anchors, owners

@@ -42,7 +42,6 @@ _OPTION_FLAGS = (
     ("subject_depth", float, "F", "modules below this fraction of the layers edit at the subject"),
     ("key_outliers", float, "R", "rows with keys over R x the median norm are kept, not edited"),
     ("subject_steps", int, "S", "first S refinement steps edit only the subject rows (lower modules)"),
-    ("anchors", int, "N", "the subject's other relations per request, held at the model's own next token"),
 )
 
 
