@@ -13,24 +13,18 @@ stored as well as a native fact could expect; compare it with an edited model's 
 Writes ``benchmarks/results/native_transfer.json`` (or ``--out``).
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 (quality_real must come first: it puts src on the path)
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
-import torch
+from quality_real import ROOT, requests_of  # the same files, read the same way (puts src on the path)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from ultraedit.datasets import read_requests
 from ultraedit.evaluation import score_pairs
 from ultraedit.models import load_model
 
-DATA = ROOT.parent / "shared" / "data"
-FILES = {"zsre": DATA / "zsre-500.json", "counterfact": DATA / "counterfact-20k.json.gz"}
 #: Subsets by the prompt's accuracy on the true answer: (name, lowest accuracy).
 KNOWN = (("all", 0.0), ("half known", 0.5), ("fully known", 1.0))
 
@@ -53,6 +47,10 @@ def transfer(model, tok, requests) -> dict:
     return out
 
 
+def _shown(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -63,14 +61,10 @@ def main(argv=None) -> int:
     results = {"model": args.model, "rows": {}}
     for row in args.rows:
         dataset, count = row.split(":")
-        reader = read_requests(FILES[dataset], dataset, skip_invalid=True)
-        requests = [r for _, r in zip(range(int(count)), reader)]
-        with torch.no_grad():
-            results["rows"][row] = transfer(model, tok, requests)
+        results["rows"][row] = transfer(model, tok, requests_of(dataset, int(count)))  # score_pairs: no grad
         for name, m in results["rows"][row].items():
-            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-            print(f"{row:18} {name:12} n={m['records']:5}  prompt {fmt(m['prompt'])}  rephrase "
-                  f"{fmt(m['rephrase'])}  ratio {fmt(m['ratio'])}", flush=True)
+            print(f"{row:18} {name:12} n={m['records']:5}  prompt {_shown(m['prompt'])}  rephrase "
+                  f"{_shown(m['rephrase'])}  ratio {_shown(m['ratio'])}", flush=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
