@@ -52,14 +52,15 @@ def key_positions(batch):
 
 
 def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper", preserve=None, keys_out=None,
-                   outliers=0.0, subject_only=(), frozen=()):
+                   outliers=0.0, subject_only=(), frozen=(), subject_values=None):
     """Apply one turn to ``model`` in place; ``normalizers`` (shape -> RefNormalizer) is updated.
     ``preserve`` (name -> d_in x d_in) is added to the ridge system; ``keys_out`` (a dict) receives
     each module's keys of the turn (float64). ``outliers`` > 0: rows whose key norm is above that
     multiple of the module's median (the lower middle value) get value 0. With ``subject_only``
     (module names), those modules give their target rows value 0 and the others their subject rows
     (batches with ``subject_index``). ``frozen`` (module names): every row of those modules gets
-    value 0."""
+    value 0. ``subject_values`` (``(subject rows, d_out)``, in row order): the value of the subject
+    rows in the ``subject_only`` modules, divided by how many of those there are."""
     modules = {n: model.get_submodule(n) for n in names}
     for p in model.parameters():
         p.requires_grad_(True)
@@ -108,6 +109,9 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
         z = (torch.cat([K, G], 1) - norm.mean) / (norm.std + torch.finfo(torch.float32).eps)
         K_hat, G_hat = z[:, : K.shape[1]], z[:, K.shape[1] :]
         V = -lr * (K_hat**2).sum(1, keepdim=True) * G_hat
+        if subject_values is not None and n in subject_only:
+            for j, i in enumerate(i for i, is_subject in enumerate(subject_row) if is_subject):
+                V[i] = subject_values[j].double() / len(subject_only)
         if outliers > 0:
             norms = [float(row.norm()) for row in K]
             median = sorted(norms)[(len(norms) - 1) // 2]
@@ -212,3 +216,64 @@ def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, r
             with torch.no_grad():
                 m = modules[n]
                 m.weight += (shift.T if isinstance(m, torch.nn.Linear) else shift).to(m.weight.dtype)
+
+
+def reference_subject_delta(model, block, input_ids, labels, position, steps, lr, decay, clamp, stop_loss=0.05,
+                            essence=None, kl=0.0):
+    """ROME/MEMIT's ``z`` for one unpadded sequence, plainly: ``delta`` added to ``block``'s output at
+    ``position``; Adam on mean target NLL + decay ||delta||^2 / ||h||^2 (h: the unedited hidden state
+    there), stopping once the NLL is at most ``stop_loss``, each step projected into ||delta|| <=
+    clamp ||h||. ``essence`` (``(ids, position)``) and ``kl``: the loss also has kl * KL(p0 || p) of
+    the next token after ``ids`` with ``delta`` at its ``position`` (p0: without). Returns ``delta``
+    (``(hidden,)``)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    with torch.no_grad():
+        hidden = {}
+
+        def keep(m, a, out):
+            hidden["h"] = (out[0] if isinstance(out, tuple) else out)[0, position].clone()
+
+        handle = block.register_forward_hook(keep)
+        model(input_ids=input_ids[None])
+        handle.remove()
+    h_norm = float(hidden["h"].norm())
+    delta = torch.zeros_like(hidden["h"], requires_grad=True)
+
+    at = {"position": position}
+
+    def add(m, a, out):
+        h = out[0] if isinstance(out, tuple) else out
+        shift = torch.zeros_like(h)
+        shift[0, at["position"]] = delta
+        return (h + shift,) + tuple(out[1:]) if isinstance(out, tuple) else h + shift
+
+    def essence_logp():
+        at["position"] = essence[1]
+        logp = torch.log_softmax(model(input_ids=essence[0][None]).logits[0, -1].float(), -1)
+        at["position"] = position
+        return logp
+
+    optimiser = torch.optim.Adam([delta], lr=lr)
+    handle = block.register_forward_hook(add)
+    mask = labels != -100
+    if essence is not None:
+        with torch.no_grad():
+            p0 = essence_logp()
+    for _ in range(steps):
+        logits = model(input_ids=input_ids[None]).logits[0]
+        nll = F.cross_entropy(logits[mask].float(), labels[mask])
+        if float(nll.detach()) <= stop_loss:
+            break
+        optimiser.zero_grad()
+        loss = nll + decay * delta.square().sum() / h_norm**2
+        if essence is not None:
+            loss = loss + kl * (p0.exp() * (p0 - essence_logp())).sum()
+        loss.backward()
+        optimiser.step()
+        with torch.no_grad():
+            if float(delta.norm()) > clamp * h_norm:
+                delta.mul_(clamp * h_norm / float(delta.norm()))
+    handle.remove()
+    return delta.detach()

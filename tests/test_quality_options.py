@@ -600,3 +600,133 @@ def test_subject_depth_splits_the_rows_between_lower_and_upper_modules():
     UltraEditor(both, EditConfig(modules=names, lr=1e-3)).edit_tokens(batches)
     for n in names:
         assert not torch.allclose(both.get_submodule(n).weight, model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+
+
+def _subject_rows_deltas(model, block, batches, essence=None, **options):
+    """The reference ``delta`` of every sequence with a subject, one unpadded sequence at a time, in row order."""
+    from reference import reference_subject_delta
+
+    out = []
+    for b, batch in enumerate(batches):
+        for row, position in enumerate(batch["subject_index"].tolist()):
+            if position >= 0:
+                length = int(batch["attention_mask"][row].sum())
+                own = None
+                if essence is not None:
+                    size = int(essence[b]["attention_mask"][row].sum())
+                    own = (essence[b]["input_ids"][row, :size], int(essence[b]["subject_index"][row]))
+                out.append(reference_subject_delta(model, block, batch["input_ids"][row, :length],
+                                                   batch["labels"][row, :length], position, essence=own, **options))
+    return torch.stack(out)
+
+
+def _essence_of(batches, seed):
+    """Random essence prompts row for row (2-5 tokens, the subject somewhere in them), as
+    :func:`ultraedit.subject_values.essence_batches` lays them out."""
+    from ultraedit.batching import collate
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for batch in batches:
+        encoded, index = [], []
+        for position in batch["subject_index"].tolist():
+            ids = torch.randint(3, 60, (int(torch.randint(2, 6, (1,), generator=gen)),), generator=gen).tolist()
+            encoded.append((ids, [-100] * (len(ids) - 1) + [0]))
+            index.append(int(torch.randint(0, len(ids), (1,), generator=gen)) if position >= 0 else -1)
+        out.append({**collate(encoded, 0), "subject_index": torch.tensor(index)})
+    return out
+
+
+def test_subject_deltas_keep_the_essence_like_a_plain_loop():
+    """``subject_kl``: each request's loss also has kl * KL(p0 || p) after its own essence prompt
+    (``delta`` added at the subject there too), as the published loop computes it per request."""
+    from ultraedit.subject_values import subject_deltas
+
+    model = tiny_model("llama")
+    batches = with_subjects(random_turn(9, requests=8, batch_size=4), 9)
+    essence = _essence_of(batches, 9)
+    block = model.model.layers[1]
+    options = dict(steps=5, lr=0.5, decay=0.5, clamp=0.75)
+    ours = torch.cat([d[b["subject_index"] >= 0] for d, b in
+                      zip(subject_deltas(model, block, batches, **options, essence=essence, kl=2.0), batches)])
+    without = torch.cat([d[b["subject_index"] >= 0] for d, b in zip(subject_deltas(model, block, batches, **options), batches)])
+    reference = _subject_rows_deltas(model, block, batches, essence=essence, kl=2.0, **options)
+    torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(ours, without, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_subject_deltas_match_a_plain_loop_per_sequence(arch):
+    """``subject_deltas`` optimises a minibatch's deltas together (padded, logits at the targets
+    only); each must be what the published loop gives for its sequence alone: Adam on its own loss,
+    its own early stop, its own norm ball."""
+    from ultraedit.subject_values import subject_deltas
+
+    model = tiny_model(arch)
+    batches = with_subjects(random_turn(5, requests=12, batch_size=4), 5)
+    block = model.get_submodule("model.layers.1" if arch == "llama" else "transformer.h.1")
+    options = dict(steps=6, lr=0.5, decay=0.5, clamp=0.75)
+    ours = torch.cat([d[b["subject_index"] >= 0] for d, b in zip(subject_deltas(model, block, batches, **options), batches)])
+    assert all(p.requires_grad for p in model.parameters())  # the model's flags are restored
+    reference = _subject_rows_deltas(model, block, batches, **options)
+    assert float(reference.norm(dim=-1).min()) > 0
+    torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-4)
+    assert all(float(d[b["subject_index"] < 0].abs().max()) == 0
+               for d, b in zip(subject_deltas(model, block, batches, **options), batches) if bool((b["subject_index"] < 0).any()))
+
+
+def test_subject_optimise_writes_delta_over_n_at_the_subject_rows():
+    """``subject_optimise``: in the modules below ``subject_depth`` the subject rows' value is the
+    optimised delta divided by how many such modules there are (together they add delta to the
+    residual stream); everything else is the turn as before."""
+    from ultraedit.subject_values import subject_deltas
+
+    model = tiny_model("llama")
+    ref_model, plain = copy.deepcopy(model), copy.deepcopy(model)
+    names = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1, 2, 3)]
+    batches = with_subjects(random_turn(7, requests=12, batch_size=4), 7, low=1)
+    options = dict(modules=names, lr=1e-3, subject_depth=0.5)
+    z = dict(steps=4, lr=0.3, decay=0.5, clamp=0.5)
+    deltas = torch.cat([d[b["subject_index"] >= 0]
+                        for d, b in zip(subject_deltas(model, model.model.layers[1], batches, **z), batches)])
+    UltraEditor(model, EditConfig(**options, subject_optimise=4, subject_lr=0.3, subject_clamp=0.5)).edit_tokens(batches)
+    reference_turn(ref_model, names, batches, {}, lr=1e-3, subject_only=names[:2], subject_values=deltas)
+    UltraEditor(plain, EditConfig(**options)).edit_tokens(batches)
+    for n in names:
+        torch.testing.assert_close(model.get_submodule(n).weight, ref_model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+    for n in names[:2]:
+        assert not torch.allclose(plain.get_submodule(n).weight, model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="subject_optimise needs subject_depth"):
+        EditConfig(subject_optimise=4)
+    for bad in ({"subject_optimise": -1}, {"subject_lr": 0.0}, {"subject_clamp": float("inf")}, {"subject_decay": -1.0}):
+        with pytest.raises(ValueError, match="EditConfig"):
+            EditConfig(**bad)
+
+
+def test_edit_with_subject_kl_builds_each_rows_essence_prompt():
+    """``subject_kl`` in :meth:`UltraEditor.edit`: each minibatch row gets ``"{subject} is a"`` with
+    its subject's last token marked (-1 without a subject), and the KL term changes the turn."""
+    from ultraedit.batching import minibatches, subject_position
+    from ultraedit.subject_values import essence_batches
+
+    model, tok = _text_model()
+    batches, order = minibatches(tok, SUBJECT_REQUESTS, 2, subjects=True)
+    subjects = [[SUBJECT_REQUESTS[i].extra.get("subject") for i in order[b * 2 : b * 2 + 2]] for b in range(len(batches))]
+    essence = essence_batches(tok, subjects)
+    for rows, batch in zip(subjects, essence):
+        for row, subject in enumerate(rows):
+            length = int(batch["attention_mask"][row].sum())
+            ids = batch["input_ids"][row, :length].tolist()
+            if subject is None:
+                assert int(batch["subject_index"][row]) == -1
+                continue
+            assert ids == list(tok(f"{subject} is a")["input_ids"])
+            assert int(batch["subject_index"][row]) == subject_position(tok, f"{subject} is a", subject) >= 0
+            assert (batch["labels"][row] != -100).nonzero().flatten().tolist() == [length - 1]
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(4)]
+    options = dict(modules=names, lr=1e-3, subject_keys=1.0, subject_depth=0.5, subject_optimise=3, subject_lr=0.5)
+    with_kl, without = _text_model()[0], _text_model()[0]
+    UltraEditor(with_kl, EditConfig(**options, subject_kl=5.0), tokenizer=tok).edit(SUBJECT_REQUESTS)
+    UltraEditor(without, EditConfig(**options), tokenizer=tok).edit(SUBJECT_REQUESTS)
+    assert not torch.allclose(with_kl.get_submodule(names[0]).weight, without.get_submodule(names[0]).weight)
+    torch.testing.assert_close(with_kl.get_submodule(names[3]).weight, without.get_submodule(names[3]).weight)

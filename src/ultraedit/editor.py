@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
-from .batching import BATCH_KEYS, IGNORE, SUBJECT_INDEX, EditError, EditRequest, minibatches
+from .batching import BATCH_KEYS, IGNORE, SUBJECT_INDEX, EditError, EditRequest, minibatches, subject_of
 from .capture import MinibatchCapture, capture, key_mask
 from .normalizer import LifelongNormalizer
 from .neighbours import neighbour_grams, neighbour_pairs, with_prefixes
@@ -137,6 +137,19 @@ class EditConfig:
             next step, for what the subject edit has not yet carried. The edit is then written at
             the subject first, as far as it goes, which its paraphrases share; the target rows
             finish it. 0 = every step solves every module.
+        subject_optimise: with ``subject_depth``, the subject rows' values in the turn's first step
+            are optimised instead of first-order (ROME/MEMIT's ``z``, :mod:`ultraedit.subject_values`):
+            per request, this many Adam steps (step size ``subject_lr``) on a change ``delta`` of
+            the residual stream at the subject's last token after the top module below the split,
+            minimising the target tokens' NLL + ``subject_decay * ||delta||^2 / ||h||^2`` within
+            ``||delta|| <= subject_clamp * ||h||`` (``h``: the hidden state there); each module
+            below the split then gets ``delta / n`` (n such modules) as the value of that row.
+            Later refinement steps are first-order as before. No weight moves during the search;
+            it costs about this many forward/backward passes over the turn. 0 = off.
+        subject_kl: with ``subject_optimise``, the search also keeps what the model says the
+            subject is: ``subject_kl * KL(p0 || p)`` of the next token after ``"{subject} is a"``
+            with the change added at the subject (ROME/MEMIT's essence term, their ``kl_factor``).
+            Text requests only (the subject's text is needed). 0 = off.
     """
 
     modules: list[str] | None = None
@@ -160,6 +173,11 @@ class EditConfig:
     subject_depth: float = 0.0
     key_outliers: float = 0.0
     subject_steps: int = 0
+    subject_optimise: int = 0
+    subject_lr: float = 2.0
+    subject_decay: float = 0.5
+    subject_clamp: float = 0.75
+    subject_kl: float = 0.0
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -210,6 +228,17 @@ class EditConfig:
             raise ValueError(f"EditConfig.subject_steps must be an int in [0, refine_steps), got {self.subject_steps!r}")
         if self.subject_steps and self.subject_depth <= 0:
             raise ValueError("EditConfig.subject_steps needs subject_depth > 0 (which modules edit at the subject)")
+        if not (isinstance(self.subject_optimise, int) and self.subject_optimise >= 0):
+            raise ValueError(f"EditConfig.subject_optimise must be an int >= 0, got {self.subject_optimise!r}")
+        if self.subject_optimise and self.subject_depth <= 0:
+            raise ValueError("EditConfig.subject_optimise needs subject_depth > 0 (which modules edit at the subject)")
+        for name in ("subject_lr", "subject_clamp"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"EditConfig.{name} must be a positive finite number, got {getattr(self, name)}")
+        if not (math.isfinite(self.subject_kl) and self.subject_kl >= 0):
+            raise ValueError(f"EditConfig.subject_kl must be a finite number >= 0, got {self.subject_kl}")
+        if not (math.isfinite(self.subject_decay) and self.subject_decay >= 0):
+            raise ValueError(f"EditConfig.subject_decay must be a finite number >= 0, got {self.subject_decay}")
 
     def module_lr(self, shape: tuple[int, int]) -> float:
         """The step size used for modules of shape ``(d_in, d_out)`` (see ``lr_scale``)."""
@@ -279,6 +308,10 @@ def options_summary() -> str:
         "               (massive activations at attention-sink tokens)",
         "  subject_steps with subject_depth: the turn's first this many steps solve only the modules that edit at",
         "               the subject; the upper modules join after (the edit goes into the subject first)",
+        "  subject_optimise with subject_depth: the first step's subject values are optimised (ROME/MEMIT's z:",
+        "               this many Adam steps on the residual change at the subject, subject_lr, subject_decay,",
+        "               ||delta|| <= subject_clamp ||h||), spread over the modules below the split",
+        "  subject_kl   with subject_optimise: weight of KL(p0 || p) after '{subject} is a' in that search",
     ])
 
 
@@ -475,12 +508,25 @@ class UltraEditor:
         batches, order = minibatches(
             self.tokenizer, sequences, self.config.capture_batch_size, subjects=self.config.subject_keys > 0
         )
+        essence = self._essence(sequences, order, len(batches))
         order = [owners[i] for i in order]  # a prefixed copy is named by its request
-        pending = self.prepare(batches, order=order, preserved=self._neighbour_grams(requests))
+        pending = self.prepare(batches, order=order, preserved=self._neighbour_grams(requests), essence=essence)
         pending.requests = requests
         pending.report.requests = len(requests)
         self.commit(pending)
         return pending.report
+
+    def _essence(self, sequences: Sequence[EditRequest], order: list[int], count: int) -> list[dict[str, torch.Tensor]] | None:
+        """``subject_kl``: the essence prompts of a turn's minibatches, row for row (``order``: the
+        sequences in minibatch order; ``count`` minibatches of ``capture_batch_size``)."""
+        if self.config.subject_optimise <= 0 or self.config.subject_kl <= 0:
+            return None
+        from .subject_values import essence_batches
+
+        size = self.config.capture_batch_size
+        subjects = [[subject_of(sequences[i]) for i in order[b * size : (b + 1) * size]] for b in range(count)]
+        device = self._device()
+        return [{k: t.to(device) for k, t in b.items()} for b in essence_batches(self.tokenizer, subjects)]
 
     def edit_tokens(self, batches: Sequence[dict[str, torch.Tensor]]) -> TurnReport:
         """Apply one turn given pre-tokenized minibatches.
@@ -504,10 +550,12 @@ class UltraEditor:
         batches: Sequence[dict[str, torch.Tensor]],
         order: Sequence[int] | None = None,
         preserved: dict[str, torch.Tensor] | None = None,
+        essence: list[dict[str, torch.Tensor]] | None = None,
     ) -> PendingTurn:
         """Compute a turn's shifts and updated statistics without changing anything.
 
-        ``preserved`` (module name -> ``(d_in, d_in)``) is added to this turn's ridge systems."""
+        ``preserved`` (module name -> ``(d_in, d_in)``) is added to this turn's ridge systems;
+        ``essence``: the minibatches' essence prompts (``subject_kl``)."""
         start = time.perf_counter()
         batches = self._validate(batches, order)
         captures = self._capture(batches, order)
@@ -522,9 +570,11 @@ class UltraEditor:
         # Steps 4-6 (plus refinement steps when configured).
         preserve = self._preserved(normalizers, preserved)
         if self.config.refine_steps == 1:
-            shifts, steps = self._solve(captures, normalizers, out_dtype="weights", preserve=preserve), 1
+            shifts = self._solve(captures, normalizers, out_dtype="weights", preserve=preserve,
+                                 subject_values=self._subject_values(batches, essence))
+            steps = 1
         else:
-            shifts, steps = self._refine(batches, order, captures, normalizers, preserve)
+            shifts, steps = self._refine(batches, order, captures, normalizers, preserve, essence)
         bad = [n for n, m in self.modules.items() if not bool(torch.isfinite(shifts[n].to(m.weight.dtype)).all())]
         if bad:
             raise EditError(
@@ -572,6 +622,7 @@ class UltraEditor:
         out_dtype: str = "compute",
         preserve: dict[tuple[int, int], Preserved | None] | None = None,
         lower_only: bool = False,
+        subject_values: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Steps 4-6 for every module, batched over modules of equal shape (they have the same rows).
 
@@ -600,6 +651,10 @@ class UltraEditor:
             values = target_values(keys, grads, norm, self.config.module_lr(shape))
             if self.config.subject_keys not in (0.0, 1.0):
                 values = values * torch.where(subject, self.config.subject_keys, 1.0).to(values.dtype)[:, None]
+            if subject_values is not None:  # subject_optimise: delta / n in each module below the split
+                lower = self._lower(group)
+                spread = subject_values.to(values.device, values.dtype) / int(lower.sum())
+                values[:, subject] = torch.where(lower[:, None, None].to(values.device), spread, values[:, subject])
             if outliers is not None:
                 values = values.masked_fill(outliers[..., None], 0.0)
             if self.config.subject_depth > 0:
@@ -618,6 +673,31 @@ class UltraEditor:
                 shifts[name] = shift
         return shifts
 
+    def _subject_values(
+        self, batches: list[dict[str, torch.Tensor]], essence: list[dict[str, torch.Tensor]] | None = None
+    ) -> torch.Tensor | None:
+        """``subject_optimise``: the optimised residual change of every subject row, ``(subject rows,
+        hidden)`` in row order, after the top module below ``subject_depth`` (``None`` when off or
+        when the turn has no subject rows)."""
+        if self.config.subject_optimise <= 0 or not any(SUBJECT_INDEX in b for b in batches):
+            return None
+        from .subject_values import subject_deltas
+
+        names = [n for n in self.modules if self._lower([n])[0]]
+        if not names:
+            raise EditError(f"subject_optimise: no edit module lies below subject_depth {self.config.subject_depth}")
+        top = max(names, key=layer_index)
+        block = self.model.get_submodule(top[: top.index(f".{layer_index(top)}.")] + f".{layer_index(top)}")
+        config = self.config
+        deltas = subject_deltas(self.model, block, batches, config.subject_optimise, config.subject_lr,
+                                config.subject_decay, config.subject_clamp, essence, config.subject_kl)
+        return torch.cat([d[b[SUBJECT_INDEX] >= 0] for d, b in zip(deltas, batches) if SUBJECT_INDEX in b])
+
+    def _lower(self, group: list[str]) -> torch.Tensor:
+        """Per module of ``group``, is it below ``subject_depth`` (does it edit at the subject)?"""
+        split = self.config.subject_depth * num_layers(self.model)
+        return torch.tensor([layer_index(name) < split for name in group])
+
     def _group(self, shape: tuple[int, int]) -> list[str]:
         """The edit modules of one ``(d_in, d_out)`` shape, in config order (solved together)."""
         return [n for n, m in self.modules.items() if module_shape(m) == shape]
@@ -633,8 +713,7 @@ class UltraEditor:
         """``(modules, rows)`` bool (``subject_depth``): target rows in the modules below the
         split, subject rows in those above it (``subject``: per row, is it a subject row?);
         ``lower_only``: every row in the modules above it."""
-        split = self.config.subject_depth * num_layers(self.model)
-        lower = torch.tensor([layer_index(name) < split for name in group], device=subject.device)
+        lower = self._lower(group).to(subject.device)
         upper_rows = torch.ones_like(subject) if lower_only else subject
         return torch.where(lower[:, None], ~subject[None, :], upper_rows[None, :])
 
@@ -684,12 +763,14 @@ class UltraEditor:
         captures: list[MinibatchCapture],
         normalizers: dict[tuple[int, int], LifelongNormalizer],
         preserve: dict[tuple[int, int], Preserved | None] | None = None,
+        essence: list[dict[str, torch.Tensor]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Refinement steps: apply the shift so far, capture again, solve again for the requests
         not yet right (the right ones preserved), until all are right or ``refine_steps`` steps.
         The weights are restored before returning; the shifts are the sum of the steps'."""
         subject_first = self.config.subject_steps
-        total = self._solve(captures, normalizers, preserve=preserve, lower_only=subject_first >= 1)
+        total = self._solve(captures, normalizers, preserve=preserve, lower_only=subject_first >= 1,
+                            subject_values=self._subject_values(batches, essence))
         steps = 1
         saved = {n: m.weight.detach().clone() for n, m in self.modules.items()}
         try:

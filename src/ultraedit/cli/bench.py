@@ -42,6 +42,9 @@ _OPTION_FLAGS = (
     ("subject_depth", float, "F", "modules below this fraction of the layers edit at the subject"),
     ("key_outliers", float, "R", "rows with keys over R x the median norm are kept, not edited"),
     ("subject_steps", int, "S", "first S refinement steps edit only the subject rows (lower modules)"),
+    ("subject_optimise", int, "N", "Adam steps optimising the subject rows' values (ROME/MEMIT's z); 0 = off"),
+    ("subject_clamp", float, "C", "optimised subject change at most C x the hidden state's norm"),
+    ("subject_kl", float, "W", "weight of the KL term keeping '{subject} is a' (ROME/MEMIT's essence)"),
 )
 
 
