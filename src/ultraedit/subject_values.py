@@ -82,13 +82,16 @@ def _batch_deltas(model, layer, head, batch, steps, lr, decay, clamp, essence, k
 
     def add_delta(module: nn.Module, args: tuple, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        where = at["index"]
+        device = hidden.device  # the block's device (a split model's may not be the input's)
+        where = at["index"].to(device)
         if "norm" not in base:  # the unedited hidden state's norm, per sequence (1 where no subject)
-            norm = torch.ones(index.shape[0], device=hidden.device)
-            norm[rows] = torch.linalg.vector_norm(hidden[rows, index[rows]].detach().float(), dim=-1)
+            norm = torch.ones(index.shape[0], device=delta.device)
+            found = hidden[rows.to(device), index[rows].to(device)].detach().float()
+            norm[rows] = torch.linalg.vector_norm(found, dim=-1).to(delta.device)
             base["norm"] = norm
         some = torch.nonzero(where >= 0).flatten()
-        hidden = hidden.index_put((some, where[some]), delta[some].to(hidden.dtype), accumulate=True)
+        change = delta[some.to(delta.device)].to(device, hidden.dtype)
+        hidden = hidden.index_put((some, where[some]), change, accumulate=True)
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
     def essence_kl() -> torch.Tensor:
@@ -102,8 +105,8 @@ def _batch_deltas(model, layer, head, batch, steps, lr, decay, clamp, essence, k
         logp = F.log_softmax(logits.float(), -1)
         if "p0" not in base:
             base["p0"] = logp.detach()
-        divergence = (base["p0"].exp() * (base["p0"] - logp)).sum(-1)
-        return torch.where(essence[SUBJECT_INDEX] >= 0, divergence, 0.0)
+        divergence = (base["p0"].exp() * (base["p0"] - logp)).sum(-1).to(delta.device)
+        return torch.where(essence[SUBJECT_INDEX].to(delta.device) >= 0, divergence, 0.0)
 
     optimiser = torch.optim.Adam([delta], lr=lr)
     moving = index >= 0
@@ -113,7 +116,7 @@ def _batch_deltas(model, layer, head, batch, steps, lr, decay, clamp, essence, k
             head.mask = targets
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logits = logits[targets] if logits.ndim == 3 else logits
-            nll = F.cross_entropy(logits.float(), labels[targets], reduction="none")
+            nll = F.cross_entropy(logits.float(), labels[targets].to(logits.device), reduction="none").to(counts.device)
             loss = torch.zeros_like(counts).index_add(0, owner, nll) / counts
             moving &= loss.detach() > STOP_LOSS
             if not bool(moving.any()):
