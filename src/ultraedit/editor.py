@@ -508,7 +508,7 @@ class UltraEditor:
         batches, order = minibatches(
             self.tokenizer, sequences, self.config.capture_batch_size, subjects=self.config.subject_keys > 0
         )
-        essence = self._essence(sequences, order, len(batches))
+        essence = self._essence(sequences, order, batches)
         order = [owners[i] for i in order]  # a prefixed copy is named by its request
         pending = self.prepare(batches, order=order, preserved=self._neighbour_grams(requests), essence=essence)
         pending.requests = requests
@@ -516,15 +516,17 @@ class UltraEditor:
         self.commit(pending)
         return pending.report
 
-    def _essence(self, sequences: Sequence[EditRequest], order: list[int], count: int) -> list[dict[str, torch.Tensor]] | None:
+    def _essence(
+        self, sequences: Sequence[EditRequest], order: list[int], batches: list[dict[str, torch.Tensor]]
+    ) -> list[dict[str, torch.Tensor]] | None:
         """``subject_kl``: the essence prompts of a turn's minibatches, row for row (``order``: the
-        sequences in minibatch order; ``count`` minibatches of ``capture_batch_size``)."""
+        sequences in minibatch order, as :func:`minibatches` returns it)."""
         if self.config.subject_optimise <= 0 or self.config.subject_kl <= 0:
             return None
         from .subject_values import essence_batches
 
-        size = self.config.capture_batch_size
-        subjects = [[subject_of(sequences[i]) for i in order[b * size : (b + 1) * size]] for b in range(count)]
+        rows = iter(order)  # the batches' rows, in order
+        subjects = [[subject_of(sequences[next(rows)]) for _ in range(len(b["input_ids"]))] for b in batches]
         device = self._device()
         return [{k: t.to(device) for k, t in b.items()} for b in essence_batches(self.tokenizer, subjects)]
 
@@ -569,12 +571,13 @@ class UltraEditor:
 
         # Steps 4-6 (plus refinement steps when configured).
         preserve = self._preserved(normalizers, preserved)
+        subject_values = self._subject_values(batches, essence)
         if self.config.refine_steps == 1:
             shifts = self._solve(captures, normalizers, out_dtype="weights", preserve=preserve,
-                                 subject_values=self._subject_values(batches, essence))
+                                 subject_values=subject_values)
             steps = 1
         else:
-            shifts, steps = self._refine(batches, order, captures, normalizers, preserve, essence)
+            shifts, steps = self._refine(batches, order, captures, normalizers, preserve, subject_values)
         bad = [n for n, m in self.modules.items() if not bool(torch.isfinite(shifts[n].to(m.weight.dtype)).all())]
         if bad:
             raise EditError(
@@ -763,14 +766,15 @@ class UltraEditor:
         captures: list[MinibatchCapture],
         normalizers: dict[tuple[int, int], LifelongNormalizer],
         preserve: dict[tuple[int, int], Preserved | None] | None = None,
-        essence: list[dict[str, torch.Tensor]] | None = None,
+        subject_values: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Refinement steps: apply the shift so far, capture again, solve again for the requests
         not yet right (the right ones preserved), until all are right or ``refine_steps`` steps.
-        The weights are restored before returning; the shifts are the sum of the steps'."""
+        The weights are restored before returning; the shifts are the sum of the steps'.
+        ``subject_values`` (``subject_optimise``) are the first step's subject values."""
         subject_first = self.config.subject_steps
         total = self._solve(captures, normalizers, preserve=preserve, lower_only=subject_first >= 1,
-                            subject_values=self._subject_values(batches, essence))
+                            subject_values=subject_values)
         steps = 1
         saved = {n: m.weight.detach().clone() for n, m in self.modules.items()}
         try:
