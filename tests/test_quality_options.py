@@ -648,8 +648,8 @@ def test_subject_deltas_keep_the_essence_like_a_plain_loop():
     block = model.model.layers[1]
     options = dict(steps=5, lr=0.5, decay=0.5, clamp=0.75)
     ours = torch.cat([d[b["subject_index"] >= 0] for d, b in
-                      zip(subject_deltas(model, block, batches, **options, essence=essence, kl=2.0), batches)])
-    without = torch.cat([d[b["subject_index"] >= 0] for d, b in zip(subject_deltas(model, block, batches, **options), batches)])
+                      zip(subject_deltas(model, 2, batches, **options, essence=essence, kl=2.0), batches)])
+    without = torch.cat([d[b["subject_index"] >= 0] for d, b in zip(subject_deltas(model, 2, batches, **options), batches)])
     reference = _subject_rows_deltas(model, block, batches, essence=essence, kl=2.0, **options)
     torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-4)
     assert not torch.allclose(ours, without, rtol=1e-3, atol=1e-4)
@@ -666,13 +666,13 @@ def test_subject_deltas_match_a_plain_loop_per_sequence(arch):
     batches = with_subjects(random_turn(5, requests=12, batch_size=4), 5)
     block = model.get_submodule("model.layers.1" if arch == "llama" else "transformer.h.1")
     options = dict(steps=6, lr=0.5, decay=0.5, clamp=0.75)
-    ours = torch.cat([d[b["subject_index"] >= 0] for d, b in zip(subject_deltas(model, block, batches, **options), batches)])
+    ours = torch.cat([d[b["subject_index"] >= 0] for d, b in zip(subject_deltas(model, 2, batches, **options), batches)])
     assert all(p.requires_grad for p in model.parameters())  # the model's flags are restored
     reference = _subject_rows_deltas(model, block, batches, **options)
     assert float(reference.norm(dim=-1).min()) > 0
     torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-4)
     assert all(float(d[b["subject_index"] < 0].abs().max()) == 0
-               for d, b in zip(subject_deltas(model, block, batches, **options), batches) if bool((b["subject_index"] < 0).any()))
+               for d, b in zip(subject_deltas(model, 2, batches, **options), batches) if bool((b["subject_index"] < 0).any()))
 
 
 def test_subject_optimise_writes_delta_over_n_at_the_subject_rows():
@@ -688,7 +688,7 @@ def test_subject_optimise_writes_delta_over_n_at_the_subject_rows():
     options = dict(modules=names, lr=1e-3, subject_depth=0.5)
     z = dict(steps=4, lr=0.3, decay=0.5, clamp=0.5)
     deltas = torch.cat([d[b["subject_index"] >= 0]
-                        for d, b in zip(subject_deltas(model, model.model.layers[1], batches, **z), batches)])
+                        for d, b in zip(subject_deltas(model, 2, batches, **z), batches)])
     UltraEditor(model, EditConfig(**options, subject_optimise=4, subject_lr=0.3, subject_clamp=0.5)).edit_tokens(batches)
     reference_turn(ref_model, names, batches, {}, lr=1e-3, subject_only=names[:2], subject_values=deltas)
     UltraEditor(plain, EditConfig(**options)).edit_tokens(batches)

@@ -689,10 +689,9 @@ class UltraEditor:
         names = [n for n in self.modules if self._lower([n])[0]]
         if not names:
             raise EditError(f"subject_optimise: no edit module lies below subject_depth {self.config.subject_depth}")
-        top = max(names, key=layer_index)
-        block = self.model.get_submodule(top[: top.index(f".{layer_index(top)}.")] + f".{layer_index(top)}")
+        start = max(map(layer_index, names)) + 1  # the layer above the top module that edits at the subject
         config = self.config
-        deltas = subject_deltas(self.model, block, batches, config.subject_optimise, config.subject_lr,
+        deltas = subject_deltas(self.model, start, batches, config.subject_optimise, config.subject_lr,
                                 config.subject_decay, config.subject_clamp, essence, config.subject_kl)
         return torch.cat([d[b[SUBJECT_INDEX] >= 0] for d, b in zip(deltas, batches) if SUBJECT_INDEX in b])
 

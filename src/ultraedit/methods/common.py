@@ -1,6 +1,6 @@
 """What the baselines share: where a model's layers and MLP output projections are, the
 teacher-forced encoding of a turn with each request's key position, weight updates in
-``(d_out, d_in)`` orientation, and :class:`Tail`, which runs a model from one decoder layer on.
+``(d_out, d_in)`` orientation, and :func:`tail_of`, a :class:`~ultraedit.tail.Tail` of an encoded turn.
 
 Every baseline here edits (or wraps) the MLP output projection of a decoder layer
 (``mlp.down_proj``, GPT-J ``mlp.fc_out``, GPT-2 ``mlp.c_proj``), as the published methods do.
@@ -19,7 +19,9 @@ from torch import nn
 
 from ..batching import IGNORE, EditRequest, collate, pad_id_of, tokenize_pair
 from ..bench import BenchError
+from .. import tail
 from ..presets import MLP_OUTPUTS, num_layers
+from ..tail import StopForward, Tail
 
 
 
@@ -29,12 +31,11 @@ class MethodError(BenchError):
 
 # --------------------------------------------------------------------------- model anatomy
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(dotted name, ModuleList)`` of the model's decoder layers (the list as long as the config says)."""
-    depth = num_layers(model)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == depth and re.search(r"(^|\.)(layers|h)$", name):
-            return name, module
-    raise MethodError(f"cannot find the {depth} decoder layers of {type(model).__name__}")
+    """``(dotted name, ModuleList)`` of the model's decoder layers (:func:`ultraedit.tail.decoder_layers`)."""
+    try:
+        return tail.decoder_layers(model)
+    except ValueError as err:
+        raise MethodError(str(err)) from None
 
 
 def mlp_out_name(model: nn.Module, layer: int) -> str:
@@ -103,17 +104,6 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 def add_update(module: nn.Module, delta_out_in: torch.Tensor) -> None:
     """``W += delta`` with ``delta`` given as ``(d_out, d_in)``, in the weight's dtype."""
     weight_out_in(module).add_(delta_out_in.to(module.weight.dtype))
-
-
-def final_norm(model: nn.Module) -> nn.Module:
-    """The norm between the last decoder layer and the LM head."""
-    prefix, _ = decoder_layers(model)
-    parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
-    for attr in ("norm", "ln_f", "final_layernorm"):
-        module = getattr(parent, attr, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise MethodError(f"cannot find the final norm of {type(model).__name__}")
 
 
 # --------------------------------------------------------------------------- options
@@ -195,105 +185,9 @@ def _subject_last(tokenizer: Any, request: EditRequest, n_prompt: int) -> int:
 
 
 # --------------------------------------------------------------------------- running from a layer
-class _Stop(Exception):
-    pass
-
-
-class Tail:
-    """Run ``model`` from decoder layer ``start`` on, for many optimisation steps of one turn.
-
-    :meth:`__init__` runs the model once without gradients up to layer ``start`` and keeps that
-    layer's input hidden states and call arguments (rotary embeddings, masks); :meth:`target_logits`
-    then runs layers ``start..`` + final norm + LM head (only at label positions) from any hidden
-    states. Everything below ``start`` must stay unchanged while the Tail is used.
-    """
-
-    def __init__(self, model: nn.Module, batch: Encoded, start: int) -> None:
-        self.model = model
-        _, self.layers = decoder_layers(model)
-        self.start = start
-        self.norm = final_norm(model)
-        self.head = model.get_output_embeddings()
-        self.mask = batch.labels != IGNORE
-        self.labels = batch.labels[self.mask]
-        self.hidden, self.kwargs = self._capture(batch)
-
-    def subset(self, rows: torch.Tensor) -> Tail:
-        """The same Tail restricted to sequences ``rows`` (a 1-D index): hidden states, labels and
-        every call argument batched over sequences are indexed; shared ones (rotary tables) kept."""
-        n = self.hidden.shape[0]
-        part = object.__new__(Tail)
-        part.model, part.layers, part.start, part.norm, part.head = self.model, self.layers, self.start, self.norm, self.head
-        part.mask = self.mask[rows]
-        part.labels = batch_labels(self, rows)
-        part.hidden = self.hidden[rows]
-        part.kwargs = {k: _rows_of(v, rows, n) for k, v in self.kwargs.items()}
-        return part
-
-    @torch.no_grad()
-    def _capture(self, batch: Encoded) -> tuple[torch.Tensor, dict[str, Any]]:
-        if self.start >= len(self.layers):  # start after the last layer: the final norm's input
-            saved: dict[str, Any] = {}
-
-            def grab_norm(module: nn.Module, args: tuple) -> None:
-                saved["hidden"] = args[0]
-                raise _Stop
-
-            handle = self.norm.register_forward_pre_hook(grab_norm)
-            self._forward(batch, handle)
-            return saved["hidden"], {}
-        saved = {}
-
-        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            saved["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-            saved["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _Stop
-
-        handle = self.layers[self.start].register_forward_pre_hook(grab, with_kwargs=True)
-        self._forward(batch, handle)
-        return saved["hidden"], saved["kwargs"]
-
-    def _forward(self, batch: Encoded, handle: Any) -> None:
-        try:
-            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-
-    def target_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits at the label positions, ``(n_targets, vocab)``, from layer ``start``'s input."""
-        h = hidden
-        for layer in self.layers[self.start:]:
-            out = layer(h, **self.kwargs)
-            h = out[0] if isinstance(out, tuple) else out
-        return self.head(self.norm(h[self.mask])).float()
-
-    def token_nll(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of every label token, flat in label order."""
-        return F.cross_entropy(self.target_logits(hidden), self.labels, reduction="none")
-
-    def per_row(self, values: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
-        """Flat per-token values -> one value per sequence (mean or sum over its label tokens)."""
-        rows = self.mask.nonzero()[:, 0]
-        total = torch.zeros(self.mask.shape[0], dtype=values.dtype, device=values.device).index_add_(0, rows, values)
-        return total / self.mask.sum(1).clamp(min=1) if reduce == "mean" else total
-
-
-def batch_labels(tail: Tail, rows: torch.Tensor) -> torch.Tensor:
-    """The flat label tokens of sequences ``rows`` of ``tail``, in label order."""
-    owner = tail.mask.nonzero()[:, 0]
-    keep = torch.isin(owner, rows.to(owner.device))
-    return tail.labels[keep]
-
-
-def _rows_of(value: Any, rows: torch.Tensor, n: int) -> Any:
-    """``value`` indexed by sequence when it is batched over the ``n`` sequences (tensors, tuples of them)."""
-    if isinstance(value, torch.Tensor):
-        return value[rows] if value.dim() > 0 and value.shape[0] == n and n > 1 else value
-    if isinstance(value, tuple):
-        return tuple(_rows_of(v, rows, n) for v in value)
-    return value
+def tail_of(model: nn.Module, batch: Encoded, start: int) -> Tail:
+    """A :class:`~ultraedit.tail.Tail` of ``batch`` from decoder layer ``start`` on."""
+    return Tail(model, start, batch.input_ids, batch.attention_mask, batch.labels)
 
 
 @torch.no_grad()
@@ -319,12 +213,12 @@ def module_io_at(model: nn.Module, batch: Encoded, names: Sequence[str], positio
         [hidden_after or 0] + [int(re.search(r"\.(\d+)\.", n).group(1)) for n in names])
 
     def stop(module: nn.Module, args: tuple, output: Any) -> None:
-        raise _Stop
+        raise StopForward
 
     handles.append(layers[last].register_forward_hook(stop))
     try:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         for h in handles:

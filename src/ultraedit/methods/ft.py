@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..batching import EditRequest
-from .common import Encoded, Tail, encode, frozen, one_layer_module, one_layer_params, unfreeze
+from .common import Encoded, encode, frozen, one_layer_module, one_layer_params, tail_of, unfreeze
 
 
 @dataclass
@@ -61,7 +61,7 @@ class FTMethod:
         weight.requires_grad_(True)
         try:
             with torch.no_grad():
-                tails = [Tail(self.model, b, self.params.layer) for b in batches]
+                tails = [tail_of(self.model, b, self.params.layer) for b in batches]
             optimizer = torch.optim.Adam([weight], lr=self.params.lr, weight_decay=self.params.weight_decay)
             loss = torch.zeros(())
             for _ in range(self.params.num_steps):

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..batching import EditRequest
-from .common import Encoded, Tail, encode, frozen, module_io_at, one_layer_module, one_layer_params, unfreeze
+from .common import Encoded, encode, frozen, module_io_at, one_layer_module, one_layer_params, tail_of, unfreeze
 
 
 @dataclass
@@ -138,7 +138,7 @@ class GraceMethod:
         values = self.codebook.values.clone().requires_grad_(True)
         self.values = values
         try:
-            tail = Tail(self.model, batch, self.params.layer)
+            tail = tail_of(self.model, batch, self.params.layer)
             optimizer = torch.optim.Adam([values], lr=self.params.edit_lr)
             loss = torch.zeros(())
             for _ in range(self.params.n_iter):

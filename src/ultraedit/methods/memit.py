@@ -42,7 +42,6 @@ from ..presets import num_layers
 from .common import (
     Encoded,
     MethodError,
-    Tail,
     add_update,
     apply_options,
     encode,
@@ -51,6 +50,7 @@ from .common import (
     mlp_out_name,
     module_io_at,
     scaled_layers,
+    tail_of,
     unfreeze,
 )
 from .covariance import second_moments
@@ -85,7 +85,7 @@ def compute_targets(model: nn.Module, batch: Encoded, layer: int, p: MEMITParams
     last of the ``v_num_grad_steps`` iterations only measures the loss."""
     saved = frozen(model)
     try:
-        tail = Tail(model, batch, layer + 1)
+        tail = tail_of(model, batch, layer + 1)
         n = tail.hidden.shape[0]
         h0 = tail.hidden[torch.arange(n, device=tail.hidden.device), batch.lookup].float()
         h0_norm = h0.norm(dim=1)

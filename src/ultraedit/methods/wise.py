@@ -58,7 +58,7 @@ from torch import nn
 from ..batching import IGNORE, EditRequest, collate, pad_id_of, tokenize_pair
 from ..neighbours import request_seed
 from ..preserve import package_text
-from .common import Encoded, Tail, frozen, one_layer_module, one_layer_params, unfreeze, weight_out_in
+from .common import Encoded, Tail, frozen, one_layer_module, one_layer_params, tail_of, unfreeze, weight_out_in
 
 #: EasyEdit's seeds for the context templates, and (new tokens, count) of each group.
 TEMPLATE_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
@@ -258,7 +258,7 @@ class WiseMethod:
         self.editing = weight
         losses: list[float] = []
         try:
-            tail = Tail(self.model, batch, p.layer)
+            tail = tail_of(self.model, batch, p.layer)
             optimizer = torch.optim.SGD([weight], lr=p.edit_lr, weight_decay=p.weight_decay)
             for i in range(p.n_iter):
                 loss, in_scope = self._loss(tail, batch)
