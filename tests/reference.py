@@ -219,13 +219,15 @@ def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, r
 
 
 def reference_subject_delta(model, block, input_ids, labels, position, steps, lr, decay, clamp, stop_loss=0.05,
-                            essence=None, kl=0.0):
+                            essence=None, kl=0.0, contexts=(), stop="loss"):
     """ROME/MEMIT's ``z`` for one unpadded sequence, plainly: ``delta`` added to ``block``'s output at
     ``position``; Adam on mean target NLL + decay ||delta||^2 / ||h||^2 (h: the unedited hidden state
     there), stopping once the NLL is at most ``stop_loss``, each step projected into ||delta|| <=
     clamp ||h||. ``essence`` (``(ids, position)``) and ``kl``: the loss also has kl * KL(p0 || p) of
-    the next token after ``ids`` with ``delta`` at its ``position`` (p0: without). Returns ``delta``
-    (``(hidden,)``)."""
+    the next token after ``ids`` with ``delta`` at its ``position`` (p0: without). ``contexts``: more
+    ``(ids, labels, position)`` sequences (position -1: no delta there); the NLL is then the mean of
+    every sequence's mean target NLL. ``stop="argmax"``: stop once every target token of every
+    sequence is the argmax instead. Returns ``delta`` (``(hidden,)``)."""
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -246,7 +248,8 @@ def reference_subject_delta(model, block, input_ids, labels, position, steps, lr
     def add(m, a, out):
         h = out[0] if isinstance(out, tuple) else out
         shift = torch.zeros_like(h)
-        shift[0, at["position"]] = delta
+        if at["position"] >= 0:
+            shift[0, at["position"]] = delta
         return (h + shift,) + tuple(out[1:]) if isinstance(out, tuple) else h + shift
 
     def essence_logp():
@@ -257,14 +260,21 @@ def reference_subject_delta(model, block, input_ids, labels, position, steps, lr
 
     optimiser = torch.optim.Adam([delta], lr=lr)
     handle = block.register_forward_hook(add)
-    mask = labels != -100
     if essence is not None:
         with torch.no_grad():
             p0 = essence_logp()
+    sequences = [(input_ids, labels, position)] + list(contexts)
     for _ in range(steps):
-        logits = model(input_ids=input_ids[None]).logits[0]
-        nll = F.cross_entropy(logits[mask].float(), labels[mask])
-        if float(nll.detach()) <= stop_loss:
+        nlls, wrong = [], False
+        for ids, labs, where in sequences:
+            at["position"] = where
+            logits = model(input_ids=ids[None]).logits[0]
+            mask = labs != -100
+            nlls.append(F.cross_entropy(logits[mask].float(), labs[mask]))
+            wrong = wrong or bool((logits[mask].argmax(-1) != labs[mask]).any())
+        at["position"] = position
+        nll = torch.stack(nlls).mean()
+        if (not wrong) if stop == "argmax" else float(nll.detach()) <= stop_loss:
             break
         optimiser.zero_grad()
         loss = nll + decay * delta.square().sum() / h_norm**2

@@ -675,6 +675,79 @@ def test_subject_deltas_match_a_plain_loop_per_sequence(arch):
                for d, b in zip(subject_deltas(model, 2, batches, **options), batches) if bool((b["subject_index"] < 0).any()))
 
 
+def _contexts_of(batches, seed, copies=2):
+    """Per minibatch, ``copies`` context copies of each row (random 1-4 token prefix + the row's
+    sequence, subject shifted by the prefix; -1 stays -1 and one copy in five loses its subject),
+    rows shuffled, ``owner`` naming each copy's row; and the unpadded copies per row."""
+    from ultraedit.batching import collate
+
+    gen = torch.Generator().manual_seed(seed)
+    out, plain = [], []
+    for batch in batches:
+        encoded, index, owner = [], [], []
+        for row, position in enumerate(batch["subject_index"].tolist()):
+            length = int(batch["attention_mask"][row].sum())
+            ids, labels = batch["input_ids"][row, :length].tolist(), batch["labels"][row, :length].tolist()
+            for _ in range(copies):
+                prefix = torch.randint(3, 60, (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen).tolist()
+                moved = position + len(prefix) if position >= 0 and float(torch.rand(1, generator=gen)) < 0.8 else -1
+                encoded.append((prefix + ids, [-100] * len(prefix) + labels))
+                index.append(moved)
+                owner.append(row)
+        shuffle = torch.randperm(len(encoded), generator=gen).tolist()
+        out.append({**collate([encoded[i] for i in shuffle], 0), "subject_index": torch.tensor([index[i] for i in shuffle]),
+                    "owner": torch.tensor([owner[i] for i in shuffle])})
+        plain.append([[(torch.tensor(encoded[i][0]), torch.tensor(encoded[i][1]), index[i]) for i in range(len(encoded))
+                       if owner[i] == row] for row in range(len(batch["input_ids"]))])
+    return out, plain
+
+
+@pytest.mark.parametrize("stop", ["loss", "argmax"])
+def test_subject_deltas_over_context_copies_match_a_plain_loop(stop):
+    """``subject_contexts``: one delta per request, added at the subject in the prompt and in each
+    context copy, the loss the mean of their mean NLLs (``subject_stop``: MEMIT's NLL rule or
+    every target token the argmax), as a plain loop over the request's own sequences computes it."""
+    from reference import reference_subject_delta
+    from ultraedit.subject_values import subject_deltas
+
+    model = tiny_model("llama")
+    batches = with_subjects(random_turn(11, requests=8, batch_size=4), 11)
+    contexts, plain = _contexts_of(batches, 11)
+    options = dict(steps=6, lr=0.5, decay=0.5, clamp=0.75)
+    ours = torch.cat([d[b["subject_index"] >= 0] for d, b in
+                      zip(subject_deltas(model, 2, batches, **options, contexts=contexts, stop=stop), batches)])
+    alone = torch.cat([d[b["subject_index"] >= 0] for d, b in zip(subject_deltas(model, 2, batches, **options, stop=stop), batches)])
+    reference = []
+    for b, batch in enumerate(batches):
+        for row, position in enumerate(batch["subject_index"].tolist()):
+            if position >= 0:
+                length = int(batch["attention_mask"][row].sum())
+                reference.append(reference_subject_delta(
+                    model, model.model.layers[1], batch["input_ids"][row, :length], batch["labels"][row, :length],
+                    position, contexts=plain[b][row], stop=stop, **options))
+    torch.testing.assert_close(ours, torch.stack(reference), rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(ours, alone, rtol=1e-3, atol=1e-4)
+
+
+def test_argmax_stop_moves_less_than_the_loss_rule():
+    """``subject_stop="argmax"`` (ENCORE's most-probable early stop) ends a search once the target is
+    the argmax, far from the NLL rule's 0.05 on a tiny model whose logits are nearly flat, so its
+    deltas are shorter (one-token targets, the change at the last prompt token)."""
+    from ultraedit.batching import collate
+    from ultraedit.subject_values import subject_deltas
+
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(3)
+    examples = [(torch.randint(3, 60, (5,), generator=gen).tolist(), [-100] * 4 + [int(torch.randint(3, 60, (1,), generator=gen))])
+                for _ in range(6)]
+    batch = {**collate(examples, 0), "subject_index": torch.tensor([4, 4, 4, 4, 4, -1])}
+    options = dict(steps=12, lr=0.02, decay=0.0, clamp=5.0)
+    by_loss = subject_deltas(model, 2, [batch], **options)[0].norm(dim=-1)
+    by_argmax = subject_deltas(model, 2, [batch], **options, stop="argmax")[0].norm(dim=-1)
+    assert (by_argmax[:5] > 0).all() and (by_argmax[:5] < 0.5 * by_loss[:5]).all()
+    assert float(by_argmax[5]) == float(by_loss[5]) == 0
+
+
 def test_subject_optimise_writes_delta_over_n_at_the_subject_rows():
     """``subject_optimise``: in the modules below ``subject_depth`` the subject rows' value is the
     optimised delta divided by how many such modules there are (together they add delta to the
@@ -698,7 +771,8 @@ def test_subject_optimise_writes_delta_over_n_at_the_subject_rows():
         assert not torch.allclose(plain.get_submodule(n).weight, model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="subject_optimise needs subject_depth"):
         EditConfig(subject_optimise=4)
-    for bad in ({"subject_optimise": -1}, {"subject_lr": 0.0}, {"subject_clamp": float("inf")}, {"subject_decay": -1.0}):
+    for bad in ({"subject_optimise": -1}, {"subject_lr": 0.0}, {"subject_clamp": float("inf")}, {"subject_decay": -1.0},
+                {"subject_contexts": -1}, {"subject_contexts": 1.5}, {"subject_stop": "never"}):
         with pytest.raises(ValueError, match="EditConfig"):
             EditConfig(**bad)
 
@@ -730,3 +804,40 @@ def test_edit_with_subject_kl_builds_each_rows_essence_prompt():
     UltraEditor(without, EditConfig(**options), tokenizer=tok).edit(SUBJECT_REQUESTS)
     assert not torch.allclose(with_kl.get_submodule(names[0]).weight, without.get_submodule(names[0]).weight)
     torch.testing.assert_close(with_kl.get_submodule(names[3]).weight, without.get_submodule(names[3]).weight)
+
+
+def test_edit_with_subject_contexts_searches_behind_the_generic_sentences():
+    """``subject_contexts`` in :meth:`UltraEditor.edit`: each row's copies are its request behind
+    the sentences :func:`ultraedit.neighbours.with_prefixes` draws, subject located in each, owned
+    by the row; the search then gives other subject values (the upper modules' first step is the
+    same), and the turn's rows are the prompts as given."""
+    from ultraedit.batching import minibatches, subject_of, subject_position
+    from ultraedit.neighbours import with_prefixes
+    from ultraedit.subject_values import context_batches
+
+    model, tok = _text_model()
+    batches, order = minibatches(tok, SUBJECT_REQUESTS, 2, subjects=True)
+    rows = [[SUBJECT_REQUESTS[i] for i in order[b * 2 : b * 2 + 2]] for b in range(len(batches))]
+    for requests, batch in zip(rows, context_batches(tok, rows, 3)):
+        assert batch["input_ids"].shape[0] == 3 * len(requests)
+        for owner in range(len(requests)):
+            copies, _ = with_prefixes([requests[owner]], 3)
+            expected = sorted(c.prompt for c in copies[1:])
+            mine = (batch["owner"] == owner).nonzero().flatten().tolist()
+            prompts = []
+            for row in mine:
+                length = int(batch["attention_mask"][row].sum())
+                ids = batch["input_ids"][row, :length].tolist()
+                prompt = next(c.prompt for c in copies[1:] if tok(c.prompt)["input_ids"] == ids[: len(tok(c.prompt)["input_ids"])])
+                prompts.append(prompt)
+                subject = subject_of(requests[owner])
+                assert int(batch["subject_index"][row]) == (subject_position(tok, prompt, subject) if subject else -1)
+            assert sorted(prompts) == expected
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(4)]
+    options = dict(modules=names, lr=1e-3, subject_keys=1.0, subject_depth=0.5, subject_optimise=3, subject_lr=0.5)
+    with_contexts, without = _text_model()[0], _text_model()[0]
+    report = UltraEditor(with_contexts, EditConfig(**options, subject_contexts=2), tokenizer=tok).edit(SUBJECT_REQUESTS)
+    UltraEditor(without, EditConfig(**options), tokenizer=tok).edit(SUBJECT_REQUESTS)
+    assert report.requests == len(SUBJECT_REQUESTS) and len(report.order) == len(SUBJECT_REQUESTS)
+    assert not torch.allclose(with_contexts.get_submodule(names[0]).weight, without.get_submodule(names[0]).weight)
+    torch.testing.assert_close(with_contexts.get_submodule(names[3]).weight, without.get_submodule(names[3]).weight)

@@ -135,7 +135,8 @@ class BenchConfig:
         faithful: run the authors' exact method (their lr unless ``lr`` is given, the family
             preset, no options beyond the paper) instead of ``EditConfig.recommended(model)``.
         refine_steps, preserve, lr_scale, memory, confidence, neighbours, neighbour_weight, prefixes,
-            subject_keys, subject_depth, key_outliers, subject_steps, subject_optimise, subject_clamp, subject_kl: override those :class:`EditConfig` options (``None``: the configuration's own).
+            subject_keys, subject_depth, key_outliers, subject_steps, subject_optimise, subject_clamp, subject_kl,
+            subject_contexts, subject_stop: override those :class:`EditConfig` options (``None``: the configuration's own).
         method_options: a baseline's hyperparameters by name (``--method-option KEY=VALUE``).
     """
 
@@ -175,6 +176,8 @@ class BenchConfig:
     subject_optimise: int | None = None
     subject_clamp: float | None = None
     subject_kl: float | None = None
+    subject_contexts: int | None = None
+    subject_stop: str | None = None
     method_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -274,7 +277,7 @@ def edit_config(
 #: The :class:`EditConfig` options a bench run may override (``BenchConfig`` fields and ``--flags`` of the same names).
 EDIT_OPTIONS = ("refine_steps", "preserve", "lr_scale", "memory", "confidence", "neighbours", "neighbour_weight",
                 "prefixes", "subject_keys", "subject_depth", "key_outliers", "subject_steps", "subject_optimise",
-                "subject_clamp", "subject_kl")
+                "subject_clamp", "subject_kl", "subject_contexts", "subject_stop")
 
 
 def bench_edit_config(model: nn.Module, config: BenchConfig) -> EditConfig:

@@ -33,6 +33,7 @@ from .normalizer import LifelongNormalizer
 from .neighbours import neighbour_grams, neighbour_pairs, with_prefixes
 from .presets import layer_index, num_layers, preset_for, recommended_preset, resolve_modules
 from .solver import Preserved, ridge_solve, target_values
+from .subject_values import STOP_RULES
 
 if TYPE_CHECKING:  # pragma: no cover
     from .state import RevertReport
@@ -150,6 +151,15 @@ class EditConfig:
             subject is: ``subject_kl * KL(p0 || p)`` of the next token after ``"{subject} is a"``
             with the change added at the subject (ROME/MEMIT's essence term, their ``kl_factor``).
             Text requests only (the subject's text is needed). 0 = off.
+        subject_contexts: with ``subject_optimise``, each request's change is optimised over its
+            prompt and this many copies behind a generic-text sentence (ROME/MEMIT's context
+            templates; the sentences :func:`ultraedit.neighbours.with_prefixes` draws), the change
+            added at the subject's last token in every copy and the loss the mean of the copies'.
+            Only the search sees the copies; the turn edits the prompts as given. Text requests
+            only. 0 = off.
+        subject_stop: when a request's search stops: ``"loss"`` once its mean target NLL is under
+            0.05 (MEMIT's loop), ``"argmax"`` once every target token is the argmax in every copy
+            (ENCORE's most-probable early stopping: no further push past what the edit needs).
     """
 
     modules: list[str] | None = None
@@ -178,6 +188,8 @@ class EditConfig:
     subject_decay: float = 0.5
     subject_clamp: float = 0.75
     subject_kl: float = 0.0
+    subject_contexts: int = 0
+    subject_stop: str = "loss"
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -237,6 +249,10 @@ class EditConfig:
                 raise ValueError(f"EditConfig.{name} must be a positive finite number, got {getattr(self, name)}")
         if not (math.isfinite(self.subject_kl) and self.subject_kl >= 0):
             raise ValueError(f"EditConfig.subject_kl must be a finite number >= 0, got {self.subject_kl}")
+        if not (isinstance(self.subject_contexts, int) and self.subject_contexts >= 0):
+            raise ValueError(f"EditConfig.subject_contexts must be an int >= 0, got {self.subject_contexts!r}")
+        if self.subject_stop not in STOP_RULES:
+            raise ValueError(f"EditConfig.subject_stop must be one of {STOP_RULES}, got {self.subject_stop!r}")
         if not (math.isfinite(self.subject_decay) and self.subject_decay >= 0):
             raise ValueError(f"EditConfig.subject_decay must be a finite number >= 0, got {self.subject_decay}")
 
@@ -312,6 +328,9 @@ def options_summary() -> str:
         "               this many Adam steps on the residual change at the subject, subject_lr, subject_decay,",
         "               ||delta|| <= subject_clamp ||h||), spread over the modules below the split",
         "  subject_kl   with subject_optimise: weight of KL(p0 || p) after '{subject} is a' in that search",
+        "  subject_contexts with subject_optimise: that search also runs each prompt behind this many generic",
+        "               sentences (context templates), one change for all",
+        "  subject_stop 'loss' (NLL < 0.05) | 'argmax' (every target token the argmax): when a request's search stops",
     ])
 
 
@@ -509,8 +528,10 @@ class UltraEditor:
             self.tokenizer, sequences, self.config.capture_batch_size, subjects=self.config.subject_keys > 0
         )
         essence = self._essence(sequences, order, batches)
+        contexts = self._contexts(sequences, order, batches)
         order = [owners[i] for i in order]  # a prefixed copy is named by its request
-        pending = self.prepare(batches, order=order, preserved=self._neighbour_grams(requests), essence=essence)
+        pending = self.prepare(batches, order=order, preserved=self._neighbour_grams(requests), essence=essence,
+                               contexts=contexts)
         pending.requests = requests
         pending.report.requests = len(requests)
         self.commit(pending)
@@ -529,6 +550,20 @@ class UltraEditor:
         subjects = [[subject_of(sequences[next(rows)]) for _ in range(len(b["input_ids"]))] for b in batches]
         device = self._device()
         return [{k: t.to(device) for k, t in b.items()} for b in essence_batches(self.tokenizer, subjects)]
+
+    def _contexts(
+        self, sequences: Sequence[EditRequest], order: list[int], batches: list[dict[str, torch.Tensor]]
+    ) -> list[dict[str, torch.Tensor]] | None:
+        """``subject_contexts``: per minibatch, its rows' context copies for the subject search."""
+        if self.config.subject_optimise <= 0 or self.config.subject_contexts <= 0:
+            return None
+        from .subject_values import context_batches
+
+        rows = iter(order)
+        requests = [[sequences[next(rows)] for _ in range(len(b["input_ids"]))] for b in batches]
+        device = self._device()
+        return [{k: t.to(device) for k, t in b.items()}
+                for b in context_batches(self.tokenizer, requests, self.config.subject_contexts)]
 
     def edit_tokens(self, batches: Sequence[dict[str, torch.Tensor]]) -> TurnReport:
         """Apply one turn given pre-tokenized minibatches.
@@ -553,11 +588,13 @@ class UltraEditor:
         order: Sequence[int] | None = None,
         preserved: dict[str, torch.Tensor] | None = None,
         essence: list[dict[str, torch.Tensor]] | None = None,
+        contexts: list[dict[str, torch.Tensor]] | None = None,
     ) -> PendingTurn:
         """Compute a turn's shifts and updated statistics without changing anything.
 
         ``preserved`` (module name -> ``(d_in, d_in)``) is added to this turn's ridge systems;
-        ``essence``: the minibatches' essence prompts (``subject_kl``)."""
+        ``essence``: the minibatches' essence prompts (``subject_kl``); ``contexts``: their context
+        copies (``subject_contexts``)."""
         start = time.perf_counter()
         batches = self._validate(batches, order)
         captures = self._capture(batches, order)
@@ -571,7 +608,7 @@ class UltraEditor:
 
         # Steps 4-6 (plus refinement steps when configured).
         preserve = self._preserved(normalizers, preserved)
-        subject_values = self._subject_values(batches, essence)
+        subject_values = self._subject_values(batches, essence, contexts)
         if self.config.refine_steps == 1:
             shifts = self._solve(captures, normalizers, out_dtype="weights", preserve=preserve,
                                  subject_values=subject_values)
@@ -677,7 +714,8 @@ class UltraEditor:
         return shifts
 
     def _subject_values(
-        self, batches: list[dict[str, torch.Tensor]], essence: list[dict[str, torch.Tensor]] | None = None
+        self, batches: list[dict[str, torch.Tensor]], essence: list[dict[str, torch.Tensor]] | None = None,
+        contexts: list[dict[str, torch.Tensor]] | None = None,
     ) -> torch.Tensor | None:
         """``subject_optimise``: the optimised residual change of every subject row, ``(subject rows,
         hidden)`` in row order, after the top module below ``subject_depth`` (``None`` when off or
@@ -692,7 +730,8 @@ class UltraEditor:
         start = max(map(layer_index, names)) + 1  # the layer above the top module that edits at the subject
         config = self.config
         deltas = subject_deltas(self.model, start, batches, config.subject_optimise, config.subject_lr,
-                                config.subject_decay, config.subject_clamp, essence, config.subject_kl)
+                                config.subject_decay, config.subject_clamp, essence, config.subject_kl,
+                                contexts, config.subject_stop)
         return torch.cat([d[b[SUBJECT_INDEX] >= 0] for d, b in zip(deltas, batches) if SUBJECT_INDEX in b])
 
     def _lower(self, group: list[str]) -> torch.Tensor:

@@ -28,6 +28,7 @@ from .capture import _frozen
 from .tail import Tail
 
 STOP_LOSS = 0.05  # a request whose mean target NLL is below this stops moving (MEMIT's early stop)
+STOP_RULES = ("loss", "argmax")  # EditConfig.subject_stop: NLL < STOP_LOSS, or every target token the argmax
 
 
 ESSENCE = "{} is a"  # ROME/MEMIT's essence prompt: what the subject is, kept by the KL term
@@ -54,17 +55,39 @@ def subject_deltas(
     model: nn.Module, start: int, batches: Sequence[dict[str, torch.Tensor]],
     steps: int, lr: float, decay: float, clamp: float,
     essence: Sequence[dict[str, torch.Tensor]] | None = None, kl: float = 0.0,
+    contexts: Sequence[dict[str, torch.Tensor]] | None = None, stop: str = "loss",
 ) -> list[torch.Tensor]:
     """Per minibatch, ``(B, hidden)`` float32: each sequence's ``delta`` at its ``subject_index``
     in the input of decoder layer ``start`` (the output of the layer below it), zeros where it has
     none (-1). Only the layers from ``start`` on run in the search (:class:`~ultraedit.tail.Tail`).
     With ``essence`` (:func:`essence_batches`, row for row) and ``kl`` > 0, each loss also has
     ``kl * KL(p0 || p)`` of the next-token distribution after its essence prompt (``p0``: with
-    ``delta`` = 0)."""
+    ``delta`` = 0). With ``contexts`` (:func:`context_batches`, one per minibatch) each loss is
+    the mean over the sequence and its context copies, ``delta`` added in each. ``stop``: a
+    sequence stops moving once its loss is under ``STOP_LOSS`` (``"loss"``) or once every target
+    token of it and its copies is the argmax (``"argmax"``)."""
     with _frozen(model):
         return [_batch_deltas(model, start, batch, steps, lr, decay, clamp,
-                              essence[i] if essence is not None and kl > 0 else None, kl)
+                              essence[i] if essence is not None and kl > 0 else None, kl,
+                              contexts[i] if contexts is not None else None, stop)
                 for i, batch in enumerate(batches)]
+
+
+def context_batches(tokenizer: Any, requests: Sequence[Sequence[Any]], per_request: int) -> list[dict[str, torch.Tensor]]:
+    """Per minibatch (``requests``: its rows' :class:`~ultraedit.batching.EditRequest`), one batch of
+    the rows' context copies (:func:`ultraedit.neighbours.with_prefixes`: each prompt behind
+    ``per_request`` generic sentences) with ``subject_index`` and ``owner`` (the minibatch row each
+    copy belongs to)."""
+    from .batching import minibatches
+    from .neighbours import with_prefixes
+
+    out = []
+    for rows in requests:
+        sequences, owners = with_prefixes(rows, per_request)
+        copies, owned = sequences[len(rows):], owners[len(rows):]
+        (batch,), order = minibatches(tokenizer, copies, len(copies), subjects=True)
+        out.append({**batch, "owner": torch.tensor([owned[i] for i in order])})
+    return out
 
 
 class _Shifted:
@@ -73,17 +96,29 @@ class _Shifted:
     def __init__(self, model: nn.Module, start: int, batch: dict[str, torch.Tensor]) -> None:
         self.tail = Tail(model, start, batch["input_ids"], batch["attention_mask"], batch["labels"])
         index = batch[SUBJECT_INDEX]
+        self.owner = batch.get("owner", torch.arange(index.shape[0], device=index.device))  # whose delta
         self.rows = torch.nonzero(index >= 0).flatten()
         device = self.tail.hidden.device
         self.where = (self.rows.to(device), index[self.rows].to(device))
 
     def hidden(self, delta: torch.Tensor) -> torch.Tensor:
-        """Layer ``start``'s input with ``delta`` (``(B, hidden)``) added at the subject rows."""
-        change = delta[self.rows.to(delta.device)].to(self.tail.hidden.device, self.tail.hidden.dtype)
+        """Layer ``start``'s input with each row's owner's ``delta`` (``(owners, hidden)``) added at its subject."""
+        change = delta[self.owner[self.rows].to(delta.device)].to(self.tail.hidden.device, self.tail.hidden.dtype)
         return self.tail.hidden.index_put(self.where, change, accumulate=True)
 
+    def losses(self, delta: torch.Tensor, owners: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per owner: the sum of its rows' mean target NLLs, and how many of its rows have a target
+        token that is not the argmax."""
+        logits = self.tail.target_logits(self.hidden(delta))
+        labels = self.tail.labels.to(logits.device)
+        nll = self.tail.per_row(F.cross_entropy(logits, labels, reduction="none")).to(delta.device)
+        wrong = self.tail.per_row((logits.argmax(-1) != labels).float(), "sum").to(delta.device)
+        owner = self.owner.to(delta.device)
+        return (torch.zeros(owners, device=delta.device).index_add(0, owner, nll),
+                torch.zeros(owners, device=delta.device).index_add(0, owner, (wrong > 0).float()))
 
-def _batch_deltas(model, start, batch, steps, lr, decay, clamp, essence, kl) -> torch.Tensor:
+
+def _batch_deltas(model, start, batch, steps, lr, decay, clamp, essence, kl, contexts, stop) -> torch.Tensor:
     """Adam on the minibatch's deltas; each sequence's loss is its own (Adam is per coordinate, so each
     delta moves as if optimised alone)."""
     index = batch[SUBJECT_INDEX]
@@ -92,6 +127,8 @@ def _batch_deltas(model, start, batch, steps, lr, decay, clamp, essence, kl) -> 
     if not bool((index >= 0).any()):
         return delta.detach()
     edit = _Shifted(model, start, batch)
+    shifted = [edit] + ([_Shifted(model, start, contexts)] if contexts is not None else [])
+    copies = sum(torch.bincount(s.owner.cpu(), minlength=index.shape[0]) for s in shifted).to(delta.device)
     norm = torch.ones(index.shape[0], device=delta.device)  # ||h|| unedited, per sequence (1: no subject)
     norm[edit.rows] = torch.linalg.vector_norm(edit.tail.hidden[edit.where].float(), dim=-1).to(delta.device)
     if essence is not None:
@@ -103,8 +140,10 @@ def _batch_deltas(model, start, batch, steps, lr, decay, clamp, essence, kl) -> 
     optimiser = torch.optim.Adam([delta], lr=lr)
     moving = index >= 0
     for _ in range(steps):
-        loss = edit.tail.per_row(edit.tail.token_nll(edit.hidden(delta))).to(delta.device)
-        moving &= loss.detach() > STOP_LOSS
+        parts = [s.losses(delta, index.shape[0]) for s in shifted]
+        loss = sum(nll for nll, _ in parts) / copies
+        unfinished = sum(wrong for _, wrong in parts) > 0 if stop == "argmax" else loss.detach() > STOP_LOSS
+        moving &= unfinished
         if not bool(moving.any()):
             break
         penalty = decay * delta.square().sum(-1) / norm.square()

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..batching import EditError
 from ..bench import DATASETS, EDIT_OPTIONS, METHODS, BenchConfig, BenchError, markdown, run
+from ..subject_values import STOP_RULES
 from ..datasets import DatasetError
 from ..editor import EditConfig
 from ..models import DTYPES, ModelError
@@ -45,6 +46,7 @@ _OPTION_FLAGS = (
     ("subject_optimise", int, "N", "Adam steps optimising the subject rows' values (ROME/MEMIT's z); 0 = off"),
     ("subject_clamp", float, "C", "optimised subject change at most C x the hidden state's norm"),
     ("subject_kl", float, "W", "weight of the KL term keeping '{subject} is a' (ROME/MEMIT's essence)"),
+    ("subject_contexts", int, "N", "the subject search also runs each prompt behind N generic sentences"),
 )
 
 
@@ -90,6 +92,8 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, metavar=metavar,
                        help=f"override EditConfig.{name} ({what})")
     p.add_argument("--lr-scale", choices=("none", "width"), default=None, help="override EditConfig.lr_scale")
+    p.add_argument("--subject-stop", choices=STOP_RULES, default=None,
+                   help="override EditConfig.subject_stop (when a request's subject search stops)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_command)
