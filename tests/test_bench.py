@@ -76,8 +76,10 @@ def test_bench_is_a_subcommand():
                                          "--subject-keys", "0.5", "--subject-depth", "0.3", "--key-outliers", "6"])
     assert (subject.subject_keys, subject.subject_depth, subject.key_outliers) == (0.5, 0.3, 6.0)
     search = build_parser().parse_args(["bench", "--model", "m", "--dataset", "zsre", "--turns", "1", "--out", "o",
-                                        "--subject-optimise", "8", "--subject-contexts", "3", "--subject-stop", "argmax"])
+                                        "--subject-optimise", "8", "--subject-contexts", "3", "--subject-stop", "argmax",
+                                        "--preserve-text", "both"])
     assert (search.subject_optimise, search.subject_contexts, search.subject_stop) == (8, 3, "argmax")
+    assert search.preserve_text == "both"
     from ultraedit.bench import EDIT_OPTIONS
     from ultraedit.editor import EditConfig
 

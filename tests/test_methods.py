@@ -454,7 +454,7 @@ def test_wise_saves_shards_and_merges_on_schedule():
 
 # --------------------------------------------------------------------------- key statistics
 def test_second_moments_from_a_file_match_plain_and_are_cached(tmp_path, monkeypatch):
-    from ultraedit.methods.covariance import second_moments
+    from ultraedit.covariance import second_moments
     from ultraedit.testbed import load_testbed
 
     monkeypatch.setenv("ULTRAEDIT_CACHE", str(tmp_path / "cache"))

@@ -229,6 +229,36 @@ def test_generic_key_moments_match_a_plain_one_sequence_at_a_time_computation():
         torch.testing.assert_close(ours[n].double(), sums[n] / count, rtol=1e-4, atol=1e-6)
 
 
+def test_preserve_text_takes_e0_over_the_package_text_generated_text_or_both(tmp_path, monkeypatch):
+    """``preserve_text``: the preserved term's ``E0[k k^T]`` is the package text's (as before), the
+    model-generated text's (:func:`ultraedit.covariance.second_moments`, tested against a plain
+    computation there), or the mean of the two; taken on the model as given, before any edit."""
+    from ultraedit.covariance import second_moments
+    from ultraedit.preserve import key_moments
+
+    monkeypatch.setenv("ULTRAEDIT_CACHE", str(tmp_path / "cache"))
+    model, tok = _text_model()
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(4)]
+    modules = {n: model.get_submodule(n) for n in names}
+    package = key_moments(model, tok, modules)
+    generated, info = second_moments(model, tok, names, progress=False)
+    assert info["tokens"] == 64 * 256
+    moments = {}
+    for source in ("package", "generated", "both"):
+        editor = UltraEditor(copy.deepcopy(model), EditConfig(modules=names, lr=1e-3, preserve=5.0, preserve_text=source),
+                             tokenizer=tok)
+        moments[source] = editor._generic_moments()
+        editor.edit_tokens(random_turn(3, vocab=60))
+        moments[source + " after"] = editor.model.get_submodule(names[0]).weight.detach().clone()
+    for n in names:
+        torch.testing.assert_close(moments["package"][n], package[n])
+        torch.testing.assert_close(moments["generated"][n], generated[n])
+        torch.testing.assert_close(moments["both"][n], (package[n] + generated[n]) / 2)
+    assert not torch.allclose(moments["package after"], moments["generated after"])
+    with pytest.raises(ValueError, match="preserve_text"):
+        EditConfig(preserve_text="wikipedia")
+
+
 def test_a_resumed_session_with_the_new_options_equals_an_uninterrupted_one(tmp_path):
     import transformers as T
     from test_bench import _tokenizer

@@ -134,7 +134,7 @@ class BenchConfig:
         progress: show progress bars (stderr).
         faithful: run the authors' exact method (their lr unless ``lr`` is given, the family
             preset, no options beyond the paper) instead of ``EditConfig.recommended(model)``.
-        refine_steps, preserve, lr_scale, memory, confidence, neighbours, neighbour_weight, prefixes,
+        refine_steps, preserve, preserve_text, lr_scale, memory, confidence, neighbours, neighbour_weight, prefixes,
             subject_keys, subject_depth, key_outliers, subject_steps, subject_optimise, subject_clamp, subject_kl,
             subject_contexts, subject_stop: override those :class:`EditConfig` options (``None``: the configuration's own).
         method_options: a baseline's hyperparameters by name (``--method-option KEY=VALUE``).
@@ -163,6 +163,7 @@ class BenchConfig:
     faithful: bool = False
     refine_steps: int | None = None
     preserve: float | None = None
+    preserve_text: str | None = None
     lr_scale: str | None = None
     memory: float | None = None
     confidence: float | None = None
@@ -275,7 +276,7 @@ def edit_config(
 
 
 #: The :class:`EditConfig` options a bench run may override (``BenchConfig`` fields and ``--flags`` of the same names).
-EDIT_OPTIONS = ("refine_steps", "preserve", "lr_scale", "memory", "confidence", "neighbours", "neighbour_weight",
+EDIT_OPTIONS = ("refine_steps", "preserve", "preserve_text", "lr_scale", "memory", "confidence", "neighbours", "neighbour_weight",
                 "prefixes", "subject_keys", "subject_depth", "key_outliers", "subject_steps", "subject_optimise",
                 "subject_clamp", "subject_kl", "subject_contexts", "subject_stop")
 

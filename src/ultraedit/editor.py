@@ -64,6 +64,9 @@ RECOMMENDED: dict[str, Any] = {
 #: gate/up_proj, and no subject rows (measured only on the MLP output projections).
 RECOMMENDED_PRESET = {"lr": 5e-6, "subject_keys": 0.0, "subject_depth": 0.0}
 
+#: ``EditConfig.preserve_text``: where the preserved generic keys come from.
+PRESERVE_TEXTS = ("package", "generated", "both")
+
 #: ``(d_in, d_out)`` of the modules the authors' lr 1e-6 was tuned on (Llama-3-8B gate/up_proj).
 LR_REFERENCE_SHAPE = (4096, 14336)
 
@@ -100,6 +103,10 @@ class EditConfig:
             ``(K^T K + lambda I + alpha E0[k k^T])^-1 K^T V``, where ``E0[k k^T]`` is the
             second moment of each edit module's input over a generic English text shipped with
             the package (MEMIT's covariance term; needs a tokenizer). 0 = off.
+        preserve_text: the text ``E0[k k^T]`` is taken over: ``"package"`` (the package's
+            ``data/generic.txt``, about 1,600 tokens), ``"generated"`` (16,384 tokens the model
+            samples from its BOS token, seeded and cached per model: :mod:`ultraedit.covariance`,
+            MEMIT's statistics where no Wikipedia is at hand) or ``"both"`` (the mean of the two).
         memory: weight ``beta`` of the keys of all earlier turns in the ridge: per module the
             editor keeps ``M = sum over past turns of K^T K`` (``d_in x d_in``, constant in the
             number of edits; saved with the state, undone by revert) and solves
@@ -174,6 +181,7 @@ class EditConfig:
     lr_scale: str = "none"
     refine_steps: int = 1
     preserve: float = 0.0
+    preserve_text: str = "package"
     memory: float = 0.0
     confidence: float = 0.0
     neighbours: int = 0
@@ -249,6 +257,8 @@ class EditConfig:
                 raise ValueError(f"EditConfig.{name} must be a positive finite number, got {getattr(self, name)}")
         if not (math.isfinite(self.subject_kl) and self.subject_kl >= 0):
             raise ValueError(f"EditConfig.subject_kl must be a finite number >= 0, got {self.subject_kl}")
+        if self.preserve_text not in PRESERVE_TEXTS:
+            raise ValueError(f"EditConfig.preserve_text must be one of {PRESERVE_TEXTS}, got {self.preserve_text!r}")
         if not (isinstance(self.subject_contexts, int) and self.subject_contexts >= 0):
             raise ValueError(f"EditConfig.subject_contexts must be an int >= 0, got {self.subject_contexts!r}")
         if self.subject_stop not in STOP_RULES:
@@ -310,6 +320,8 @@ def options_summary() -> str:
         "  refine_steps most closed-form steps per turn; later steps re-capture gradients and edit only the",
         "               requests not yet right (the right ones preserved); stops when all are right",
         "  preserve     alpha of generic-text keys in the ridge: (K^T K + lambda I + alpha E0[k k^T])^-1 K^T V",
+        "  preserve_text 'package' (data/generic.txt) | 'generated' (16,384 tokens the model samples, cached)",
+        "               | 'both' (their mean): the text E0 is taken over",
         "  memory       beta of all earlier turns' keys in the ridge (+ beta sum_past K^T K; a d_in x d_in matrix",
         "               per module, saved with the state, undone by revert)",
         "  confidence   refinement keeps editing a request until each target token is the argmax with at least",
@@ -788,13 +800,21 @@ class UltraEditor:
         return {n: self.config.neighbour_weight * g.to(self.modules[n].weight.device) for n, g in grams.items()}
 
     def _generic_moments(self) -> dict[str, torch.Tensor]:
-        """``E0[k k^T]`` per edit module over the package's generic text (computed once)."""
+        """``E0[k k^T]`` per edit module over ``preserve_text`` (computed once)."""
         if self._moments is None:
             if self.tokenizer is None:
                 raise EditError("EditConfig.preserve > 0 needs the tokenizer: UltraEditor(model, config, tokenizer=...)")
+            from .covariance import second_moments
             from .preserve import key_moments
 
-            self._moments = key_moments(self.model, self.tokenizer, self.modules, dtype=self.config.torch_dtype)
+            dtype, source = self.config.torch_dtype, self.config.preserve_text
+            parts = []
+            if source in ("package", "both"):
+                parts.append(key_moments(self.model, self.tokenizer, self.modules, dtype=dtype))
+            if source in ("generated", "both"):
+                generated, _ = second_moments(self.model, self.tokenizer, list(self.modules), progress=False)
+                parts.append({n: m.to(self.modules[n].weight.device, dtype) for n, m in generated.items()})
+            self._moments = {n: sum(p[n] for p in parts) / len(parts) for n in self.modules}
         return self._moments
 
     def _refine(

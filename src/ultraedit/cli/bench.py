@@ -9,6 +9,7 @@ from typing import Any
 
 from ..batching import EditError
 from ..bench import DATASETS, EDIT_OPTIONS, METHODS, BenchConfig, BenchError, markdown, run
+from ..editor import PRESERVE_TEXTS
 from ..subject_values import STOP_RULES
 from ..datasets import DatasetError
 from ..editor import EditConfig
@@ -92,6 +93,8 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, metavar=metavar,
                        help=f"override EditConfig.{name} ({what})")
     p.add_argument("--lr-scale", choices=("none", "width"), default=None, help="override EditConfig.lr_scale")
+    p.add_argument("--preserve-text", choices=PRESERVE_TEXTS, default=None,
+                   help="override EditConfig.preserve_text (the text the preserved generic keys come from)")
     p.add_argument("--subject-stop", choices=STOP_RULES, default=None,
                    help="override EditConfig.subject_stop (when a request's subject search stops)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

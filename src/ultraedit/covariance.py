@@ -1,4 +1,5 @@
-"""Second-moment statistics of MLP keys on generic text, for MEMIT and AlphaEdit.
+"""Second-moment statistics of MLP keys on generic text: MEMIT's and AlphaEdit's ``C``, and the
+editor's preserved-key term with ``EditConfig.preserve_text`` "generated" or "both".
 
 MEMIT and AlphaEdit need, per edited module, ``C = E[k k^T]`` over the module's inputs ``k`` on
 text the model already handles (the published code: 100,000 Wikipedia samples; uncentred, its
@@ -28,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import _cache_kwarg
-from ..models import cache_dir
+from .capture import _cache_kwarg
+from .models import cache_dir
 
 
 def model_hash(model: nn.Module) -> str:
