@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -812,7 +813,8 @@ class UltraEditor:
             if source in ("package", "both"):
                 parts.append(key_moments(self.model, self.tokenizer, self.modules, dtype=dtype))
             if source in ("generated", "both"):
-                generated, _ = second_moments(self.model, self.tokenizer, list(self.modules), progress=False)
+                generated, _ = second_moments(self.model, self.tokenizer, list(self.modules),
+                                              progress=sys.stderr.isatty())  # once per model (cached)
                 parts.append({n: m.to(self.modules[n].weight.device, dtype) for n, m in generated.items()})
             self._moments = {n: sum(p[n] for p in parts) / len(parts) for n in self.modules}
         return self._moments
