@@ -1,0 +1,60 @@
+"""Which edit modules cost the locality: edit in turns, then score with all edits, with only the
+modules below ``subject_depth`` edited (the subject rows) and with only those above it.
+
+    python benchmarks/locality_split.py zsre:500 '{"subject_optimise": 8, "subject_clamp": 0.4}'
+
+DATA and CONFIG as in ``explore.py`` (CONFIG: ``EditConfig`` fields on top of the recommended
+configuration). One JSON line per view; the README's stop-18 numbers came from this.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from explore import requests_of  # noqa: E402  (puts ../src on the path)
+
+from ultraedit import EditConfig, UltraEditor  # noqa: E402
+from ultraedit.evaluation import MetricTotals, perplexity, score_requests  # noqa: E402
+from ultraedit.models import load_model  # noqa: E402
+from ultraedit.preserve import package_text  # noqa: E402
+from ultraedit.presets import layer_index, num_layers  # noqa: E402
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    spec, text = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "{}"
+    requests = requests_of(spec)
+    model, tok = load_model("smollm2-135m", "cpu")
+    unedited = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = score_requests(model, tok, requests).locality_predictions
+    lines = package_text("heldout.txt")[:80]
+    ppl_before = perplexity(model, tok, lines)
+    config = EditConfig.recommended(model, **json.loads(text))
+    editor = UltraEditor(model, config, tokenizer=tok)
+    start = time.perf_counter()
+    for first in range(0, len(requests), 100):
+        editor.edit(requests[first : first + 100])
+    seconds = time.perf_counter() - start
+    edited = {k: v.clone() for k, v in model.state_dict().items()}
+    split = config.subject_depth * num_layers(model)
+    weights = {f"{name}.weight": layer_index(name) < split for name in config.modules}  # below the split?
+    views = {"all": lambda below: True, "lower only": lambda below: below, "upper only": lambda below: not below}
+    for view, keep in views.items():
+        model.load_state_dict({k: edited[k] if k in weights and keep(weights[k]) else unedited[k] for k in unedited})
+        totals = MetricTotals()
+        totals.add(score_requests(model, tok, requests, reference=reference))
+        m = totals.means()
+        print(json.dumps({"data": spec, "config": text, "view": view, "ES": round(m["efficacy"], 3),
+                          "GS": round(m["generalization"], 3), "retention": round(m["retention"], 3),
+                          "agreement": round(m["locality_vs_unedited"], 3),
+                          "perplexity_rise": round(perplexity(model, tok, lines) / ppl_before - 1, 3),
+                          "seconds": round(seconds, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
