@@ -55,34 +55,46 @@ def modules_of(spec: str) -> list[str]:
     return names
 
 
+class Bench:
+    """The SmolLM2 model, DATA's requests, the unedited model's locality predictions and held-out perplexity."""
+
+    def __init__(self, spec: str) -> None:
+        self.requests = requests_of(spec)
+        self.model, self.tok = load_model("smollm2-135m", "cpu")
+        self.unedited = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.reference = score_requests(self.model, self.tok, self.requests).locality_predictions
+        self.lines = package_text("heldout.txt")[:80]
+        self.ppl_before = perplexity(self.model, self.tok, self.lines)
+
+    def scores(self) -> dict:
+        """ES, GS, retention, agreement and the perplexity rise of the model as it is now."""
+        totals = MetricTotals()
+        totals.add(score_requests(self.model, self.tok, self.requests, reference=self.reference))
+        m = totals.means()
+        return {"ES": round(m["efficacy"], 3), "GS": round(m["generalization"], 3),
+                "retention": round(m["retention"], 3), "agreement": round(m["locality_vs_unedited"], 3),
+                "perplexity_rise": round(perplexity(self.model, self.tok, self.lines) / self.ppl_before - 1, 3)}
+
+
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     spec, configs = sys.argv[1], sys.argv[2:]
-    reqs = requests_of(spec)
-    model, tok = load_model("smollm2-135m", "cpu")
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    reference = score_requests(model, tok, reqs).locality_predictions
-    lines = package_text("heldout.txt")[:80]
-    ppl_before = perplexity(model, tok, lines)
+    bench = Bench(spec)
+    model, reqs = bench.model, bench.requests
     for text in configs:
         fields = json.loads(text)
-        model.load_state_dict(saved)
+        model.load_state_dict(bench.unedited)
         if "layers" in fields:
             fields["modules"] = modules_of(fields.pop("layers"))
         turn = fields.pop("turn", 100)
         config = EditConfig.recommended(model, **fields) if fields.pop("rec", True) else EditConfig(**fields)
-        editor = UltraEditor(model, config, tokenizer=tok)
+        editor = UltraEditor(model, config, tokenizer=bench.tok)
         start, steps = time.perf_counter(), []
         for first in range(0, len(reqs), turn):
             steps.append(editor.edit(reqs[first : first + turn]).steps)
         seconds = time.perf_counter() - start
-        totals = MetricTotals()
-        totals.add(score_requests(model, tok, reqs, reference=reference))
-        m = totals.means()
-        print(json.dumps({"data": spec, "config": text, "ES": round(m["efficacy"], 3), "GS": round(m["generalization"], 3),
-                          "retention": round(m["retention"], 3), "agreement": round(m["locality_vs_unedited"], 3),
-                          "perplexity_rise": round(perplexity(model, tok, lines) / ppl_before - 1, 3),
-                          "seconds": round(seconds, 1), "steps": steps}), flush=True)
+        print(json.dumps({"data": spec, "config": text, **bench.scores(), "seconds": round(seconds, 1), "steps": steps}),
+              flush=True)
 
 
 if __name__ == "__main__":

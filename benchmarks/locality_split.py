@@ -16,44 +16,32 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from explore import requests_of  # noqa: E402  (puts ../src on the path)
+from explore import Bench  # noqa: E402  (puts ../src on the path)
 
 from ultraedit import EditConfig, UltraEditor  # noqa: E402
-from ultraedit.evaluation import MetricTotals, perplexity, score_requests  # noqa: E402
-from ultraedit.models import load_model  # noqa: E402
-from ultraedit.preserve import package_text  # noqa: E402
 from ultraedit.presets import layer_index, num_layers  # noqa: E402
 
 
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     spec, text = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "{}"
-    requests = requests_of(spec)
-    model, tok = load_model("smollm2-135m", "cpu")
-    unedited = {k: v.clone() for k, v in model.state_dict().items()}
-    reference = score_requests(model, tok, requests).locality_predictions
-    lines = package_text("heldout.txt")[:80]
-    ppl_before = perplexity(model, tok, lines)
+    bench = Bench(spec)
+    model = bench.model
     config = EditConfig.recommended(model, **json.loads(text))
-    editor = UltraEditor(model, config, tokenizer=tok)
+    editor = UltraEditor(model, config, tokenizer=bench.tok)
     start = time.perf_counter()
-    for first in range(0, len(requests), 100):
-        editor.edit(requests[first : first + 100])
+    for first in range(0, len(bench.requests), 100):
+        editor.edit(bench.requests[first : first + 100])
     seconds = time.perf_counter() - start
     edited = {k: v.clone() for k, v in model.state_dict().items()}
     split = config.subject_depth * num_layers(model)
     weights = {f"{name}.weight": layer_index(name) < split for name in config.modules}  # below the split?
     views = {"all": lambda below: True, "lower only": lambda below: below, "upper only": lambda below: not below}
     for view, keep in views.items():
-        model.load_state_dict({k: edited[k] if k in weights and keep(weights[k]) else unedited[k] for k in unedited})
-        totals = MetricTotals()
-        totals.add(score_requests(model, tok, requests, reference=reference))
-        m = totals.means()
-        print(json.dumps({"data": spec, "config": text, "view": view, "ES": round(m["efficacy"], 3),
-                          "GS": round(m["generalization"], 3), "retention": round(m["retention"], 3),
-                          "agreement": round(m["locality_vs_unedited"], 3),
-                          "perplexity_rise": round(perplexity(model, tok, lines) / ppl_before - 1, 3),
-                          "seconds": round(seconds, 1)}), flush=True)
+        model.load_state_dict({k: edited[k] if k in weights and keep(weights[k]) else bench.unedited[k]
+                               for k in bench.unedited})
+        print(json.dumps({"data": spec, "config": text, "view": view, **bench.scores(), "seconds": round(seconds, 1)}),
+              flush=True)
 
 
 if __name__ == "__main__":
