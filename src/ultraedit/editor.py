@@ -34,7 +34,7 @@ from .normalizer import LifelongNormalizer
 from .neighbours import neighbour_grams, neighbour_pairs, with_prefixes
 from .presets import layer_index, num_layers, preset_for, recommended_preset, resolve_modules
 from .solver import Preserved, ridge_solve, target_values
-from .subject_values import STOP_RULES
+from .subject_values import STOP_RULES, context_batches, essence_batches, subject_deltas
 
 if TYPE_CHECKING:  # pragma: no cover
     from .state import RevertReport
@@ -540,8 +540,7 @@ class UltraEditor:
         batches, order = minibatches(
             self.tokenizer, sequences, self.config.capture_batch_size, subjects=self.config.subject_keys > 0
         )
-        essence = self._essence(sequences, order, batches)
-        contexts = self._contexts(sequences, order, batches)
+        essence, contexts = self._search_inputs(sequences, order, batches)
         order = [owners[i] for i in order]  # a prefixed copy is named by its request
         pending = self.prepare(batches, order=order, preserved=self._neighbour_grams(requests), essence=essence,
                                contexts=contexts)
@@ -550,33 +549,28 @@ class UltraEditor:
         self.commit(pending)
         return pending.report
 
-    def _essence(
+    def _search_inputs(
         self, sequences: Sequence[EditRequest], order: list[int], batches: list[dict[str, torch.Tensor]]
-    ) -> list[dict[str, torch.Tensor]] | None:
-        """``subject_kl``: the essence prompts of a turn's minibatches, row for row (``order``: the
-        sequences in minibatch order, as :func:`minibatches` returns it)."""
-        if self.config.subject_optimise <= 0 or self.config.subject_kl <= 0:
-            return None
-        from .subject_values import essence_batches
-
+    ) -> tuple[list[dict[str, torch.Tensor]] | None, list[dict[str, torch.Tensor]] | None]:
+        """``(essence, contexts)`` of the subject search, per minibatch and row for row (``order``: the
+        sequences in minibatch order, as :func:`minibatches` returns it): the essence prompts
+        (``subject_kl``) and the context copies (``subject_contexts``); ``None`` for an option off."""
+        config = self.config
+        if config.subject_optimise <= 0 or (config.subject_kl <= 0 and config.subject_contexts <= 0):
+            return None, None
         rows = iter(order)  # the batches' rows, in order
-        subjects = [[subject_of(sequences[next(rows)]) for _ in range(len(b["input_ids"]))] for b in batches]
-        device = self._device()
-        return [{k: t.to(device) for k, t in b.items()} for b in essence_batches(self.tokenizer, subjects)]
-
-    def _contexts(
-        self, sequences: Sequence[EditRequest], order: list[int], batches: list[dict[str, torch.Tensor]]
-    ) -> list[dict[str, torch.Tensor]] | None:
-        """``subject_contexts``: per minibatch, its rows' context copies for the subject search."""
-        if self.config.subject_optimise <= 0 or self.config.subject_contexts <= 0:
-            return None
-        from .subject_values import context_batches
-
-        rows = iter(order)
         requests = [[sequences[next(rows)] for _ in range(len(b["input_ids"]))] for b in batches]
         device = self._device()
-        return [{k: t.to(device) for k, t in b.items()}
-                for b in context_batches(self.tokenizer, requests, self.config.subject_contexts)]
+
+        def placed(made: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+            return [{k: t.to(device) for k, t in b.items()} for b in made]
+
+        essence = contexts = None
+        if config.subject_kl > 0:
+            essence = placed(essence_batches(self.tokenizer, [[subject_of(r) for r in rs] for rs in requests]))
+        if config.subject_contexts > 0:
+            contexts = placed(context_batches(self.tokenizer, requests, config.subject_contexts))
+        return essence, contexts
 
     def edit_tokens(self, batches: Sequence[dict[str, torch.Tensor]]) -> TurnReport:
         """Apply one turn given pre-tokenized minibatches.
@@ -735,8 +729,6 @@ class UltraEditor:
         when the turn has no subject rows)."""
         if self.config.subject_optimise <= 0 or not any(SUBJECT_INDEX in b for b in batches):
             return None
-        from .subject_values import subject_deltas
-
         names = [n for n in self.modules if self._lower([n])[0]]
         if not names:
             raise EditError(f"subject_optimise: no edit module lies below subject_depth {self.config.subject_depth}")

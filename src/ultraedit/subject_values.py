@@ -10,9 +10,9 @@ token, after the top layer that edits at the subject, that makes its target toke
 by Adam on ``delta`` alone (no weight moves; a request's ``delta`` freezes once its loss is below
 ``STOP_LOSS``, as in the published loop; only the layers above that layer run in the search). The
 lower edit modules then get ``delta / n`` as the value of the subject row (n = how many of them
-there are: together they add ``delta`` to the residual stream), and the ridge solve writes it as it writes every other value. The first-order value
-``-lr ||K_hat||^2 G_hat`` is one small step of this same descent; a few Adam steps follow the model's
-non-linearity to a change that actually carries the answer, which the subject's other wordings share.
+there are: together they add ``delta`` to the residual stream), and the ridge solve writes it as
+it writes every other value. The first-order value ``-lr ||K_hat||^2 G_hat`` is one small step of
+this same descent; a few Adam steps follow the model's non-linearity to a change that actually carries the answer, which the subject's other wordings share.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import IGNORE, SUBJECT_INDEX, collate, pad_id_of, subject_position
+from .batching import IGNORE, SUBJECT_INDEX, collate, minibatches, pad_id_of, subject_position
 from .capture import _frozen
+from .neighbours import with_prefixes
 from .tail import Tail
 
 STOP_LOSS = 0.05  # a request whose mean target NLL is below this stops moving (MEMIT's early stop)
@@ -78,9 +79,6 @@ def context_batches(tokenizer: Any, requests: Sequence[Sequence[Any]], per_reque
     the rows' context copies (:func:`ultraedit.neighbours.with_prefixes`: each prompt behind
     ``per_request`` generic sentences) with ``subject_index`` and ``owner`` (the minibatch row each
     copy belongs to)."""
-    from .batching import minibatches
-    from .neighbours import with_prefixes
-
     out = []
     for rows in requests:
         sequences, owners = with_prefixes(rows, per_request)

@@ -44,14 +44,15 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass once what it needs is captured."""
 
 
-def run_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, handle: Any) -> None:
-    """Run ``model`` until a hook raises :class:`StopForward` (or to the end); then remove ``handle``."""
+def run_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *handles: Any) -> None:
+    """Run ``model`` until a hook raises :class:`StopForward` (or to the end); then remove ``handles``."""
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except StopForward:
         pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 class Tail:

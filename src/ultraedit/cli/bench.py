@@ -9,11 +9,10 @@ from typing import Any
 
 from ..batching import EditError
 from ..bench import DATASETS, EDIT_OPTIONS, METHODS, BenchConfig, BenchError, markdown, run
-from ..editor import PRESERVE_TEXTS
-from ..subject_values import STOP_RULES
 from ..datasets import DatasetError
-from ..editor import EditConfig
+from ..editor import PRESERVE_TEXTS, EditConfig
 from ..models import DTYPES, ModelError
+from ..subject_values import STOP_RULES
 
 def _modules_arg(values: list[str] | None) -> list[str] | None:
     if not values:

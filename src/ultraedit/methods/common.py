@@ -14,14 +14,13 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..batching import IGNORE, EditRequest, collate, pad_id_of, tokenize_pair
 from ..bench import BenchError
-from .. import tail
 from ..presets import MLP_OUTPUTS, num_layers
-from ..tail import StopForward, Tail
+from ..tail import StopForward, Tail, run_until
+from ..tail import decoder_layers as _decoder_layers
 
 
 
@@ -33,7 +32,7 @@ class MethodError(BenchError):
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """``(dotted name, ModuleList)`` of the model's decoder layers (:func:`ultraedit.tail.decoder_layers`)."""
     try:
-        return tail.decoder_layers(model)
+        return _decoder_layers(model)
     except ValueError as err:
         raise MethodError(str(err)) from None
 
@@ -216,13 +215,7 @@ def module_io_at(model: nn.Module, batch: Encoded, names: Sequence[str], positio
         raise StopForward
 
     handles.append(layers[last].register_forward_hook(stop))
-    try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    run_until(model, batch.input_ids, batch.attention_mask, *handles)
     return out
 
 
