@@ -52,7 +52,7 @@ def key_positions(batch):
 
 
 def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper", preserve=None, keys_out=None,
-                   outliers=0.0, subject_only=(), frozen=(), subject_values=None):
+                   outliers=0.0, subject_only=(), frozen=(), subject_values=None, base_term=None):
     """Apply one turn to ``model`` in place; ``normalizers`` (shape -> RefNormalizer) is updated.
     ``preserve`` (name -> d_in x d_in) is added to the ridge system; ``keys_out`` (a dict) receives
     each module's keys of the turn (float64). ``outliers`` > 0: rows whose key norm is above that
@@ -60,7 +60,9 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
     (module names), those modules give their target rows value 0 and the others their subject rows
     (batches with ``subject_index``). ``frozen`` (module names): every row of those modules gets
     value 0. ``subject_values`` (``(subject rows, d_out)``, in row order): the value of the subject
-    rows in the ``subject_only`` modules, divided by how many of those there are."""
+    rows in the ``subject_only`` modules, divided by how many of those there are. ``base_term``
+    (``(Q, base)``: name -> ``d_in x d_in``, name -> the unedited weight): the right-hand side is
+    ``K^T V - Q D`` with ``D`` the module's ``W - W_base`` before this turn, ``(d_in, d_out)``."""
     modules = {n: model.get_submodule(n) for n in names}
     for p in model.parameters():
         p.requires_grad_(True)
@@ -129,7 +131,11 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
             A = A + preserve[n].double()
         if keys_out is not None:
             keys_out[n] = K
-        shifts[n] = torch.linalg.solve(A, K.T @ V)
+        rhs = K.T @ V
+        if base_term is not None:
+            drift = (modules[n].weight.detach() - base_term[1][n]).double()
+            rhs = rhs - base_term[0][n].double() @ (drift.T if isinstance(modules[n], torch.nn.Linear) else drift)
+        shifts[n] = torch.linalg.solve(A, rhs)
     with torch.no_grad():
         for n, m in modules.items():
             if isinstance(m, torch.nn.Linear):
@@ -180,16 +186,17 @@ def reference_capture(model, names, batches):
 
 
 def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, ridge=1.0, preserve=None,
-                           subject_only=(), lower_only_steps=0):
+                           subject_only=(), lower_only_steps=0, base_term=None):
     """A turn with refinement steps (EditConfig.refine_steps), plainly: step 1 is reference_turn;
     each later step re-captures, stops if every request is right, else solves
     (K_w^T K_w + K_r^T K_r + ridge I + P) dW = K_w^T V_w for the wrong rows w, the right rows r kept
     (normalizer statistics from step 1, not updated again), and applies dW. ``preserve`` (name ->
     P, d_in x d_in; zero when not given) is in every step's system. ``subject_only`` as in
-    reference_turn, every step; in the first ``lower_only_steps`` steps the other modules edit nothing."""
+    reference_turn, every step; in the first ``lower_only_steps`` steps the other modules edit nothing.
+    ``base_term`` as in reference_turn, in every step (``D`` then includes the turn's earlier steps)."""
     upper = [n for n in names if n not in subject_only]
     reference_turn(model, names, batches, normalizers, lr=lr, ridge=ridge, preserve=preserve, subject_only=subject_only,
-                   frozen=upper if lower_only_steps >= 1 else ())
+                   frozen=upper if lower_only_steps >= 1 else (), base_term=base_term)
     modules = {n: model.get_submodule(n) for n in names}
     for step in range(1, steps):
         captured = reference_capture(model, names, batches)
@@ -212,7 +219,11 @@ def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, r
             A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)  # all rows: wrong + kept
             if preserve is not None:
                 A = A + preserve[n].to(A.dtype)
-            shift = torch.linalg.solve(A, K[wrong].T @ V)
+            rhs = K[wrong].T @ V
+            if base_term is not None:  # D: everything this module moved since the base, this turn's steps included
+                drift = (modules[n].weight.detach() - base_term[1][n]).double()
+                rhs = rhs - base_term[0][n].double() @ (drift.T if isinstance(modules[n], torch.nn.Linear) else drift)
+            shift = torch.linalg.solve(A, rhs)
             with torch.no_grad():
                 m = modules[n]
                 m.weight += (shift.T if isinstance(m, torch.nn.Linear) else shift).to(m.weight.dtype)

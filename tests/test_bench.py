@@ -77,9 +77,9 @@ def test_bench_is_a_subcommand():
     assert (subject.subject_keys, subject.subject_depth, subject.key_outliers) == (0.5, 0.3, 6.0)
     search = build_parser().parse_args(["bench", "--model", "m", "--dataset", "zsre", "--turns", "1", "--out", "o",
                                         "--subject-optimise", "8", "--subject-contexts", "3", "--subject-stop", "argmax",
-                                        "--preserve-text", "both"])
+                                        "--preserve-text", "both", "--preserve-base", "30"])
     assert (search.subject_optimise, search.subject_contexts, search.subject_stop) == (8, 3, "argmax")
-    assert search.preserve_text == "both"
+    assert search.preserve_text == "both" and search.preserve_base == 30.0
     from ultraedit.bench import EDIT_OPTIONS
     from ultraedit.editor import EditConfig
 

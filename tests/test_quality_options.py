@@ -100,6 +100,48 @@ def test_refine_steps_with_preserved_keys_match_a_plain_implementation(solver):
         assert float((ours - ref).norm() / ref.norm()) <= 1e-3, n
 
 
+@pytest.mark.parametrize("arch,steps", [("llama", 1), ("gpt2", 1), ("llama", 3)])
+def test_preserve_base_penalises_the_cumulative_shift_like_a_plain_solve(arch, steps):
+    """``preserve_base=gamma``: every solve is ``(K^T K + lambda I + (alpha + gamma) E0) dW = K^T V - gamma E0 D``,
+    ``D`` the module's shift since the unedited model (earlier turns and this turn's earlier
+    steps), against a plain primal solve; without it the same turns differ."""
+    model = tiny_model(arch)
+    ref_model, plain = copy.deepcopy(model), copy.deepcopy(model)
+    names = resolve_modules(model)
+    gen = torch.Generator().manual_seed(11)
+    moments = {}
+    for n in names:
+        rows = torch.randn(40, model.get_submodule(n).weight.shape[0 if arch == "gpt2" else 1], generator=gen)
+        moments[n] = rows.T @ rows / 40
+    alpha, gamma = 3.0, 2.0
+    base = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    options = dict(modules=names, lr=0.3, refine_steps=steps, preserve=alpha)
+    editors = {}
+    for kind, target in ((gamma, model), (0.0, plain)):
+        editors[kind] = UltraEditor(target, EditConfig(**options, preserve_base=kind))
+        editors[kind]._moments = moments  # E0 without a tokenizer
+    normalizers = {}
+    for turn in range(2):
+        batches = random_turn(400 + turn)
+        reports = [editor.edit_tokens(batches) for editor in editors.values()]
+        assert reports[0].steps == steps or (steps > 1 and reports[0].steps > 1)
+        grams = {n: (alpha + gamma) * moments[n] for n in names}
+        base_term = ({n: gamma * moments[n] for n in names}, base)
+        if steps == 1:
+            reference_turn(ref_model, names, batches, normalizers, lr=0.3, preserve=grams, base_term=base_term)
+        else:
+            reference_refined_turn(ref_model, names, batches, normalizers, steps=steps, lr=0.3, preserve=grams,
+                                   base_term=base_term)
+    for n in names:
+        ours = model.get_submodule(n).weight.detach() - base[n]
+        ref = ref_model.get_submodule(n).weight.detach() - base[n]
+        assert float((ours - ref).norm() / ref.norm()) <= 1e-3, n
+        assert not torch.allclose(plain.get_submodule(n).weight, model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="preserve_base"):
+            EditConfig(preserve_base=bad)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_key_memory_matches_a_plain_sum_of_earlier_turns_keys(arch):
     """With ``memory=beta``, turn t solves ``(K^T K + lambda I + beta sum_{s<t} K_s^T K_s)^-1 K^T V``,

@@ -68,6 +68,7 @@ RECOMMENDED_PRESET = {"lr": 5e-6, "subject_keys": 0.0, "subject_depth": 0.0}
 #: ``EditConfig.preserve_text``: where the preserved generic keys come from.
 PRESERVE_TEXTS = ("package", "generated", "both")
 
+
 #: ``(d_in, d_out)`` of the modules the authors' lr 1e-6 was tuned on (Llama-3-8B gate/up_proj).
 LR_REFERENCE_SHAPE = (4096, 14336)
 
@@ -168,6 +169,14 @@ class EditConfig:
         subject_stop: when a request's search stops: ``"loss"`` once its mean target NLL is under
             0.05 (MEMIT's loop), ``"argmax"`` once every target token is the argmax in every copy
             (ENCORE's most-probable early stopping: no further push past what the edit needs).
+        preserve_base: weight ``gamma`` of the generic keys' outputs of the *unedited* model. ``preserve``
+            penalises each turn's own shift on generic text (``alpha ||dW||^2_E0``, MEMIT's term);
+            this adds ``gamma ||D + dW||^2_E0``, the cumulative shift since the unedited model
+            (``D = W - W_base``: earlier turns and this turn's earlier refinement steps), so the
+            solve becomes ``(K^T K + lambda I + (alpha + gamma) E0 + ...) dW = K^T V - gamma E0 D``
+            and each turn pulls back some of what earlier turns drifted on generic text instead of
+            letting the drifts add up. Costs one ``d_in x d_in`` by ``d_in x d_out`` product and solve
+            per module and step. 0 = off.
     """
 
     modules: list[str] | None = None
@@ -199,6 +208,7 @@ class EditConfig:
     subject_kl: float = 0.0
     subject_contexts: int = 0
     subject_stop: str = "loss"
+    preserve_base: float = 0.0
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -262,6 +272,8 @@ class EditConfig:
             raise ValueError(f"EditConfig.preserve_text must be one of {PRESERVE_TEXTS}, got {self.preserve_text!r}")
         if not (isinstance(self.subject_contexts, int) and self.subject_contexts >= 0):
             raise ValueError(f"EditConfig.subject_contexts must be an int >= 0, got {self.subject_contexts!r}")
+        if not (math.isfinite(self.preserve_base) and self.preserve_base >= 0):
+            raise ValueError(f"EditConfig.preserve_base must be a finite number >= 0, got {self.preserve_base}")
         if self.subject_stop not in STOP_RULES:
             raise ValueError(f"EditConfig.subject_stop must be one of {STOP_RULES}, got {self.subject_stop!r}")
         if not (math.isfinite(self.subject_decay) and self.subject_decay >= 0):
@@ -344,6 +356,8 @@ def options_summary() -> str:
         "  subject_contexts with subject_optimise: that search also runs each prompt behind this many generic",
         "               sentences (context templates), one change for all",
         "  subject_stop 'loss' (NLL < 0.05) | 'argmax' (every target token the argmax): when a request's search stops",
+        "  preserve_base gamma of the generic keys' outputs of the unedited model: + gamma ||D + dW||^2_E0, D the",
+        "               shift of all earlier turns (earlier drift on generic text is pulled back)",
     ])
 
 
@@ -715,10 +729,39 @@ class UltraEditor:
             single = shift_dtypes.pop() if len(shift_dtypes) == 1 else None
             target = single if out_dtype == "weights" else None
             terms = (preserve or {}).get(shape)
-            solved = ridge_solve(keys, values, self.config.ridge, self.config.solver, target, terms)
+            pull = self._pull_back(group, terms) if self.config.preserve_base > 0 else None
+            if pull is None:
+                solved = ridge_solve(keys, values, self.config.ridge, self.config.solver, target, terms)
+            else:  # (K^T K + A) dW = K^T V + A u  <=>  dW = ridge_solve(K, V - K u) + u
+                pull = pull.to(keys.device, keys.dtype)
+                solved = ridge_solve(keys, values - keys @ pull, self.config.ridge, self.config.solver, None, terms)
+                solved = solved + pull if target is None else (solved + pull).to(target)
             for name, shift in zip(group, solved):
                 shifts[name] = shift
         return shifts
+
+    def _pull_back(self, group: list[str], terms: Preserved | None) -> torch.Tensor | None:
+        """``preserve_base``: ``u = -A^-1 gamma E0 D`` per module of ``group`` (``A = lambda I +``
+        the preserved terms, ``D = W - W_base`` in ``(d_in, d_out)``, the shift so far of this turn
+        included), ``(modules, d_in, d_out)``; ``None`` while nothing has moved."""
+        drifts = []
+        for name in group:
+            module = self.modules[name]
+            base = self.session.base[name].to(module.weight.device, torch.float32)
+            drift = module.weight.detach().float() - base
+            drifts.append(drift if (Conv1D and isinstance(module, Conv1D)) else drift.T)
+        assert terms is not None  # preserve_base > 0 puts gamma E0 in it
+        if not any(bool(d.any()) for d in drifts):
+            return None
+        dtype = self.config.torch_dtype
+        moments = torch.stack([self._generic_moments()[n] for n in group]).to(dtype)
+        rhs = -self.config.preserve_base * (moments @ torch.stack(drifts).to(moments.device, dtype))
+        factor = terms.factor()
+        if factor is not None:
+            return torch.cholesky_solve(rhs, factor.to(dtype))
+        system = terms.matrix.to(dtype).clone()
+        system.diagonal(dim1=-2, dim2=-1).add_(terms.ridge)
+        return torch.linalg.solve(system, rhs)
 
     def _subject_values(
         self, batches: list[dict[str, torch.Tensor]], essence: list[dict[str, torch.Tensor]] | None = None,
@@ -773,8 +816,9 @@ class UltraEditor:
         for shape in normalizers:
             group = self._group(shape)
             terms = []
-            if self.config.preserve > 0:
-                terms.append(self.config.preserve * torch.stack([self._generic_moments()[n] for n in group]))
+            generic = self.config.preserve + self.config.preserve_base  # alpha ||dW||^2_E0 + gamma ||D + dW||^2_E0
+            if generic > 0:
+                terms.append(generic * torch.stack([self._generic_moments()[n] for n in group]))
             if self.config.memory > 0 and self.key_memory:
                 terms.append(self.config.memory * torch.stack([self.key_memory[n] for n in group]))
             if preserved:

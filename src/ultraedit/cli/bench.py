@@ -96,6 +96,8 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
                    help="override EditConfig.preserve_text (the text the preserved generic keys come from)")
     p.add_argument("--subject-stop", choices=STOP_RULES, default=None,
                    help="override EditConfig.subject_stop (when a request's subject search stops)")
+    p.add_argument("--preserve-base", type=float, default=None,
+                   help="override EditConfig.preserve_base (weight of the unedited model's outputs at the generic keys)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_command)
