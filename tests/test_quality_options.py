@@ -301,7 +301,10 @@ def test_preserve_text_takes_e0_over_the_package_text_generated_text_or_both(tmp
         EditConfig(preserve_text="wikipedia")
 
 
-def test_a_resumed_session_with_the_new_options_equals_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"preserve_base": 30.0}])
+def test_a_resumed_session_with_the_new_options_equals_an_uninterrupted_one(tmp_path, extra):
+    """(``preserve_base`` reads the earlier turns' shift off the session's base weights, so a resumed
+    session must see the same ``D``.)"""
     import transformers as T
     from test_bench import _tokenizer
     from tiny import tiny_config
@@ -311,7 +314,7 @@ def test_a_resumed_session_with_the_new_options_equals_an_uninterrupted_one(tmp_
     config.vocab_size = len(tok)
     torch.manual_seed(0)
     base = T.AutoModelForCausalLM.from_config(config).eval()
-    options = EditConfig.recommended(base, lr=1e-3)
+    options = EditConfig.recommended(base, lr=1e-3, **extra)
     turns = [random_turn(40 + t, vocab=len(tok)) for t in range(2)]
 
     straight = UltraEditor(copy.deepcopy(base), options, tokenizer=tok)
