@@ -279,8 +279,7 @@ def edit_config(
 #: The :class:`EditConfig` options a bench run may override (``BenchConfig`` fields and ``--flags`` of the same names).
 EDIT_OPTIONS = ("refine_steps", "preserve", "preserve_text", "lr_scale", "memory", "confidence", "neighbours", "neighbour_weight",
                 "prefixes", "subject_keys", "subject_depth", "key_outliers", "subject_steps", "subject_optimise",
-                "subject_clamp", "subject_kl", "subject_contexts", "subject_stop",
-                "preserve_base")
+                "subject_clamp", "subject_kl", "subject_contexts", "subject_stop", "preserve_base")
 
 
 def bench_edit_config(model: nn.Module, config: BenchConfig) -> EditConfig:

@@ -68,7 +68,6 @@ RECOMMENDED_PRESET = {"lr": 5e-6, "subject_keys": 0.0, "subject_depth": 0.0}
 #: ``EditConfig.preserve_text``: where the preserved generic keys come from.
 PRESERVE_TEXTS = ("package", "generated", "both")
 
-
 #: ``(d_in, d_out)`` of the modules the authors' lr 1e-6 was tuned on (Llama-3-8B gate/up_proj).
 LR_REFERENCE_SHAPE = (4096, 14336)
 
@@ -810,8 +809,8 @@ class UltraEditor:
         self, normalizers: dict[tuple[int, int], LifelongNormalizer], preserved: dict[str, torch.Tensor] | None = None
     ) -> dict[tuple[int, int], Preserved | None]:
         """Per module shape, the ridge's preserved-key term of the turn: ``alpha E0[k k^T]`` (generic
-        text), ``beta M`` (earlier turns' keys) and the turn's own ``preserved`` terms (neighbours);
-        ``None`` for none. One :class:`Preserved` per shape, so refinement steps factor it once."""
+        text; ``(alpha + gamma) E0`` with ``preserve_base``), ``beta M`` (earlier turns' keys) and the
+        turn's own ``preserved`` terms (neighbours); ``None`` for none. One :class:`Preserved` per shape, so refinement steps factor it once."""
         out: dict[tuple[int, int], Preserved | None] = {}
         for shape in normalizers:
             group = self._group(shape)
