@@ -100,11 +100,17 @@ def test_refine_steps_with_preserved_keys_match_a_plain_implementation(solver):
         assert float((ours - ref).norm() / ref.norm()) <= 1e-3, n
 
 
-@pytest.mark.parametrize("arch,steps", [("llama", 1), ("gpt2", 1), ("llama", 3)])
-def test_preserve_base_penalises_the_cumulative_shift_like_a_plain_solve(arch, steps):
+@pytest.mark.parametrize("arch,steps,factored", [("llama", 1, True), ("gpt2", 1, True), ("llama", 3, True),
+                                                  ("llama", 3, False)])
+def test_preserve_base_penalises_the_cumulative_shift_like_a_plain_solve(arch, steps, factored, monkeypatch):
     """``preserve_base=gamma``: every solve is ``(K^T K + lambda I + (alpha + gamma) E0) dW = K^T V - gamma E0 D``,
     ``D`` the module's shift since the unedited model (earlier turns and this turn's earlier
-    steps), against a plain primal solve; without it the same turns differ."""
+    steps), against a plain primal solve; without it the same turns differ. ``factored=False``: the
+    preserved system cannot be factored (the primal fallback)."""
+    from ultraedit.solver import Preserved
+
+    if not factored:
+        monkeypatch.setattr(Preserved, "factor", lambda self: None)
     model = tiny_model(arch)
     ref_model, plain = copy.deepcopy(model), copy.deepcopy(model)
     names = resolve_modules(model)

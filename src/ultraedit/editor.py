@@ -742,25 +742,28 @@ class UltraEditor:
     def _pull_back(self, group: list[str], terms: Preserved | None) -> torch.Tensor | None:
         """``preserve_base``: ``u = -A^-1 gamma E0 D`` per module of ``group`` (``A = lambda I +``
         the preserved terms, ``D = W - W_base`` in ``(d_in, d_out)``, the shift so far of this turn
-        included), ``(modules, d_in, d_out)``; ``None`` while nothing has moved."""
-        drifts = []
-        for name in group:
-            module = self.modules[name]
-            base = self.session.base[name].to(module.weight.device, torch.float32)
-            drift = module.weight.detach().float() - base
-            drifts.append(drift if (Conv1D and isinstance(module, Conv1D)) else drift.T)
+        included), ``(modules, d_in, d_out)``; ``None`` while nothing has moved. One module at a
+        time, so that only one ``D`` and one product are held besides the result."""
         assert terms is not None  # preserve_base > 0 puts gamma E0 in it
-        if not any(bool(d.any()) for d in drifts):
-            return None
-        dtype = self.config.torch_dtype
-        moments = torch.stack([self._generic_moments()[n] for n in group]).to(dtype)
-        rhs = -self.config.preserve_base * (moments @ torch.stack(drifts).to(moments.device, dtype))
-        factor = terms.factor()
-        if factor is not None:
-            return torch.cholesky_solve(rhs, factor.to(dtype))
-        system = terms.matrix.to(dtype).clone()
-        system.diagonal(dim1=-2, dim2=-1).add_(terms.ridge)
-        return torch.linalg.solve(system, rhs)
+        dtype, factor = self.config.torch_dtype, terms.factor()
+        pulls, moved = [], False
+        for i, name in enumerate(group):
+            module = self.modules[name]
+            drift = module.weight.detach().float() - self.session.base[name].to(module.weight.device, torch.float32)
+            drift = drift if (Conv1D and isinstance(module, Conv1D)) else drift.T
+            if not bool(drift.any()):
+                pulls.append(torch.zeros_like(drift, dtype=dtype))
+                continue
+            moved = True
+            moment = self._generic_moments()[name].to(dtype)
+            rhs = -self.config.preserve_base * (moment @ drift.to(moment.device, dtype))
+            if factor is not None:
+                pulls.append(torch.cholesky_solve(rhs, factor[i].to(rhs.device, dtype)))
+            else:
+                system = terms.matrix[i].to(rhs.device, dtype).clone()
+                system.diagonal().add_(terms.ridge)
+                pulls.append(torch.linalg.solve(system, rhs))
+        return torch.stack(pulls) if moved else None
 
     def _subject_values(
         self, batches: list[dict[str, torch.Tensor]], essence: list[dict[str, torch.Tensor]] | None = None,
