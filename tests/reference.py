@@ -131,11 +131,7 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
             A = A + preserve[n].double()
         if keys_out is not None:
             keys_out[n] = K
-        rhs = K.T @ V
-        if base_term is not None:
-            drift = (modules[n].weight.detach() - base_term[1][n]).double()
-            rhs = rhs - base_term[0][n].double() @ (drift.T if isinstance(modules[n], torch.nn.Linear) else drift)
-        shifts[n] = torch.linalg.solve(A, rhs)
+        shifts[n] = torch.linalg.solve(A, _minus_base_term(K.T @ V, modules[n], n, base_term))
     with torch.no_grad():
         for n, m in modules.items():
             if isinstance(m, torch.nn.Linear):
@@ -143,6 +139,14 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
             else:
                 m.weight += shifts[n].to(m.weight.dtype)
     return shifts
+
+
+def _minus_base_term(rhs, module, name, base_term):
+    """``rhs - Q D`` for ``base_term = (Q, base)`` (``D = W - W_base`` of ``module`` now, ``(d_in, d_out)``); ``rhs`` when None."""
+    if base_term is None:
+        return rhs
+    drift = (module.weight.detach() - base_term[1][name]).double()
+    return rhs - base_term[0][name].double() @ (drift.T if isinstance(module, torch.nn.Linear) else drift)
 
 
 def reference_capture(model, names, batches):
@@ -219,11 +223,8 @@ def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, r
             A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)  # all rows: wrong + kept
             if preserve is not None:
                 A = A + preserve[n].to(A.dtype)
-            rhs = K[wrong].T @ V
-            if base_term is not None:  # D: everything this module moved since the base, this turn's steps included
-                drift = (modules[n].weight.detach() - base_term[1][n]).double()
-                rhs = rhs - base_term[0][n].double() @ (drift.T if isinstance(modules[n], torch.nn.Linear) else drift)
-            shift = torch.linalg.solve(A, rhs)
+            # D: everything this module moved since the base, this turn's earlier steps included
+            shift = torch.linalg.solve(A, _minus_base_term(K[wrong].T @ V, modules[n], n, base_term))
             with torch.no_grad():
                 m = modules[n]
                 m.weight += (shift.T if isinstance(m, torch.nn.Linear) else shift).to(m.weight.dtype)

@@ -420,10 +420,16 @@ def _write_weight(module: nn.Module, new: torch.Tensor) -> None:
         module.weight.copy_(new)
 
 
+def in_out(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` between the module's weight layout and ``(d_in, d_out)``, either way: a transpose for
+    ``nn.Linear`` (``(d_out, d_in)``), as is for GPT-2 ``Conv1D`` (which stores ``(d_in, d_out)``)."""
+    return tensor if (Conv1D and isinstance(module, Conv1D)) else tensor.T
+
+
 def apply_shift(module: nn.Module, shift: torch.Tensor, alpha: float = 1.0) -> None:
     """Add ``alpha * dW`` (``(d_in, d_out)``) to the module's weight, in its dtype and on its device."""
     weight = module.weight
-    delta = shift if (Conv1D and isinstance(module, Conv1D)) else shift.T
+    delta = in_out(module, shift)
     with torch.no_grad():
         weight.add_(delta.to(device=weight.device, dtype=weight.dtype), alpha=alpha)
 
@@ -749,8 +755,8 @@ class UltraEditor:
         pulls, moved = [], False
         for i, name in enumerate(group):
             module = self.modules[name]
-            drift = module.weight.detach().float() - self.session.base[name].to(module.weight.device, torch.float32)
-            drift = drift if (Conv1D and isinstance(module, Conv1D)) else drift.T
+            base = self.session.base[name].to(module.weight.device, torch.float32)
+            drift = in_out(module, module.weight.detach().float() - base)
             if not bool(drift.any()):
                 pulls.append(torch.zeros_like(drift, dtype=dtype))
                 continue
@@ -950,7 +956,7 @@ class UltraEditor:
         try:
             for name, module in self.modules.items():
                 weight = module.weight.detach()
-                shift = shifts[name] if (Conv1D and isinstance(module, Conv1D)) else shifts[name].T
+                shift = in_out(module, shifts[name])
                 shift = shift.to(weight.device)
                 new, delta = self._new_weight(name, module, shift)
                 if not bool(torch.isfinite(new).all()):
