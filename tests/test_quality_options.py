@@ -522,6 +522,10 @@ def test_recommended_modules_fall_back_to_the_family_preset_when_their_statistic
     # each kind of module gets the step size measured for it; subject rows only on the MLP outputs
     assert (EditConfig.recommended(small).lr, EditConfig.recommended(large).lr) == (1e-5, 5e-6)
     assert (EditConfig.recommended(small).subject_keys, EditConfig.recommended(large).subject_keys) == (1.0, 0.0)
+    # the subject search needs subject rows; the pull-back and the generated text apply to any modules
+    assert (EditConfig.recommended(small).subject_optimise, EditConfig.recommended(large).subject_optimise) == (8, 0)
+    for config in (EditConfig.recommended(small), EditConfig.recommended(large)):
+        assert (config.preserve_base, config.preserve_text) == (20.0, "generated")
 
 
 # --------------------------------------------------------------------------- subject keys

@@ -60,10 +60,11 @@ class LostShiftWarning(UserWarning):
 RECOMMENDED: dict[str, Any] = {
     "lr": 1e-5, "lr_scale": "width", "refine_steps": 5, "preserve": 300.0, "memory": 1.0, "confidence": 0.8,
     "subject_keys": 1.0, "subject_depth": 0.43, "key_outliers": 4.0, "neighbours": 8,
+    "subject_optimise": 8, "subject_clamp": 0.4, "preserve_text": "generated", "preserve_base": 20.0,
 }
 #: Where the recommended layers do not fit (the family preset's modules): the step measured for
 #: gate/up_proj, and no subject rows (measured only on the MLP output projections).
-RECOMMENDED_PRESET = {"lr": 5e-6, "subject_keys": 0.0, "subject_depth": 0.0}
+RECOMMENDED_PRESET = {"lr": 5e-6, "subject_keys": 0.0, "subject_depth": 0.0, "subject_optimise": 0}
 
 #: ``EditConfig.preserve_text``: where the preserved generic keys come from.
 PRESERVE_TEXTS = ("package", "generated", "both")
