@@ -43,7 +43,8 @@ def test_demo_edits_the_real_model(capsys):
     except ModelError as err:
         pytest.skip(f"the built-in real model cannot be had here: {err}")
     text = "\n".join(lines)
-    assert "Efficacy (ES)" in text and "Locality (LS)" in text and "ms/edit" in text
+    assert "Efficacy (ES)" in text and "Locality (LS)" in text and "ms/edit" in text and "Editor ready in" in text
+    assert scores["prepare_seconds"] >= 0
     assert scores["efficacy_before"] < 0.3 and scores["efficacy"] >= scores["efficacy_before"] + 0.5
     assert scores["locality_before"] == 1.0  # the untouched facts are ones the model answers correctly
     assert (scores["device"], scores["dtype"]) == ("cpu", "float32") and "float32 on cpu" in text
