@@ -51,9 +51,9 @@ STOP9 = {**PRESET, "lr": 5e-6, "memory": 0.0, "confidence": 0.0}
 #: Stop 10's recommended configuration: down_proj 14-25 of 30, target rows only.
 STOP10 = {"recommended": True, **BEFORE_STOP20, "layers": (14, 25), "subject_keys": 0.0, "subject_depth": 0.0, "key_outliers": 0.0}
 
-#: Stop 16's recommended configuration (the default until stop 20): the same layers and options,
+#: The recommended configuration of stops 13-19: the same layers and options,
 #: without the subject search, the generated text and the pull-back (``preserve_base``).
-STOP16 = {"recommended": True, **BEFORE_STOP20}
+STOP13 = {"recommended": True, **BEFORE_STOP20}
 
 #: Pareto sweep (one turn: the memory plays no part): (label, EditConfig fields) on top of the
 #: faithful or recommended configuration.
@@ -67,9 +67,9 @@ SWEEP = [
     ("recommended (MLP output layers)", STOP10),
     ("recommended + neighbours 4", {**STOP10, "neighbours": 4}),
     ("recommended + prefixes 2", {**STOP10, "prefixes": 2}),
-    ("subject rows everywhere (down_proj 4-25)", {**STOP16, "subject_depth": 0.0}),
-    ("subject rows in 4-12, target rows in 13-25 (stop 16)", STOP16),
-    ("stop 16 + neighbours 4 (subject rows)", {**STOP16, "neighbours": 4}),
+    ("subject rows everywhere (down_proj 4-25)", {**STOP13, "subject_depth": 0.0}),
+    ("subject rows in 4-12, target rows in 13-25 (stop 13)", STOP13),
+    ("stop 13 + neighbours 4 (subject rows)", {**STOP13, "neighbours": 4}),
     ("recommended (subject search, generated text, preserve_base 20)", "recommended"),
 ]
 
@@ -81,9 +81,9 @@ LADDER = [
     ("stop 9 + memory 1 + confidence 0.8", {**STOP9, "memory": 1.0, "confidence": 0.8}),
     ("stop 9 + memory 1 + confidence 0.8 + prefixes 2", {**STOP9, "memory": 1.0, "confidence": 0.8, "prefixes": 2}),
     ("stop 10: MLP output layers 14-25, lr 1e-5, memory 1, confidence 0.8", STOP10),
-    ("stop 16: + subject rows in layers 4-12, key outliers 4, neighbours 8", STOP16),
-    ("stop 16 + subject_optimise 8, clamp 0.4", {**STOP16, "subject_optimise": 8, "subject_clamp": 0.4}),
-    ("the same + preserve_text generated", {**STOP16, "subject_optimise": 8, "subject_clamp": 0.4,
+    ("stop 13: + subject rows in layers 4-12, key outliers 4, neighbours 8", STOP13),
+    ("stop 13 + subject_optimise 8, clamp 0.4", {**STOP13, "subject_optimise": 8, "subject_clamp": 0.4}),
+    ("the same + preserve_text generated", {**STOP13, "subject_optimise": 8, "subject_clamp": 0.4,
                                              "preserve_text": "generated"}),
     ("recommended: + preserve_base 20", "recommended"),
 ]
