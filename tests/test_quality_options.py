@@ -307,10 +307,11 @@ def test_preserve_text_takes_e0_over_the_package_text_generated_text_or_both(tmp
         EditConfig(preserve_text="wikipedia")
 
 
-@pytest.mark.parametrize("extra", [{}, {"preserve_base": 30.0}])
+@pytest.mark.parametrize("extra", [{}, {"preserve": 0.0, "preserve_base": 30.0}])
 def test_a_resumed_session_with_the_new_options_equals_an_uninterrupted_one(tmp_path, extra):
-    """(``preserve_base`` reads the earlier turns' shift off the session's base weights, so a resumed
-    session must see the same ``D``.)"""
+    """(``preserve_base``, in the recommended options, reads the earlier turns' shift off the
+    session's base weights, so a resumed session must see the same ``D``; with ``preserve`` 0 it
+    alone needs ``E0``, which must still come from the unedited model.)"""
     import transformers as T
     from test_bench import _tokenizer
     from tiny import tiny_config

@@ -528,11 +528,11 @@ class UltraEditor:
                 self.normalizers[shape] = LifelongNormalizer(
                     sum(shape), formula=config.normalizer, dtype=config.torch_dtype, device=module.weight.device
                 )
-        # Generic-text key moments (preserve > 0) are taken on the model as given, i.e. the base model
-        # (state.load builds the editor before applying the saved shift), so a resumed session
-        # solves with the same moments as the uninterrupted one.
+        # Generic-text key moments (preserve or preserve_base > 0) are taken on the model as given,
+        # i.e. the base model (state.load builds the editor before applying the saved shift), so a
+        # resumed session solves with the same moments as the uninterrupted one.
         self._moments: dict[str, torch.Tensor] | None = None
-        if config.preserve > 0 and tokenizer is not None:
+        if config.preserve + config.preserve_base > 0 and tokenizer is not None:
             self._generic_moments()
         # EditConfig.memory > 0: per module, the sum of K^T K over all committed turns (empty = zero).
         self.key_memory: dict[str, torch.Tensor] = {}
@@ -849,7 +849,7 @@ class UltraEditor:
         """``E0[k k^T]`` per edit module over ``preserve_text`` (computed once)."""
         if self._moments is None:
             if self.tokenizer is None:
-                raise EditError("EditConfig.preserve > 0 needs the tokenizer: UltraEditor(model, config, tokenizer=...)")
+                raise EditError("EditConfig.preserve or preserve_base > 0 needs the tokenizer: UltraEditor(model, config, tokenizer=...)")
             from .covariance import second_moments
             from .preserve import key_moments
 
