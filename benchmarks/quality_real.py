@@ -42,7 +42,8 @@ CURVE_KEYS = ("efficacy", "generalization", "retention")
 
 #: What stop 20 added to the recommended configuration, switched off: the earlier configurations
 #: below are the recommended one with their own changes on top of this.
-BEFORE_STOP20 = {"subject_optimise": 0, "subject_clamp": 0.75, "preserve_text": "package", "preserve_base": 0.0}
+BEFORE_STOP20 = {k: EditConfig.__dataclass_fields__[k].default
+                 for k in ("subject_optimise", "subject_clamp", "preserve_text", "preserve_base")}
 #: The family preset's modules (gate/up_proj for Llama) instead of the recommended layers.
 PRESET = {"recommended": True, **BEFORE_STOP20, "modules": "preset"}
 #: The recommended configuration of stop 9 (family preset, width lr 5e-6, 5 steps, preserve 300).
