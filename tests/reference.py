@@ -142,15 +142,11 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
 
 
 def _minus_base_term(rhs, module, name, base_term):
-    """``rhs - Q D`` for ``base_term = (Q, base)`` (``D = W - W_base`` of ``module`` now, ``(d_in, d_out)``);
-    ``rhs - (Q D - R)`` for ``(Q, base, R)`` (``R``: name -> ``(d_in, d_out)``); ``rhs`` when None."""
+    """``rhs - Q D`` for ``base_term = (Q, base)`` (``D = W - W_base`` of ``module`` now, ``(d_in, d_out)``); ``rhs`` when None."""
     if base_term is None:
         return rhs
     drift = (module.weight.detach() - base_term[1][name]).double()
-    pull = base_term[0][name].double() @ (drift.T if isinstance(module, torch.nn.Linear) else drift)
-    if len(base_term) > 2:
-        pull = pull - base_term[2][name].double()
-    return rhs - pull
+    return rhs - base_term[0][name].double() @ (drift.T if isinstance(module, torch.nn.Linear) else drift)
 
 
 def reference_capture(model, names, batches):
@@ -194,18 +190,17 @@ def reference_capture(model, names, batches):
 
 
 def reference_refined_turn(model, names, batches, normalizers, steps, lr=1e-6, ridge=1.0, preserve=None,
-                           subject_only=(), lower_only_steps=0, base_term=None, keys_out=None):
+                           subject_only=(), lower_only_steps=0, base_term=None):
     """A turn with refinement steps (EditConfig.refine_steps), plainly: step 1 is reference_turn;
     each later step re-captures, stops if every request is right, else solves
     (K_w^T K_w + K_r^T K_r + ridge I + P) dW = K_w^T V_w for the wrong rows w, the right rows r kept
     (normalizer statistics from step 1, not updated again), and applies dW. ``preserve`` (name ->
     P, d_in x d_in; zero when not given) is in every step's system. ``subject_only`` as in
     reference_turn, every step; in the first ``lower_only_steps`` steps the other modules edit nothing.
-    ``base_term`` as in reference_turn, in every step (``D`` then includes the turn's earlier steps).
-    ``keys_out`` receives the first step's keys (before the turn's shift)."""
+    ``base_term`` as in reference_turn, in every step (``D`` then includes the turn's earlier steps)."""
     upper = [n for n in names if n not in subject_only]
     reference_turn(model, names, batches, normalizers, lr=lr, ridge=ridge, preserve=preserve, subject_only=subject_only,
-                   frozen=upper if lower_only_steps >= 1 else (), base_term=base_term, keys_out=keys_out)
+                   frozen=upper if lower_only_steps >= 1 else (), base_term=base_term)
     modules = {n: model.get_submodule(n) for n in names}
     for step in range(1, steps):
         captured = reference_capture(model, names, batches)

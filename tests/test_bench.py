@@ -79,12 +79,7 @@ def test_bench_is_a_subcommand():
                                         "--subject-optimise", "8", "--subject-contexts", "3", "--subject-stop", "argmax",
                                         "--preserve-text", "both", "--preserve-base", "30"])
     assert (search.subject_optimise, search.subject_contexts, search.subject_stop) == (8, 3, "argmax")
-    assert search.preserve_text == "both" and search.preserve_base == 30.0 and search.memory_restore is None
-    restore = build_parser().parse_args(["bench", "--model", "m", "--dataset", "zsre", "--turns", "1", "--out", "o",
-                                         "--memory-restore"])
-    assert restore.memory_restore is True
-    assert build_parser().parse_args(["bench", "--model", "m", "--dataset", "zsre", "--turns", "1", "--out", "o",
-                                      "--no-memory-restore"]).memory_restore is False
+    assert search.preserve_text == "both" and search.preserve_base == 30.0
     from ultraedit.bench import EDIT_OPTIONS
     from ultraedit.editor import EditConfig
 

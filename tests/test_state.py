@@ -37,7 +37,6 @@ def normalizer_states(editor):
     """The editor's lifelong statistics: normalizers by shape, and the key memory (EditConfig.memory)."""
     states = {s: {k: v.clone() for k, v in n.state_dict().items()} for s, n in editor.normalizers.items()}
     states["memory"] = {n: m.clone() for n, m in editor.key_memory.items()}
-    states["anchor"] = {n: a.clone() for n, a in editor.memory_anchor.items()}
     return states
 
 
@@ -53,9 +52,6 @@ def assert_same_stats(editor, expected):
     assert editor.key_memory.keys() == expected["memory"].keys()
     for name, memory in editor.key_memory.items():
         assert torch.equal(memory, expected["memory"][name]), f"key memory of {name} differs"
-    assert editor.memory_anchor.keys() == expected["anchor"].keys()
-    for name, anchor in editor.memory_anchor.items():
-        assert torch.equal(anchor, expected["anchor"][name]), f"memory anchors of {name} differ"
 
 
 @pytest.mark.parametrize(
@@ -271,12 +267,11 @@ def test_apply_delta_and_merge_round_trip(tmp_path, dtype):
     assert json.loads((out / "ultraedit_merge.json").read_text())["edits"] == 30
 
 
-@pytest.mark.parametrize("dtype,options", [(torch.float32, {}), (torch.bfloat16, {}), (torch.float32, {"memory": 1.0}),
-                                           (torch.bfloat16, {"memory": 1.0, "memory_restore": True})])
-def test_revert_last_is_exact(tmp_path, dtype, options):
-    """Weights and statistics (normalizers; with ``memory``, the key memory and its anchors too)
-    after a revert are bit for bit those before the reverted turns, also after a save and load."""
-    editor = UltraEditor(tiny_model("llama", dtype=dtype), EditConfig(lr=LR, **options), keep_turn_deltas=2)
+@pytest.mark.parametrize("dtype,memory", [(torch.float32, 0.0), (torch.bfloat16, 0.0), (torch.float32, 1.0)])
+def test_revert_last_is_exact(tmp_path, dtype, memory):
+    """Weights and statistics (normalizers; with ``memory``, the key memory too) after a revert are
+    bit for bit those before the reverted turns, also after a save and load."""
+    editor = UltraEditor(tiny_model("llama", dtype=dtype), EditConfig(lr=LR, memory=memory), keep_turn_deltas=2)
     run_turns(editor, [30, 31])
     after_two, stats_two = edited_weights(editor), normalizer_states(editor)
     run_turns(editor, [32])
@@ -295,7 +290,7 @@ def test_revert_last_is_exact(tmp_path, dtype, options):
         editor.revert_last(1)
     # Continuing after a revert is the same as never having applied the reverted turns.
     run_turns(editor, [34])
-    never = UltraEditor(tiny_model("llama", dtype=dtype), EditConfig(lr=LR, **options))
+    never = UltraEditor(tiny_model("llama", dtype=dtype), EditConfig(lr=LR, memory=memory))
     run_turns(never, [30, 31, 34])
     assert_same_weights(editor, edited_weights(never))
 
@@ -398,15 +393,13 @@ def test_another_writer_is_refused(tmp_path):
     assert st.has_state(directory)
 
 
-@pytest.mark.parametrize("restore", [False, True])
-def test_resume_equals_one_process_with_the_options_beyond_the_paper(tmp_path, restore):
+def test_resume_equals_one_process_with_the_options_beyond_the_paper(tmp_path):
     """Refinement steps, generic-text preserved keys (taken on the BASE model, also when a saved
-    state is loaded) and the key memory with its anchors (saved with the state) resume bit-exactly."""
+    state is loaded) and the key memory (saved with the state) resume bit-exactly."""
     from ultraedit.testbed import TESTBED_CONFIG, load_requests, load_testbed
 
     requests = load_requests(60)
-    config = EditConfig(modules=TESTBED_CONFIG.modules, lr=3e-3, refine_steps=3, preserve=10.0, memory=1.0,
-                        memory_restore=restore)
+    config = EditConfig(modules=TESTBED_CONFIG.modules, lr=3e-3, refine_steps=3, preserve=10.0, memory=1.0)
     model, tokenizer = load_testbed()
     one = UltraEditor(model, config, tokenizer)
     for i in range(3):
@@ -424,29 +417,17 @@ def test_resume_equals_one_process_with_the_options_beyond_the_paper(tmp_path, r
     assert_same_stats(resumed, stats)
 
 
-def _drop_memory_file(meta):
-    assert st.MEMORY in meta["sizes"]
-    del meta["sizes"][st.MEMORY]
-
-
-def _claim_memory_restore(meta):
-    meta["config"]["memory_restore"] = True
-
-
-@pytest.mark.parametrize("tamper,error", [(_drop_memory_file, "no memory.safetensors"),
-                                          (_claim_memory_restore, "memory_restore.*no anchors")])
-def test_a_state_missing_its_key_memory_or_anchors_is_refused(tmp_path, tamper, error):
-    """A state whose configuration keeps a key memory (or restores it) but that has no memory file
-    (or no anchors in it) is refused before anything changes."""
+def test_a_state_with_memory_but_no_memory_file_is_refused(tmp_path):
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR, memory=1.0))
     run_turns(editor, [1])
     editor.save(tmp_path / "s")
     version = tmp_path / "s" / (tmp_path / "s" / st.CURRENT).read_text().strip()
     meta = json.loads((version / st.STATE_JSON).read_text())
-    tamper(meta)
+    assert st.MEMORY in meta["sizes"]
+    del meta["sizes"][st.MEMORY]
     (version / st.STATE_JSON).write_text(json.dumps(meta))
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(st.StateError, match=error):
+    with pytest.raises(st.StateError, match="no memory.safetensors"):
         UltraEditor.load(model, tmp_path / "s")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched

@@ -177,13 +177,6 @@ class EditConfig:
             and each turn pulls back some of what earlier turns drifted on generic text instead of
             letting the drifts add up. Costs one ``d_in x d_in`` by ``d_in x d_out`` product and solve
             per module and step. 0 = off.
-        memory_restore: with ``memory``, the memory holds earlier edits' outputs where their turn
-            wrote them instead of where they are now: ``beta sum_t ||K_t (D + dW) - K_t D_t||^2``
-            (``D_t``: the cumulative shift right after turn ``t``) in place of ``beta ||K_t dW||^2``,
-            so the solve gets ``- beta (M D - B)`` on its right-hand side, ``B = sum_t K_t^T K_t D_t``
-            (one ``d_in x d_out`` matrix per module, constant in the number of edits). What later turns
-            eroded of an earlier edit (their interference, ``preserve_base``'s pull-back) is written
-            back instead of being held where it fell. False = the memory only resists moving.
     """
 
     modules: list[str] | None = None
@@ -216,7 +209,6 @@ class EditConfig:
     subject_contexts: int = 0
     subject_stop: str = "loss"
     preserve_base: float = 0.0
-    memory_restore: bool = False
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -282,10 +274,6 @@ class EditConfig:
             raise ValueError(f"EditConfig.subject_contexts must be an int >= 0, got {self.subject_contexts!r}")
         if not (math.isfinite(self.preserve_base) and self.preserve_base >= 0):
             raise ValueError(f"EditConfig.preserve_base must be a finite number >= 0, got {self.preserve_base}")
-        if not isinstance(self.memory_restore, bool):
-            raise ValueError(f"EditConfig.memory_restore must be True or False, got {self.memory_restore!r}")
-        if self.memory_restore and self.memory <= 0:
-            raise ValueError("EditConfig.memory_restore needs memory > 0 (the key memory it restores)")
         if self.subject_stop not in STOP_RULES:
             raise ValueError(f"EditConfig.subject_stop must be one of {STOP_RULES}, got {self.subject_stop!r}")
         if not (math.isfinite(self.subject_decay) and self.subject_decay >= 0):
@@ -370,9 +358,6 @@ def options_summary() -> str:
         "  subject_stop 'loss' (NLL < 0.05) | 'argmax' (every target token the argmax): when a request's search stops",
         "  preserve_base gamma of the generic keys' outputs of the unedited model: + gamma ||D + dW||^2_E0, D the",
         "               shift of all earlier turns (earlier drift on generic text is pulled back)",
-        "  memory_restore with memory: hold earlier edits' outputs where their turn wrote them (+ beta sum_t",
-        "               ||K_t (D + dW) - K_t D_t||^2; a d_in x d_out anchor per module), writing back what later",
-        "               turns eroded, instead of only resisting further moves",
     ])
 
 
@@ -419,7 +404,6 @@ class PendingTurn:
     requests: Sequence[EditRequest] | None = None  # text requests (set by edit), for the edit log
     generation: int = 0  # the editor state it was prepared on (UltraEditor.generation)
     key_memory: dict[str, torch.Tensor] | None = None  # the memory after this turn (EditConfig.memory > 0)
-    memory_anchor: dict[str, torch.Tensor] | None = None  # its anchors after this turn (EditConfig.memory_restore)
 
 
 def module_shape(module: nn.Module) -> tuple[int, int]:
@@ -552,8 +536,6 @@ class UltraEditor:
             self._generic_moments()
         # EditConfig.memory > 0: per module, the sum of K^T K over all committed turns (empty = zero).
         self.key_memory: dict[str, torch.Tensor] = {}
-        # EditConfig.memory_restore: per module, B = sum over committed turns of K_t^T K_t D_t (d_in x d_out).
-        self.memory_anchor: dict[str, torch.Tensor] = {}
         self.turns = 0
         self.edits = 0
         self.generation = 0
@@ -680,27 +662,19 @@ class UltraEditor:
             order=list(order) if order is not None else list(range(requests)),
             steps=steps,
         )
-        memory, anchor = self._memory_after(captures, shifts) if self.config.memory > 0 else (None, None)
+        memory = self._memory_after(captures) if self.config.memory > 0 else None
         return PendingTurn(shifts=shifts, normalizers=normalizers, report=report, generation=self.generation,
-                           key_memory=memory, memory_anchor=anchor)
+                           key_memory=memory)
 
-    def _memory_after(
-        self, captures: list[MinibatchCapture], shifts: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """The key memory with this turn's keys (as captured before the turn's shift) added, and
-        with ``memory_restore`` its anchors with ``K^T K D_t`` added (``D_t``: the cumulative shift
-        once ``shifts`` are applied); ``None`` for the anchors otherwise."""
+    def _memory_after(self, captures: list[MinibatchCapture]) -> dict[str, torch.Tensor]:
+        """The key memory with this turn's keys (as captured before the turn's shift) added."""
         dtype = self.config.torch_dtype
-        memory: dict[str, torch.Tensor] = {}
-        anchor: dict[str, torch.Tensor] | None = {} if self.config.memory_restore else None
+        memory = {}
         for name, module in self.modules.items():
             keys = torch.cat([mb.keys[name] for mb in captures]).to(module.weight.device, dtype)
             gram = keys.T @ keys
             memory[name] = gram + self.key_memory[name] if name in self.key_memory else gram
-            if anchor is not None:
-                written = gram @ (self._drift(name).to(dtype) + shifts[name].to(gram.device, dtype))
-                anchor[name] = written + self.memory_anchor[name] if name in self.memory_anchor else written
-        return memory, anchor
+        return memory
 
     def _capture(self, batches: list[dict[str, torch.Tensor]], order: Sequence[int] | None) -> list[MinibatchCapture]:
         captures = capture(self.model, self.modules, batches, forward_batch_size=self.config.forward_batch_size)
@@ -761,7 +735,7 @@ class UltraEditor:
             single = shift_dtypes.pop() if len(shift_dtypes) == 1 else None
             target = single if out_dtype == "weights" else None
             terms = (preserve or {}).get(shape)
-            pull = self._pull_back(group, terms) if self.config.preserve_base > 0 or self.config.memory_restore else None
+            pull = self._pull_back(group, terms) if self.config.preserve_base > 0 else None
             if pull is None:
                 solved = ridge_solve(keys, values, self.config.ridge, self.config.solver, target, terms)
             else:  # (K^T K + A) dW = K^T V + A u  <=>  dW = ridge_solve(K, V - K u) + u
@@ -773,20 +747,23 @@ class UltraEditor:
         return shifts
 
     def _pull_back(self, group: list[str], terms: Preserved | None) -> torch.Tensor | None:
-        """``u = -A^-1 r`` per module of ``group`` (``A = lambda I +`` the preserved terms),
-        ``(modules, d_in, d_out)``, with ``r`` the pull of :meth:`_pull`; ``None`` while nothing
-        pulls. One module at a time, so that only one ``D`` and one product are held besides the result."""
-        if terms is None:  # no preserved term: no generic text, and no memory yet to restore
-            return None
+        """``preserve_base``: ``u = -A^-1 gamma E0 D`` per module of ``group`` (``A = lambda I +``
+        the preserved terms, ``D = W - W_base`` in ``(d_in, d_out)``, the shift so far of this turn
+        included), ``(modules, d_in, d_out)``; ``None`` while nothing has moved. One module at a
+        time, so that only one ``D`` and one product are held besides the result."""
+        assert terms is not None  # preserve_base > 0 puts gamma E0 in it
         dtype, factor = self.config.torch_dtype, terms.factor()
         pulls, moved = [], False
         for i, name in enumerate(group):
-            rhs = self._pull(name)
-            if rhs is None:
-                weight = self.modules[name].weight
-                pulls.append(torch.zeros(module_shape(self.modules[name]), dtype=dtype, device=weight.device))
+            module = self.modules[name]
+            base = self.session.base[name].to(module.weight.device, torch.float32)
+            drift = in_out(module, module.weight.detach().float() - base)
+            if not bool(drift.any()):
+                pulls.append(torch.zeros_like(drift, dtype=dtype))
                 continue
-            moved, rhs = True, -rhs
+            moved = True
+            moment = self._generic_moments()[name].to(dtype)
+            rhs = -self.config.preserve_base * (moment @ drift.to(moment.device, dtype))
             if factor is not None:
                 pulls.append(torch.cholesky_solve(rhs, factor[i].to(rhs.device, dtype)))
             else:
@@ -794,31 +771,6 @@ class UltraEditor:
                 system.diagonal().add_(terms.ridge)
                 pulls.append(torch.linalg.solve(system, rhs))
         return torch.stack(pulls) if moved else None
-
-    def _pull(self, name: str) -> torch.Tensor | None:
-        """The right-hand side's pull of one module, ``(d_in, d_out)``: ``gamma E0 D``
-        (``preserve_base``) plus ``beta (M D - B)`` (``memory_restore``, once there is a memory),
-        ``D = W - W_base`` (the shift so far of this turn included); ``None`` when it is zero."""
-        dtype, config = self.config.torch_dtype, self.config
-        drift = self._drift(name)
-        anchored = config.memory_restore and name in self.memory_anchor
-        if not (anchored or bool(drift.any())):
-            return None
-        pull = None
-        if config.preserve_base > 0:
-            moment = self._generic_moments()[name].to(dtype)
-            pull = config.preserve_base * (moment @ drift.to(moment.device, dtype))
-        if anchored:
-            memory = self.key_memory[name].to(dtype)
-            held = config.memory * (memory @ drift.to(memory.device, dtype) - self.memory_anchor[name].to(memory.device, dtype))
-            pull = held if pull is None else pull + held.to(pull.device)
-        return pull
-
-    def _drift(self, name: str) -> torch.Tensor:
-        """``D = W - W_base`` of one module, float32, ``(d_in, d_out)``."""
-        module = self.modules[name]
-        base = self.session.base[name].to(module.weight.device, torch.float32)
-        return in_out(module, module.weight.detach().float() - base)
 
     def _subject_values(
         self, batches: list[dict[str, torch.Tensor]], essence: list[dict[str, torch.Tensor]] | None = None,
@@ -968,8 +920,6 @@ class UltraEditor:
         self.normalizers = pending.normalizers
         if pending.key_memory is not None:
             self.key_memory = pending.key_memory
-        if pending.memory_anchor is not None:
-            self.memory_anchor = pending.memory_anchor
         self.turns += 1
         self.edits += pending.report.requests
         self.generation += 1

@@ -13,13 +13,11 @@ A lifelong editing session is a directory::
                            "<module>/value": elements where W_base + delta misses W_now by an ulp
         normalizers.safetensors   lifelong statistics per module shape: "<d_in>x<d_out>.{n,mean,var,std}"
         memory.safetensors (only with EditConfig.memory > 0, after a turn) the key memory: "<module>"
-                           = sum of K^T K over the turns so far, (d_in, d_in); with
-                           EditConfig.memory_restore also its anchors "anchor/<module>" = sum of
-                           K^T K D_t over the turns, (d_in, d_out)
+                           = sum of K^T K over the turns so far, (d_in, d_in)
         undo-<seq>.safetensors   (only with keep_turn_deltas) one per revertible turn: edit-module
                            weights ("w/<module>", model dtype), float32 deltas of bf16/fp16 modules
                            ("d/<module>"), statistics ("n/<d_in>x<d_out>.*") and key memory
-                           ("m/<module>", anchors "a/<module>") from before that
+                           ("m/<module>") from before that
                            turn, for exact revert; hard-linked between versions
       edits.jsonl          append-only edit log, one JSON object per line (``seq`` increasing)
 
@@ -90,7 +88,6 @@ STATE_JSON = "state.json"
 DELTA = "delta.safetensors"
 NORMALIZERS = "normalizers.safetensors"
 MEMORY = "memory.safetensors"
-ANCHOR = "anchor/"  # the key memory's anchors in MEMORY (EditConfig.memory_restore)
 EXACT = "exact.safetensors"
 LOCK = ".lock"
 
@@ -145,7 +142,6 @@ class TurnSnapshot:
         deltas: the float32 cumulative deltas before the turn (modules that accumulate one; see
             ``UltraEditor(delta_accumulation=...)``), name -> CPU tensor; absent = zero.
         key_memory: ``UltraEditor.key_memory`` before the turn, name -> CPU tensor; empty = zero.
-        memory_anchor: ``UltraEditor.memory_anchor`` before the turn, likewise.
     """
 
     turn: int
@@ -155,7 +151,6 @@ class TurnSnapshot:
     seq: int = 0  # the edit-log seq of the turn: unique even when turn numbers repeat after a revert
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     key_memory: dict[str, torch.Tensor] = field(default_factory=dict)
-    memory_anchor: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -242,7 +237,6 @@ class EditSession:
             normalizers={s: {k: _cpu_copy(v) for k, v in nm.state_dict().items()} for s, nm in ed.normalizers.items()},
             deltas={n: _cpu_copy(d) for n, d in self.delta.items()},
             key_memory={n: _cpu_copy(m) for n, m in ed.key_memory.items()},
-            memory_anchor={n: _cpu_copy(a) for n, a in ed.memory_anchor.items()},
         )
 
     def after_commit(self, pending: "PendingTurn", snapshot: TurnSnapshot | None) -> None:
@@ -789,8 +783,6 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
     sizes[NORMALIZERS] = _write_safetensors(path / NORMALIZERS, norm_specs, {"format": FORMAT, "content": "normalizers"})
     if editor.key_memory:
         memory_specs = [(n, m.dtype, tuple(m.shape), lambda m=m: m.to("cpu")) for n, m in editor.key_memory.items()]
-        memory_specs += [(f"{ANCHOR}{n}", a.dtype, tuple(a.shape), lambda a=a: a.to("cpu"))
-                         for n, a in editor.memory_anchor.items()]
         sizes[MEMORY] = _write_safetensors(path / MEMORY, memory_specs, {"format": FORMAT, "content": "memory"})
 
     undo_meta = []
@@ -810,7 +802,6 @@ def _write_version(editor: "UltraEditor", path: Path, delta_dtype: str, previous
         specs = [(f"w/{name}", w.dtype, tuple(w.shape), lambda w=w: w) for name, w in snap.weights.items()]
         specs += [(f"d/{name}", d.dtype, tuple(d.shape), lambda d=d: d) for name, d in snap.deltas.items()]
         specs += [(f"m/{name}", m.dtype, tuple(m.shape), lambda m=m: m) for name, m in snap.key_memory.items()]
-        specs += [(f"a/{name}", a.dtype, tuple(a.shape), lambda a=a: a) for name, a in snap.memory_anchor.items()]
         for shape, sd in snap.normalizers.items():
             for key, value in sd.items():
                 specs.append((f"n/{_norm_key(shape)}.{key}", value.dtype, tuple(value.shape), lambda v=value: v))
@@ -929,10 +920,6 @@ def load(
     if config.memory > 0 and counters[0] > 0 and not memory:
         raise StateError(f"{meta_path}: the configuration keeps a key memory (memory={config.memory}) "
                          f"but the state has no {MEMORY} for its {counters[0]} turns")
-    anchor = _read_memory(editor, files.get(MEMORY), version / MEMORY, ANCHOR, anchors=True)
-    if config.memory_restore and counters[0] > 0 and not anchor:
-        raise StateError(f"{meta_path}: the configuration restores the key memory (memory_restore) "
-                         f"but {MEMORY} has no anchors for its {counters[0]} turns")
     _check_delta(editor.modules, files, version)
     snapshots = [
         _read_snapshot(editor, files[file], version / file, turn, requests, seq)
@@ -942,7 +929,7 @@ def load(
     # ... then apply.
     for shape, norm in editor.normalizers.items():
         norm.load_state_dict(statistics[shape])
-    editor.key_memory, editor.memory_anchor = memory, anchor
+    editor.key_memory = memory
     accumulating = {n for n, m in editor.modules.items() if editor.accumulates(m)}
     session.delta = _add_delta(editor.modules, session.base, files, version, keep_deltas=accumulating)
     editor.turns, editor.edits, session.log_seq = counters
@@ -986,22 +973,18 @@ def _read_statistics(handle: Any, path: Path, prefix: str, shape: tuple[int, int
     return state
 
 
-def _read_memory(
-    editor: "UltraEditor", handle: Any, path: Path, prefix: str, anchors: bool = False
-) -> dict[str, torch.Tensor]:
+def _read_memory(editor: "UltraEditor", handle: Any, path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The key memory stored under ``prefix<module>`` (all modules, or none = zero memory), on the
-    modules' devices in the editor's compute dtype; ``anchors``: its anchors, ``(d_in, d_out)``."""
+    modules' devices in the editor's compute dtype."""
     from .editor import module_shape
 
     if handle is None or not any(k.startswith(prefix) and k[len(prefix):] in editor.modules for k in handle.keys()):
         return {}
     dtype = editor.config.torch_dtype
-
-    def shape(module: nn.Module) -> tuple[int, int]:
-        d_in, d_out = module_shape(module)
-        return (d_in, d_out) if anchors else (d_in, d_in)
-
-    return {n: _tensor(handle, path, f"{prefix}{n}", shape(m)).to(m.weight.device, dtype) for n, m in editor.modules.items()}
+    return {
+        n: _tensor(handle, path, f"{prefix}{n}", (module_shape(m)[0],) * 2).to(m.weight.device, dtype)
+        for n, m in editor.modules.items()
+    }
 
 
 def _read_snapshot(
@@ -1025,7 +1008,6 @@ def _read_snapshot(
         seq=seq,
         deltas=deltas,
         key_memory={n: m.cpu() for n, m in _read_memory(editor, handle, path, "m/").items()},
-        memory_anchor={n: a.cpu() for n, a in _read_memory(editor, handle, path, "a/", anchors=True).items()},
     )
 
 
@@ -1241,7 +1223,6 @@ def revert_last(editor: "UltraEditor", k: int = 1) -> RevertReport:
     for shape, norm in editor.normalizers.items():
         norm.load_state_dict(target.normalizers[shape])
     editor.key_memory = {n: m.to(editor.modules[n].weight.device) for n, m in target.key_memory.items()}
-    editor.memory_anchor = {n: a.to(editor.modules[n].weight.device) for n, a in target.memory_anchor.items()}
     for _ in range(k):
         session.undo.pop()
     editor.generation += 1  # turns prepared before the revert are stale

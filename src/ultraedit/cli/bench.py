@@ -98,8 +98,6 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
                    help="override EditConfig.subject_stop (when a request's subject search stops)")
     p.add_argument("--preserve-base", type=float, default=None,
                    help="override EditConfig.preserve_base (weight of the unedited model's outputs at the generic keys)")
-    p.add_argument("--memory-restore", action=argparse.BooleanOptionalAction, default=None,
-                   help="override EditConfig.memory_restore (the memory writes back what later turns eroded of earlier edits)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_command)

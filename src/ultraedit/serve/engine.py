@@ -81,7 +81,6 @@ class _Snapshot:
     extra: dict[str, Any]
     deltas: dict[str, torch.Tensor]  # the float32 cumulative shifts of bf16/fp16 modules
     key_memory: dict[str, torch.Tensor]  # EditConfig.memory
-    memory_anchor: dict[str, torch.Tensor]  # EditConfig.memory_restore
 
     @classmethod
     def take(cls, editor: Any) -> "_Snapshot":
@@ -91,7 +90,7 @@ class _Snapshot:
             normalizers={shape: norm.clone() for shape, norm in editor.normalizers.items()},
             counters=(editor.turns, editor.edits, s.log_seq),
             undo=list(s.undo), pending_log=list(s.pending_log), extra=copy.deepcopy(s.extra),
-            deltas=dict(s.delta), key_memory=dict(editor.key_memory), memory_anchor=dict(editor.memory_anchor),
+            deltas=dict(s.delta), key_memory=dict(editor.key_memory),
         )
 
     def restore(self, editor: Any) -> None:
@@ -102,7 +101,6 @@ class _Snapshot:
         editor.normalizers = dict(self.normalizers)
         s.delta = dict(self.deltas)
         editor.key_memory = dict(self.key_memory)
-        editor.memory_anchor = dict(self.memory_anchor)
         editor.generation += 1
         editor.turns, editor.edits, s.log_seq = self.counters
         s.undo.clear()
