@@ -75,12 +75,13 @@ def main() -> None:
         prompt = after["prompt"][name] - before["prompt"][name]
         rephrase = after["rephrase"][name] - before["rephrase"][name]
         projection = (rephrase * prompt).sum(1) / prompt.norm(dim=1).square()
+        relative = prompt.norm(dim=1) / before["prompt"][name].norm(dim=1)
         print(json.dumps({
             "data": spec, "config": fields, "view": name, "requests": len(requests),
             "projection": round(float(projection.median()), 3),
             "cosine": round(float(F.cosine_similarity(rephrase, prompt, dim=1).median()), 3),
             "norm_ratio": round(float((rephrase.norm(dim=1) / prompt.norm(dim=1)).median()), 3),
-            "prompt_change_over_norm": round(float((prompt.norm(dim=1) / before["prompt"][name].norm(dim=1)).median()), 3),
+            "prompt_change_over_norm": round(float(relative.median()), 3),
         }), flush=True)
 
 
