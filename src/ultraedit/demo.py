@@ -152,9 +152,8 @@ def run_demo(
     t0 = time.perf_counter()
     editor = UltraEditor(lm, config, tokenizer=tokenizer)  # builds or reads the generic-text statistics
     prepare_seconds = time.perf_counter() - t0
-    sampled = config.preserve + config.preserve_base > 0 and config.preserve_text in ("generated", "both")
     out(f"Editor ready in {prepare_seconds:.1f} s" + (" (generic-text statistics: built on a model's first run, "
-        "then read from the cache)." if sampled else "."))
+        "then read from the cache)." if config.samples_text else "."))
     out(f"Editing {len(requests)} real-world facts in turns of {turn_size} with UltraEdit "
         f"({len(editor.modules)} modules, {describe(config)}).")
     turns = [requests[i : i + turn_size] for i in range(0, len(requests), turn_size)]

@@ -308,6 +308,18 @@ class EditConfig:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
+    @property
+    def generic_weight(self) -> float:
+        """``alpha + gamma`` (``preserve + preserve_base``): the weight of ``E0[k k^T]`` in the ridge;
+        0 = no generic-text statistics are used."""
+        return self.preserve + self.preserve_base
+
+    @property
+    def samples_text(self) -> bool:
+        """Whether ``E0`` is taken over text the model samples itself (built on a model's first run,
+        then read from the cache)."""
+        return self.generic_weight > 0 and self.preserve_text in ("generated", "both")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -532,7 +544,7 @@ class UltraEditor:
         # i.e. the base model (state.load builds the editor before applying the saved shift), so a
         # resumed session solves with the same moments as the uninterrupted one.
         self._moments: dict[str, torch.Tensor] | None = None
-        if config.preserve + config.preserve_base > 0 and tokenizer is not None:
+        if config.generic_weight > 0 and tokenizer is not None:
             self._generic_moments()
         # EditConfig.memory > 0: per module, the sum of K^T K over all committed turns (empty = zero).
         self.key_memory: dict[str, torch.Tensor] = {}
@@ -825,7 +837,7 @@ class UltraEditor:
         for shape in normalizers:
             group = self._group(shape)
             terms = []
-            generic = self.config.preserve + self.config.preserve_base  # alpha ||dW||^2_E0 + gamma ||D + dW||^2_E0
+            generic = self.config.generic_weight  # alpha ||dW||^2_E0 + gamma ||D + dW||^2_E0
             if generic > 0:
                 terms.append(generic * torch.stack([self._generic_moments()[n] for n in group]))
             if self.config.memory > 0 and self.key_memory:
