@@ -863,6 +863,34 @@ def test_subject_optimise_writes_delta_over_n_at_the_subject_rows():
             EditConfig(**bad)
 
 
+def test_subject_optimise_spreads_delta_over_every_lower_module_of_any_shape():
+    """Modules of two shapes (MLP down_proj and attention o_proj, both writing the residual
+    stream) below the split share one ``delta``: each gets ``delta / n`` with ``n`` counted over
+    both shapes, as the plain reference does; upper modules of another output width (up_proj)
+    are left to their target rows; a module below the split that does not write the residual
+    stream is refused before anything changes."""
+    from ultraedit.subject_values import subject_deltas
+
+    model = tiny_model("llama")
+    ref_model = copy.deepcopy(model)
+    lower = [f"model.layers.{i}.{kind}" for i in (0, 1) for kind in ("mlp.down_proj", "self_attn.o_proj")]
+    names = lower + [f"model.layers.{i}.{kind}" for i in (2, 3) for kind in ("mlp.down_proj", "self_attn.o_proj", "mlp.up_proj")]
+    batches = with_subjects(random_turn(7, requests=12, batch_size=4), 7, low=1)
+    deltas = torch.cat([d[b["subject_index"] >= 0]
+                        for d, b in zip(subject_deltas(model, 2, batches, steps=4, lr=0.3, decay=0.5, clamp=0.5), batches)])
+    config = EditConfig(modules=names, lr=1e-3, subject_depth=0.5, subject_optimise=4, subject_lr=0.3, subject_clamp=0.5)
+    UltraEditor(model, config).edit_tokens(batches)
+    reference_turn(ref_model, names, batches, {}, lr=1e-3, subject_only=lower, subject_values=deltas)
+    for n in names:
+        torch.testing.assert_close(model.get_submodule(n).weight, ref_model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+    untouched = tiny_model("llama")
+    before = {k: v.clone() for k, v in untouched.state_dict().items()}
+    with pytest.raises(EditError, match="model.layers.0.mlp.up_proj.*residual stream"):
+        UltraEditor(untouched, EditConfig(modules=["model.layers.0.mlp.up_proj"] + names, lr=1e-3, subject_depth=0.5,
+                                          subject_optimise=4))
+    assert all(torch.equal(v, before[k]) for k, v in untouched.state_dict().items())
+
+
 def test_edit_with_subject_kl_builds_each_rows_essence_prompt():
     """``subject_kl`` in :meth:`UltraEditor.edit`: each minibatch row gets ``"{subject} is a"`` with
     its subject's last token marked (-1 without a subject), and the KL term changes the turn."""

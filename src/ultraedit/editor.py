@@ -533,6 +533,7 @@ class UltraEditor:
                     "device_map with them on a GPU, or accelerate.dispatch_model(..., main_device='cpu') for "
                     "layers that should live on the CPU")
             self.modules[name] = available[name]
+        self._check_subject_modules()
         self.normalizers: dict[tuple[int, int], LifelongNormalizer] = {}
         for name, module in self.modules.items():
             shape = module_shape(module)
@@ -730,9 +731,10 @@ class UltraEditor:
             values = target_values(keys, grads, norm, self.config.module_lr(shape))
             if self.config.subject_keys not in (0.0, 1.0):
                 values = values * torch.where(subject, self.config.subject_keys, 1.0).to(values.dtype)[:, None]
-            if subject_values is not None:  # subject_optimise: delta / n in each module below the split
-                lower = self._lower(group)
-                spread = subject_values.to(values.device, values.dtype) / int(lower.sum())
+            lower = self._lower(group)
+            if subject_values is not None and bool(lower.any()):  # subject_optimise: delta / n in each
+                # of the n modules below the split (all shapes: together they add delta to the residual)
+                spread = subject_values.to(values.device, values.dtype) / int(self._lower(list(self.modules)).sum())
                 values[:, subject] = torch.where(lower[:, None, None].to(values.device), spread, values[:, subject])
             if outliers is not None:
                 values = values.masked_fill(outliers[..., None], 0.0)
@@ -802,6 +804,20 @@ class UltraEditor:
                                 config.subject_decay, config.subject_clamp, essence, config.subject_kl,
                                 contexts, config.subject_stop)
         return torch.cat([d[b[SUBJECT_INDEX] >= 0] for d, b in zip(deltas, batches) if SUBJECT_INDEX in b])
+
+    def _check_subject_modules(self) -> None:
+        """``subject_optimise`` writes a change of the residual stream, so every module below
+        ``subject_depth`` must write the residual stream (output width = the hidden size)."""
+        if self.config.subject_optimise <= 0:
+            return
+        width = self.model.get_input_embeddings().weight.shape[1]
+        for name in (n for n, low in zip(self.modules, self._lower(list(self.modules))) if low):
+            if module_shape(self.modules[name])[1] != width:
+                raise EditError(
+                    f"subject_optimise: edit module {name!r} lies below subject_depth {self.config.subject_depth} "
+                    f"but writes {module_shape(self.modules[name])[1]} features, not the residual stream's {width}: "
+                    "edit at the subject with modules that write the residual stream (MLP down/output or "
+                    "attention output projections)")
 
     def _lower(self, group: list[str]) -> torch.Tensor:
         """Per module of ``group``, is it below ``subject_depth`` (does it edit at the subject)?"""
