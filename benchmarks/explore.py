@@ -6,7 +6,8 @@
 DATA is ``demo`` (the demo's 100 facts; locality = its 51 probes), ``zsre:N`` or ``cf:N`` (the first
 N requests of ``../shared/data``). Each configuration is JSON: ``EditConfig`` fields on top of
 ``EditConfig.recommended(model)`` (``"rec": false``: on top of ``EditConfig()``), plus ``layers``
-(e.g. ``"gate:10-14,up:16-23"``: those MLP projections of those layers) and ``turn`` (requests per
+(e.g. ``"gate:10-14,up:16-23"``: those MLP projections of those layers; ``q``/``k``/``v``/``o``: the
+attention projections) and ``turn`` (requests per
 turn, default 100). Prints ES, GS, retention, agreement, the perplexity rise on the first 80
 held-out lines, edit seconds and steps per turn. The README's development tables came from this.
 """
@@ -51,7 +52,8 @@ def modules_of(spec: str) -> list[str]:
     for part in spec.split(","):
         kind, span = part.split(":")
         first, last = map(int, span.split("-"))
-        names += [f"model.layers.{i}.mlp.{kind}_proj" for i in range(first, last + 1)]
+        block = "self_attn" if kind in ("q", "k", "v", "o") else "mlp"
+        names += [f"model.layers.{i}.{block}.{kind}_proj" for i in range(first, last + 1)]
     return names
 
 

@@ -1,0 +1,50 @@
+"""Which edit modules carry the edits and which cost retention: after a run, score the model with
+only some modules' shifts kept (the others reset to the unedited weights): all of them, those below
+``subject_depth`` (editing at the subject), those above it (at the target) and, with several kinds of
+module, each kind above it. Turns of 100, as explore.py.
+
+    python benchmarks/split_scores.py zsre:500 '{json config, as explore.py}'
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from explore import Bench, modules_of  # noqa: E402
+
+from ultraedit import EditConfig, UltraEditor  # noqa: E402
+from ultraedit.presets import layer_index  # noqa: E402
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
+    spec, text = sys.argv[1], sys.argv[2]
+    bench = Bench(spec)
+    model = bench.model
+    fields = json.loads(text)
+    if "layers" in fields:
+        fields["modules"] = modules_of(fields.pop("layers"))
+    config = EditConfig.recommended(model, **fields)
+    editor = UltraEditor(model, config, tokenizer=bench.tok)
+    for first in range(0, len(bench.requests), 100):
+        editor.edit(bench.requests[first : first + 100])
+    edited = {k: v.clone() for k, v in model.state_dict().items()}
+    split = config.subject_depth * len(model.model.layers)
+    names = list(editor.modules)
+    groups = {"all": names, "lower": [n for n in names if layer_index(n) < split],
+              "upper": [n for n in names if layer_index(n) >= split]}
+    kinds = sorted({n.rsplit(".", 1)[1] for n in names})
+    if len(kinds) > 1:
+        groups.update({f"upper {k}": [n for n in groups["upper"] if n.endswith(k)] for k in kinds})
+    for label, kept in groups.items():
+        state = dict(bench.unedited)
+        state.update({f"{n}.weight": edited[f"{n}.weight"] for n in kept})
+        model.load_state_dict(state)
+        print(json.dumps({"data": spec, "config": text, "kept": label, **bench.scores()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
