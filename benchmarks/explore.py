@@ -78,19 +78,24 @@ class Bench:
                 "perplexity_rise": round(perplexity(self.model, self.tok, self.lines) / self.ppl_before - 1, 3)}
 
 
+def configured(bench: Bench, text: str) -> tuple[UltraEditor, int]:
+    """An editor of ``bench``'s model (restored to unedited) for one JSON configuration, and its turn size."""
+    fields = json.loads(text)
+    bench.model.load_state_dict(bench.unedited)
+    if "layers" in fields:
+        fields["modules"] = modules_of(fields.pop("layers"))
+    turn = fields.pop("turn", 100)
+    config = EditConfig.recommended(bench.model, **fields) if fields.pop("rec", True) else EditConfig(**fields)
+    return UltraEditor(bench.model, config, tokenizer=bench.tok), turn
+
+
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     spec, configs = sys.argv[1], sys.argv[2:]
     bench = Bench(spec)
-    model, reqs = bench.model, bench.requests
+    reqs = bench.requests
     for text in configs:
-        fields = json.loads(text)
-        model.load_state_dict(bench.unedited)
-        if "layers" in fields:
-            fields["modules"] = modules_of(fields.pop("layers"))
-        turn = fields.pop("turn", 100)
-        config = EditConfig.recommended(model, **fields) if fields.pop("rec", True) else EditConfig(**fields)
-        editor = UltraEditor(model, config, tokenizer=bench.tok)
+        editor, turn = configured(bench, text)
         start, steps = time.perf_counter(), []
         for first in range(0, len(reqs), turn):
             steps.append(editor.edit(reqs[first : first + turn]).steps)

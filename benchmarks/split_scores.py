@@ -1,7 +1,7 @@
 """Which edit modules carry the edits and which cost retention: after a run, score the model with
 only some modules' shifts kept (the others reset to the unedited weights): all of them, those below
 ``subject_depth`` (editing at the subject), those above it (at the target) and, with several kinds of
-module, each kind above it. Turns of 100, as explore.py.
+module, each kind above it. Turns of 100 (``turn``), as explore.py.
 
     python benchmarks/split_scores.py zsre:500 '{json config, as explore.py}'
 """
@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from explore import Bench, modules_of  # noqa: E402
+from explore import Bench, configured  # noqa: E402
 
-from ultraedit import EditConfig, UltraEditor  # noqa: E402
 from ultraedit.presets import layer_index  # noqa: E402
 
 
@@ -24,13 +23,10 @@ def main() -> None:
     spec, text = sys.argv[1], sys.argv[2]
     bench = Bench(spec)
     model = bench.model
-    fields = json.loads(text)
-    if "layers" in fields:
-        fields["modules"] = modules_of(fields.pop("layers"))
-    config = EditConfig.recommended(model, **fields)
-    editor = UltraEditor(model, config, tokenizer=bench.tok)
-    for first in range(0, len(bench.requests), 100):
-        editor.edit(bench.requests[first : first + 100])
+    editor, turn = configured(bench, text)
+    config = editor.config
+    for first in range(0, len(bench.requests), turn):
+        editor.edit(bench.requests[first : first + turn])
     edited = {k: v.clone() for k, v in model.state_dict().items()}
     split = config.subject_depth * len(model.model.layers)
     names = list(editor.modules)

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from explore import Bench, modules_of  # noqa: E402
+from explore import Bench, configured  # noqa: E402
 
-from ultraedit import EditConfig, UltraEditor  # noqa: E402
 from ultraedit.batching import SUBJECT_INDEX, minibatches  # noqa: E402
 from ultraedit.presets import layer_index  # noqa: E402
 
@@ -39,11 +38,8 @@ def main() -> None:
     spec, text = sys.argv[1], sys.argv[2]
     bench = Bench(spec)
     model = bench.model
-    fields = json.loads(text)
-    if "layers" in fields:
-        fields["modules"] = modules_of(fields.pop("layers"))
-    config = EditConfig.recommended(model, **fields)
-    editor = UltraEditor(model, config, tokenizer=bench.tok)
+    editor, _ = configured(bench, text)
+    config = editor.config
     requests = bench.requests  # one turn of all of them
     batches, _ = minibatches(bench.tok, requests, config.capture_batch_size, subjects=True)
     lower = [n for n in editor.modules if layer_index(n) < config.subject_depth * len(model.model.layers)]

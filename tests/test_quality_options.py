@@ -148,6 +148,46 @@ def test_preserve_base_penalises_the_cumulative_shift_like_a_plain_solve(arch, s
             EditConfig(preserve_base=bad)
 
 
+def test_subject_preserve_weighs_e0_more_in_the_modules_at_the_subject():
+    """``subject_preserve=f``: the modules below ``subject_depth`` solve with ``f (alpha + gamma) E0``
+    in the ridge, the others with ``(alpha + gamma) E0``; the pull-back's ``gamma E0 D`` is the same
+    in both (plain primal solve, two turns so that ``D`` is not zero); 1 leaves the turn as it was."""
+    model = tiny_model("llama")
+    ref_model, plain = copy.deepcopy(model), copy.deepcopy(model)
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(4)]
+    gen = torch.Generator().manual_seed(5)
+    moments = {}
+    for n in names:
+        rows = torch.randn(40, model.get_submodule(n).weight.shape[1], generator=gen)
+        moments[n] = rows.T @ rows / 40
+    alpha, gamma, f = 3.0, 2.0, 4.0
+    base = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    options = dict(modules=names, lr=0.3, refine_steps=1, preserve=alpha, preserve_base=gamma, subject_depth=0.5)
+    editors = [UltraEditor(model, EditConfig(**options, subject_preserve=f)), UltraEditor(plain, EditConfig(**options))]
+    for editor in editors:
+        editor._moments = moments  # E0 without a tokenizer
+    normalizers = {}
+    lower = names[:2]
+    for turn in range(2):
+        batches = with_subjects(random_turn(600 + turn), 600 + turn, low=1)
+        for editor in editors:
+            editor.edit_tokens(batches)
+        grams = {n: (f if n in lower else 1.0) * (alpha + gamma) * moments[n] for n in names}
+        reference_turn(ref_model, names, batches, normalizers, lr=0.3, preserve=grams, subject_only=lower,
+                       base_term=({n: gamma * moments[n] for n in names}, base))
+    for n in names:
+        ours = model.get_submodule(n).weight.detach() - base[n]
+        ref = ref_model.get_submodule(n).weight.detach() - base[n]
+        assert float((ours - ref).norm() / ref.norm()) <= 1e-3, n
+    for n in lower:
+        assert not torch.allclose(plain.get_submodule(n).weight, model.get_submodule(n).weight, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="subject_preserve needs subject_depth"):
+        EditConfig(subject_preserve=2.0)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="subject_preserve"):
+            EditConfig(subject_depth=0.5, subject_preserve=bad)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_key_memory_matches_a_plain_sum_of_earlier_turns_keys(arch):
     """With ``memory=beta``, turn t solves ``(K^T K + lambda I + beta sum_{s<t} K_s^T K_s)^-1 K^T V``,

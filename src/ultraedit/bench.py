@@ -136,7 +136,8 @@ class BenchConfig:
             preset, no options beyond the paper) instead of ``EditConfig.recommended(model)``.
         refine_steps, preserve, preserve_text, lr_scale, memory, confidence, neighbours, neighbour_weight, prefixes,
             subject_keys, subject_depth, key_outliers, subject_steps, subject_optimise, subject_clamp, subject_kl,
-            subject_contexts, subject_stop, preserve_base: override those :class:`EditConfig` options (``None``: the configuration's own).
+            subject_contexts, subject_stop, preserve_base, subject_preserve: override those
+            :class:`EditConfig` options (``None``: the configuration's own).
         method_options: a baseline's hyperparameters by name (``--method-option KEY=VALUE``).
     """
 
@@ -180,6 +181,7 @@ class BenchConfig:
     subject_contexts: int | None = None
     subject_stop: str | None = None
     preserve_base: float | None = None
+    subject_preserve: float | None = None
     method_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -279,7 +281,8 @@ def edit_config(
 #: The :class:`EditConfig` options a bench run may override (``BenchConfig`` fields and ``--flags`` of the same names).
 EDIT_OPTIONS = ("refine_steps", "preserve", "preserve_text", "lr_scale", "memory", "confidence", "neighbours", "neighbour_weight",
                 "prefixes", "subject_keys", "subject_depth", "key_outliers", "subject_steps", "subject_optimise",
-                "subject_clamp", "subject_kl", "subject_contexts", "subject_stop", "preserve_base")
+                "subject_clamp", "subject_kl", "subject_contexts", "subject_stop", "preserve_base",
+                "subject_preserve")
 
 
 def bench_edit_config(model: nn.Module, config: BenchConfig) -> EditConfig:

@@ -177,6 +177,11 @@ class EditConfig:
             and each turn pulls back some of what earlier turns drifted on generic text instead of
             letting the drifts add up. Costs one ``d_in x d_in`` by ``d_in x d_out`` product and solve
             per module and step. 0 = off.
+        subject_preserve: with ``subject_depth``, the modules below the split (editing at the
+            subject) weigh the generic-text keys this many times as much: ``(alpha + gamma) E0``
+            becomes ``subject_preserve (alpha + gamma) E0`` in their ridge (the pull-back's
+            ``gamma E0 D`` is unchanged). Their change keyed on a subject's last token also reaches
+            other subjects' last tokens, where CounterFact's neighbourhood is. 1 = off.
     """
 
     modules: list[str] | None = None
@@ -209,6 +214,7 @@ class EditConfig:
     subject_contexts: int = 0
     subject_stop: str = "loss"
     preserve_base: float = 0.0
+    subject_preserve: float = 1.0
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -274,6 +280,10 @@ class EditConfig:
             raise ValueError(f"EditConfig.subject_contexts must be an int >= 0, got {self.subject_contexts!r}")
         if not (math.isfinite(self.preserve_base) and self.preserve_base >= 0):
             raise ValueError(f"EditConfig.preserve_base must be a finite number >= 0, got {self.preserve_base}")
+        if not (math.isfinite(self.subject_preserve) and self.subject_preserve > 0):
+            raise ValueError(f"EditConfig.subject_preserve must be a finite number > 0, got {self.subject_preserve}")
+        if self.subject_preserve != 1.0 and self.subject_depth <= 0:
+            raise ValueError("EditConfig.subject_preserve needs subject_depth > 0 (which modules edit at the subject)")
         if self.subject_stop not in STOP_RULES:
             raise ValueError(f"EditConfig.subject_stop must be one of {STOP_RULES}, got {self.subject_stop!r}")
         if not (math.isfinite(self.subject_decay) and self.subject_decay >= 0):
@@ -370,6 +380,8 @@ def options_summary() -> str:
         "  subject_stop 'loss' (NLL < 0.05) | 'argmax' (every target token the argmax): when a request's search stops",
         "  preserve_base gamma of the generic keys' outputs of the unedited model: + gamma ||D + dW||^2_E0, D the",
         "               shift of all earlier turns (earlier drift on generic text is pulled back)",
+        "  subject_preserve with subject_depth: the modules below the split weigh E0 this many times as much",
+        "               ((alpha + gamma) E0 -> subject_preserve (alpha + gamma) E0 in their ridge)",
     ])
 
 
@@ -855,7 +867,11 @@ class UltraEditor:
             terms = []
             generic = self.config.generic_weight  # alpha ||dW||^2_E0 + gamma ||D + dW||^2_E0
             if generic > 0:
-                terms.append(generic * torch.stack([self._generic_moments()[n] for n in group]))
+                moments = torch.stack([self._generic_moments()[n] for n in group])
+                lower = self._lower(group).tolist()
+                scale = torch.tensor([self.config.subject_preserve if low else 1.0 for low in lower],
+                                     dtype=moments.dtype, device=moments.device)
+                terms.append(generic * (scale[:, None, None] * moments))
             if self.config.memory > 0 and self.key_memory:
                 terms.append(self.config.memory * torch.stack([self.key_memory[n] for n in group]))
             if preserved:

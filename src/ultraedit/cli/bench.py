@@ -47,6 +47,7 @@ _OPTION_FLAGS = (
     ("subject_clamp", float, "C", "optimised subject change at most C x the hidden state's norm"),
     ("subject_kl", float, "W", "weight of the KL term keeping '{subject} is a' (ROME/MEMIT's essence)"),
     ("subject_contexts", int, "N", "the subject search also runs each prompt behind N generic sentences"),
+    ("subject_preserve", float, "F", "modules below subject_depth weigh the generic-text keys F times as much"),
 )
 
 
