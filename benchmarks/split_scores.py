@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from explore import Bench, configured  # noqa: E402
 
-from ultraedit.presets import layer_index  # noqa: E402
+from ultraedit.presets import layer_index, num_layers  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     for first in range(0, len(bench.requests), turn):
         editor.edit(bench.requests[first : first + turn])
     edited = {k: v.clone() for k, v in model.state_dict().items()}
-    split = config.subject_depth * len(model.model.layers)
+    split = config.subject_depth * num_layers(model)
     names = list(editor.modules)
     groups = {"all": names, "lower": [n for n in names if layer_index(n) < split],
               "upper": [n for n in names if layer_index(n) >= split]}

@@ -42,8 +42,7 @@ def main() -> None:
     config = editor.config
     requests = bench.requests  # one turn of all of them
     batches, _ = minibatches(bench.tok, requests, config.capture_batch_size, subjects=True)
-    lower = [n for n in editor.modules if layer_index(n) < config.subject_depth * len(model.model.layers)]
-    layer = max(map(layer_index, lower)) + 1
+    layer = max(map(layer_index, editor._subject_modules())) + 1  # where the search's change is measured
     before = subject_states(model, batches, layer)
     delta = editor._subject_values(batches)  # the editor's own (internal) search, as its first step runs it
     editor.edit(requests)

@@ -746,7 +746,7 @@ class UltraEditor:
             lower = self._lower(group)
             if subject_values is not None and bool(lower.any()):  # subject_optimise: delta / n in each
                 # of the n modules below the split (all shapes: together they add delta to the residual)
-                spread = subject_values.to(values.device, values.dtype) / int(self._lower(list(self.modules)).sum())
+                spread = subject_values.to(values.device, values.dtype) / len(self._subject_modules())
                 values[:, subject] = torch.where(lower[:, None, None].to(values.device), spread, values[:, subject])
             if outliers is not None:
                 values = values.masked_fill(outliers[..., None], 0.0)
@@ -807,7 +807,7 @@ class UltraEditor:
         when the turn has no subject rows)."""
         if self.config.subject_optimise <= 0 or not any(SUBJECT_INDEX in b for b in batches):
             return None
-        names = [n for n in self.modules if self._lower([n])[0]]
+        names = self._subject_modules()
         if not names:
             raise EditError(f"subject_optimise: no edit module lies below subject_depth {self.config.subject_depth}")
         start = max(map(layer_index, names)) + 1  # the layer above the top module that edits at the subject
@@ -823,13 +823,17 @@ class UltraEditor:
         if self.config.subject_optimise <= 0:
             return
         width = self.model.get_input_embeddings().weight.shape[1]
-        for name in (n for n, low in zip(self.modules, self._lower(list(self.modules))) if low):
+        for name in self._subject_modules():
             if module_shape(self.modules[name])[1] != width:
                 raise EditError(
                     f"subject_optimise: edit module {name!r} lies below subject_depth {self.config.subject_depth} "
                     f"but writes {module_shape(self.modules[name])[1]} features, not the residual stream's {width}: "
                     "edit at the subject with modules that write the residual stream (MLP down/output or "
                     "attention output projections)")
+
+    def _subject_modules(self) -> list[str]:
+        """The edit modules below ``subject_depth`` (those that edit at the subject), in config order."""
+        return [n for n, low in zip(self.modules, self._lower(list(self.modules)).tolist()) if low]
 
     def _lower(self, group: list[str]) -> torch.Tensor:
         """Per module of ``group``, is it below ``subject_depth`` (does it edit at the subject)?"""
