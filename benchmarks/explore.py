@@ -9,7 +9,8 @@ N requests of ``../shared/data``). Each configuration is JSON: ``EditConfig`` fi
 (e.g. ``"gate:10-14,up:16-23"``: those MLP projections of those layers; ``q``/``k``/``v``/``o``: the
 attention projections) and ``turn`` (requests per
 turn, default 100). Prints ES, GS, retention, agreement, the perplexity rise on the first 80
-held-out lines, edit seconds and steps per turn. The README's development tables came from this.
+held-out lines, the bleed (each edit's new target asked of its locality prompts, token accuracy,
+before and after), edit seconds and steps per turn. The README's development tables came from this.
 """
 
 import json
@@ -23,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ultraedit import EditConfig, UltraEditor  # noqa: E402
+from ultraedit import EditConfig, EditRequest, UltraEditor  # noqa: E402
 from ultraedit.datasets import read_requests  # noqa: E402
 from ultraedit.demo import demo_requests  # noqa: E402
 from ultraedit.evaluation import MetricTotals, perplexity, score_requests  # noqa: E402
@@ -67,15 +68,27 @@ class Bench:
         self.reference = score_requests(self.model, self.tok, self.requests).locality_predictions
         self.lines = package_text("heldout.txt")[:80]
         self.ppl_before = perplexity(self.model, self.tok, self.lines)
+        # each edit's new target asked of its locality prompts (other subjects: CounterFact's neighbours)
+        self.bled = [EditRequest(prompt, r.target) for r in self.requests for prompt, _ in r.locality]
+        self.bleed_before = self.bleed()
+
+    def bleed(self) -> float | None:
+        """Token accuracy of the edits' new targets on their locality prompts (None without locality)."""
+        if not self.bled:
+            return None
+        totals = MetricTotals()
+        totals.add(score_requests(self.model, self.tok, self.bled))
+        return round(totals.means()["efficacy"], 3)
 
     def scores(self) -> dict:
-        """ES, GS, retention, agreement and the perplexity rise of the model as it is now."""
+        """ES, GS, retention, agreement, the perplexity rise and the bleed of the model as it is now."""
         totals = MetricTotals()
         totals.add(score_requests(self.model, self.tok, self.requests, reference=self.reference))
         m = totals.means()
         return {"ES": round(m["efficacy"], 3), "GS": round(m["generalization"], 3),
                 "retention": round(m["retention"], 3), "agreement": round(m["locality_vs_unedited"], 3),
-                "perplexity_rise": round(perplexity(self.model, self.tok, self.lines) / self.ppl_before - 1, 3)}
+                "perplexity_rise": round(perplexity(self.model, self.tok, self.lines) / self.ppl_before - 1, 3),
+                "bleed": self.bleed(), "bleed_before": self.bleed_before}
 
 
 def configured(bench: Bench, text: str) -> tuple[UltraEditor, int]:
