@@ -102,6 +102,16 @@ def configured(bench: Bench, text: str) -> tuple[UltraEditor, int]:
     return UltraEditor(bench.model, config, tokenizer=bench.tok), turn
 
 
+def single_run() -> tuple[str, str, Bench, UltraEditor, int]:
+    """For the scripts run as ``script.py DATA '{config}'`` (split_scores.py, subject_realised.py):
+    threads from ``THREADS``, then ``(DATA, config text, bench, its editor, turn size)``."""
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
+    spec, text = sys.argv[1], sys.argv[2]
+    bench = Bench(spec)
+    editor, turn = configured(bench, text)
+    return spec, text, bench, editor, turn
+
+
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     spec, configs = sys.argv[1], sys.argv[2:]

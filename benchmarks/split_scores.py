@@ -6,32 +6,22 @@ module, each kind above it. Turns of 100 (``turn``), as explore.py.
     python benchmarks/split_scores.py zsre:500 '{json config, as explore.py}'
 """
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from explore import Bench, configured  # noqa: E402
-
-from ultraedit.presets import layer_index, num_layers  # noqa: E402
+from explore import single_run  # noqa: E402
 
 
 def main() -> None:
-    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
-    spec, text = sys.argv[1], sys.argv[2]
-    bench = Bench(spec)
+    spec, text, bench, editor, turn = single_run()
     model = bench.model
-    editor, turn = configured(bench, text)
-    config = editor.config
     for first in range(0, len(bench.requests), turn):
         editor.edit(bench.requests[first : first + turn])
     edited = {k: v.clone() for k, v in model.state_dict().items()}
-    split = config.subject_depth * num_layers(model)
     names = list(editor.modules)
-    groups = {"all": names, "lower": [n for n in names if layer_index(n) < split],
-              "upper": [n for n in names if layer_index(n) >= split]}
+    lower = editor._subject_modules()  # below subject_depth: the editor's own split
+    groups = {"all": names, "lower": lower, "upper": [n for n in names if n not in lower]}
     kinds = sorted({n.rsplit(".", 1)[1] for n in names})
     if len(kinds) > 1:
         groups.update({f"upper {k}": [n for n in groups["upper"] if n.endswith(k)] for k in kinds})

@@ -7,14 +7,13 @@ the actual change on delta (1 = all of it), their cosine and the length ratio, t
 DATA's requests are edited in one turn.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from explore import Bench, configured  # noqa: E402
+from explore import single_run  # noqa: E402
 
 from ultraedit.batching import SUBJECT_INDEX, minibatches  # noqa: E402
 from ultraedit.presets import layer_index  # noqa: E402
@@ -34,12 +33,8 @@ def subject_states(model, batches, layer):
 
 
 def main() -> None:
-    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
-    spec, text = sys.argv[1], sys.argv[2]
-    bench = Bench(spec)
-    model = bench.model
-    editor, _ = configured(bench, text)
-    config = editor.config
+    _, text, bench, editor, _ = single_run()
+    model, config = bench.model, editor.config
     requests = bench.requests  # one turn of all of them
     batches, _ = minibatches(bench.tok, requests, config.capture_batch_size, subjects=True)
     layer = max(map(layer_index, editor._subject_modules())) + 1  # where the search's change is measured
