@@ -90,6 +90,10 @@ LADDER = [
 ]
 
 
+#: ``--configs`` names beyond "faithful" and "recommended": (row label, configuration).
+NAMED = {"paraphrases": ("recommended + paraphrases 2", {"recommended": True, "paraphrases": 2})}
+
+
 def requests_of(dataset: str, count: int) -> list:
     path = FILES[dataset]
     reqs = [r for _, r in zip(range(count), read_requests(path, dataset, skip_invalid=True))]
@@ -164,8 +168,10 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="*", default=[], metavar="DATASET:EDITS", help="table rows, e.g. zsre:500")
     p.add_argument("--sweep", metavar="DATASET:EDITS", help="Pareto sweep (SWEEP configurations) on these edits")
     p.add_argument("--ladder", metavar="DATASET:EDITS", help="ablation (LADDER configurations) on these edits")
-    p.add_argument("--configs", nargs="+", default=["recommended", "faithful"], choices=["faithful", "recommended"])
-    p.add_argument("--curve-configs", nargs="*", default=["recommended"], help="configurations that get the forgetting curve")
+    p.add_argument("--configs", nargs="+", default=["recommended", "faithful"],
+                   choices=["faithful", "recommended", *NAMED])
+    p.add_argument("--curve-configs", nargs="*", default=["recommended", NAMED["paraphrases"][0]],
+                   help="configurations (row labels) that get the forgetting curve")
     p.add_argument("--eval-every", type=int, default=0, metavar="K", help="forgetting curve: first turn's requests every K turns")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality_real.json"))
@@ -191,7 +197,7 @@ def main(argv=None) -> int:
     results = json.loads(out.read_text()) if out.exists() else {}
     results.setdefault("rows", {})
     results["model"] = args.model
-    jobs = [(f"{d}:{n}", d, n, [(k, k) for k in args.configs], args.eval_every) for d, n in rows]
+    jobs = [(f"{d}:{n}", d, n, [NAMED.get(k, (k, k)) for k in args.configs], args.eval_every) for d, n in rows]
     for name, spec, configs in (("sweep", args.sweep, SWEEP), ("ladder", args.ladder, LADDER)):
         if spec:
             d, n = spec.split(":")

@@ -299,3 +299,35 @@ def reference_subject_delta(model, block, input_ids, labels, position, steps, lr
                 delta.mul_(clamp * h_norm / float(delta.norm()))
     handle.remove()
     return delta.detach()
+
+
+@torch.no_grad()
+def reference_continuation(model, tokenizer, ids, seed, temperature, top_p, max_new_tokens):
+    """One sampled continuation of the token list ``ids``: a full forward over the whole sequence
+    at every step (no cache, no padding), nucleus sampling by a per-token loop, one uniform of a
+    generator seeded ``seed % 2**63`` per step; stops after a token that is the end of text, the
+    pad token or contains a newline. Returns the text (special tokens skipped)."""
+    gen = torch.Generator().manual_seed(seed % 2**63)
+    stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ids, made = list(ids), []
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        probs = torch.softmax(logits / temperature, -1).double().tolist()
+        ranked = sorted(range(len(probs)), key=lambda t: -probs[t])
+        kept, mass = [], 0.0
+        for token in ranked:
+            if mass >= top_p:
+                break
+            kept.append(token)
+            mass += probs[token]
+        u, running, token = float(torch.rand((), generator=gen)), 0.0, kept[-1]
+        for candidate in kept:
+            running += probs[candidate] / mass
+            if running > u:
+                token = candidate
+                break
+        ids.append(token)
+        made.append(token)
+        if token in stop or "\n" in tokenizer.decode([token]):
+            break
+    return tokenizer.decode(made, skip_special_tokens=True)

@@ -69,9 +69,9 @@ def test_bench_is_a_subcommand():
     assert args.func is cli_bench._command
     options = build_parser().parse_args(["bench", "--model", "m", "--dataset", "zsre", "--turns", "1", "--out", "o",
                                          "--memory", "0", "--confidence", "0.9", "--neighbours", "2", "--prefixes", "1",
-                                         "--neighbour-weight", "0.25"])
+                                         "--neighbour-weight", "0.25", "--paraphrases", "2"])
     assert (options.memory, options.confidence, options.neighbours, options.prefixes) == (0.0, 0.9, 2, 1)
-    assert options.neighbour_weight == 0.25
+    assert options.neighbour_weight == 0.25 and options.paraphrases == 2
     subject = build_parser().parse_args(["bench", "--model", "m", "--dataset", "zsre", "--turns", "1", "--out", "o",
                                          "--subject-keys", "0.5", "--subject-depth", "0.3", "--key-outliers", "6"])
     assert (subject.subject_keys, subject.subject_depth, subject.key_outliers) == (0.5, 0.3, 6.0)

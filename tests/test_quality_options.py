@@ -388,8 +388,10 @@ def test_bench_configurations_and_explicit_overrides():
     tuned = bench_edit_config(model, BenchConfig(**common, lr=2e-6, refine_steps=2, preserve=0.0, preset="llama3-fever"))
     assert (tuned.lr, tuned.lr_scale, tuned.refine_steps, tuned.preserve) == (2e-6, "width", 2, 0.0)
     assert tuned.modules is None and tuned.preset == "llama3-fever"
-    options = bench_edit_config(model, BenchConfig(**common, memory=0.0, confidence=0.5, neighbours=3, prefixes=1))
+    options = bench_edit_config(model, BenchConfig(**common, memory=0.0, confidence=0.5, neighbours=3, prefixes=1,
+                                                   paraphrases=2))
     assert (options.memory, options.confidence, options.neighbours, options.prefixes) == (0.0, 0.5, 3, 1)
+    assert options.paraphrases == 2
 
 
 def _text_model():

@@ -135,8 +135,8 @@ class BenchConfig:
         faithful: run the authors' exact method (their lr unless ``lr`` is given, the family
             preset, no options beyond the paper) instead of ``EditConfig.recommended(model)``.
         refine_steps, preserve, preserve_text, lr_scale, memory, confidence, neighbours, neighbour_weight, prefixes,
-            subject_keys, subject_depth, key_outliers, subject_steps, subject_optimise, subject_clamp, subject_kl,
-            subject_contexts, subject_stop, preserve_base, subject_preserve: override those
+            paraphrases, subject_keys, subject_depth, key_outliers, subject_steps, subject_optimise, subject_clamp,
+            subject_kl, subject_contexts, subject_stop, preserve_base, subject_preserve: override those
             :class:`EditConfig` options (``None``: the configuration's own).
         method_options: a baseline's hyperparameters by name (``--method-option KEY=VALUE``).
     """
@@ -171,6 +171,7 @@ class BenchConfig:
     neighbours: int | None = None
     neighbour_weight: float | None = None
     prefixes: int | None = None
+    paraphrases: int | None = None
     subject_keys: float | None = None
     subject_depth: float | None = None
     key_outliers: float | None = None
@@ -279,10 +280,10 @@ def edit_config(
 
 
 #: The :class:`EditConfig` options a bench run may override (``BenchConfig`` fields and ``--flags`` of the same names).
-EDIT_OPTIONS = ("refine_steps", "preserve", "preserve_text", "lr_scale", "memory", "confidence", "neighbours", "neighbour_weight",
-                "prefixes", "subject_keys", "subject_depth", "key_outliers", "subject_steps", "subject_optimise",
-                "subject_clamp", "subject_kl", "subject_contexts", "subject_stop", "preserve_base",
-                "subject_preserve")
+EDIT_OPTIONS = ("refine_steps", "preserve", "preserve_text", "lr_scale", "memory", "confidence", "neighbours",
+                "neighbour_weight", "prefixes", "paraphrases", "subject_keys", "subject_depth", "key_outliers",
+                "subject_steps", "subject_optimise", "subject_clamp", "subject_kl", "subject_contexts", "subject_stop",
+                "preserve_base", "subject_preserve")
 
 
 def bench_edit_config(model: nn.Module, config: BenchConfig) -> EditConfig:

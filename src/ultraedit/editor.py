@@ -31,7 +31,8 @@ from torch import nn
 from .batching import BATCH_KEYS, IGNORE, SUBJECT_INDEX, EditError, EditRequest, minibatches, subject_of
 from .capture import MinibatchCapture, capture, key_mask
 from .normalizer import LifelongNormalizer
-from .neighbours import neighbour_grams, neighbour_pairs, with_prefixes
+from .neighbours import neighbour_grams, neighbour_pairs, with_copies, with_prefixes
+from .paraphrase import paraphrases
 from .presets import layer_index, num_layers, preset_for, recommended_preset, resolve_modules
 from .solver import Preserved, ridge_solve, target_values
 from .subject_values import STOP_RULES, context_batches, essence_batches, subject_deltas
@@ -126,6 +127,12 @@ class EditConfig:
             the package's generic text before the prompt, chosen with a seed from the request's
             text; ROME/MEMIT's context templates), so the edit holds in other contexts. Text
             requests only; costs ``1 + prefixes`` times the rows. 0 = off.
+        paraphrases: each request with a known subject is also edited through up to this many
+            rewordings of its prompt that the model writes itself at the start of the turn
+            (:mod:`ultraedit.paraphrase`: a few-shot prompt, 4 samples seeded by the request's
+            text, filtered), so the edit is tied to the fact rather than to one wording. Text
+            requests only; costs the sampling (about 0.7 s per request for SmolLM2-135M on 2 CPU
+            cores) and up to ``1 + paraphrases`` times the rows. 0 = off.
         subject_keys: each request with a known subject (``extra["subject"]``) also adds the row
             (key and output gradient at the last token of the subject, ROME/MEMIT's key
             position) to the turn, its value weighted by this number: the edit is then carried
@@ -202,6 +209,7 @@ class EditConfig:
     neighbours: int = 0
     neighbour_weight: float = 1.0
     prefixes: int = 0
+    paraphrases: int = 0
     subject_keys: float = 0.0
     subject_depth: float = 0.0
     key_outliers: float = 0.0
@@ -247,6 +255,8 @@ class EditConfig:
             raise ValueError(f"EditConfig.preserve must be a finite number >= 0, got {self.preserve}")
         if not (isinstance(self.prefixes, int) and self.prefixes >= 0):
             raise ValueError(f"EditConfig.prefixes must be an int >= 0, got {self.prefixes!r}")
+        if not (isinstance(self.paraphrases, int) and self.paraphrases >= 0):
+            raise ValueError(f"EditConfig.paraphrases must be an int >= 0, got {self.paraphrases!r}")
         if not (isinstance(self.neighbours, int) and self.neighbours >= 0):
             raise ValueError(f"EditConfig.neighbours must be an int >= 0, got {self.neighbours!r}")
         if not (math.isfinite(self.neighbour_weight) and self.neighbour_weight >= 0):
@@ -364,6 +374,8 @@ def options_summary() -> str:
         "  neighbours   per request with a subject, this many copies of its prompt with other subjects of the turn",
         "               are preserved keys (weight neighbour_weight): the edit should follow the subject",
         "  prefixes     each request is also edited behind this many generic-text sentences (context templates)",
+        "  paraphrases  each request is also edited through up to this many rewordings of its prompt that the",
+        "               model samples itself (few-shot, seeded by the request, filtered to name the subject)",
         "  subject_keys also edit at the subject's last token (ROME/MEMIT's key position), that row's value x this",
         "  subject_depth with subject_keys: modules in the lowest fraction of the layers edit only the subject",
         "               rows, the others only the target rows (the rest preserved)",
@@ -402,6 +414,7 @@ class TurnReport:
         loss: mean over minibatches of the pre-edit loss (mean CE over target tokens).
         seconds: wall-clock time of the turn; ``capture_seconds`` (first capture) and ``solve_seconds`` split it.
         steps: closed-form steps taken (1 unless ``EditConfig.refine_steps`` > 1).
+        paraphrases: rewordings edited with the requests (``EditConfig.paraphrases``).
     """
 
     turn: int
@@ -414,6 +427,7 @@ class TurnReport:
     solve_seconds: float = 0.0
     order: list[int] = field(default_factory=list)
     steps: int = 1
+    paraphrases: int = 0
     applied_norms: dict[str, float] = field(default_factory=dict)
     applied_fractions: dict[str, float] = field(default_factory=dict)
 
@@ -575,13 +589,15 @@ class UltraEditor:
         Requests are tokenized with teacher forcing, sorted by length (longest first) and cut
         into minibatches of ``config.capture_batch_size``, as the authors do. With
         ``config.prefixes`` the turn also edits each request behind context prefixes
-        (:func:`ultraedit.neighbours.with_prefixes`); the report counts the requests given.
+        (:func:`ultraedit.neighbours.with_prefixes`), with ``config.paraphrases`` through the
+        model's own rewordings (:func:`ultraedit.paraphrase.paraphrases`, sampled before anything
+        changes); the report counts the requests given.
         """
         if self.tokenizer is None:
             raise EditError("UltraEditor.edit needs a tokenizer: UltraEditor(model, config, tokenizer=...)")
         if not requests:
             raise EditError("a turn needs at least one edit request")
-        sequences, owners = with_prefixes(requests, self.config.prefixes)
+        sequences, owners, reworded = self._sequences(requests)
         batches, order = minibatches(
             self.tokenizer, sequences, self.config.capture_batch_size, subjects=self.config.subject_keys > 0
         )
@@ -591,8 +607,19 @@ class UltraEditor:
                                contexts=contexts)
         pending.requests = requests
         pending.report.requests = len(requests)
+        pending.report.paraphrases = reworded
         self.commit(pending)
         return pending.report
+
+    def _sequences(self, requests: Sequence[EditRequest]) -> tuple[list[EditRequest], list[int], int]:
+        """The turn's sequences, their owners (indices in ``requests``) and how many are rewordings:
+        the requests, their context-prefixed copies and their rewordings."""
+        sequences, owners = with_prefixes(requests, self.config.prefixes)
+        if self.config.paraphrases <= 0:
+            return sequences, owners, 0
+        reworded = paraphrases(self.model, self.tokenizer, requests, self.config.paraphrases)
+        copies, owned = with_copies(requests, reworded)
+        return sequences + copies[len(requests):], owners + owned[len(requests):], len(copies) - len(requests)
 
     def _search_inputs(
         self, sequences: Sequence[EditRequest], order: list[int], batches: list[dict[str, torch.Tensor]]

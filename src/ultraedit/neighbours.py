@@ -1,5 +1,6 @@
 """Other prompts a turn derives from its requests: subject-swapped neighbours (``EditConfig.neighbours``),
-keys the edit of one subject should leave alone, and context prefixes (``EditConfig.prefixes``).
+keys the edit of one subject should leave alone, context prefixes (``EditConfig.prefixes``) and the
+copies :mod:`ultraedit.paraphrase` rewords (``EditConfig.paraphrases``).
 
 UltraEdit's keys are the edit modules' inputs at the target positions, e.g. at ``" is"`` of
 "The capital of Uganda is". Much of such a key says "a capital comes next", and only part of it
@@ -39,16 +40,27 @@ def with_prefixes(requests: Sequence[EditRequest], per_request: int) -> tuple[li
     prompt follows a sentence of the package's generic text (``data/generic.txt``, drawn with a seed
     from the request's text), as ROME/MEMIT edit behind context templates: the edit should hold
     after other text too. ``owners[i]`` is the index in ``requests`` of ``sequences[i]``."""
-    sequences, owners = list(requests), list(range(len(requests)))
     if per_request <= 0:
-        return sequences, owners
+        return with_copies(requests, [[] for _ in requests])
     from .preserve import package_text
 
     sentences = package_text("generic.txt")
-    for index, request in enumerate(requests):
-        for sentence in random.Random(request_seed(request)).sample(sentences, min(per_request, len(sentences))):
-            sequences.append(EditRequest(f"{sentence} {request.prompt}", request.target, id=request.id,
-                                         extra=request.extra))
+    return with_copies(requests, [
+        [f"{sentence} {r.prompt}" for sentence in random.Random(request_seed(r)).sample(
+            sentences, min(per_request, len(sentences)))]
+        for r in requests])
+
+
+def with_copies(
+    requests: Sequence[EditRequest], prompts: Sequence[Sequence[str]]
+) -> tuple[list[EditRequest], list[int]]:
+    """``(sequences, owners)``: ``requests`` followed by, for each request ``i``, a copy with each
+    prompt of ``prompts[i]`` (same target, id and extra). ``owners[j]`` is the index in ``requests``
+    of ``sequences[j]``."""
+    sequences, owners = list(requests), list(range(len(requests)))
+    for index, (request, others) in enumerate(zip(requests, prompts, strict=True)):
+        for prompt in others:
+            sequences.append(EditRequest(prompt, request.target, id=request.id, extra=request.extra))
             owners.append(index)
     return sequences, owners
 

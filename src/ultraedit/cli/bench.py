@@ -39,6 +39,7 @@ _OPTION_FLAGS = (
     ("neighbours", int, "N", "subject-swapped prompts preserved per request"),
     ("neighbour_weight", float, "W", "weight of the neighbour prompts' keys in the ridge"),
     ("prefixes", int, "N", "context-prefixed copies edited per request"),
+    ("paraphrases", int, "N", "rewordings the model samples itself, edited per request"),
     ("subject_keys", float, "W", "weight of the rows at the subject's last token; 0 = off"),
     ("subject_depth", float, "F", "modules below this fraction of the layers edit at the subject"),
     ("key_outliers", float, "R", "rows with keys over R x the median norm are kept, not edited"),
