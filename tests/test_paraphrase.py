@@ -135,3 +135,19 @@ def test_paraphrases_must_be_a_non_negative_int():
         EditConfig(paraphrases=-1)
     with pytest.raises(ValueError, match="paraphrases"):
         EditConfig(paraphrases=1.5)
+
+
+def test_a_model_too_short_for_the_few_shot_prompt_gets_one_clear_error_and_no_change():
+    from ultraedit.editor import EditError
+
+    tok = _tokenizer()
+    config = tiny_config("gpt2")  # 128 positions: less than the few-shot prompt
+    config.vocab_size = len(tok)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = UltraEditor(model, EditConfig(modules=resolve_modules(model), paraphrases=1), tokenizer=tok)
+    requests = [EditRequest("The capital of France is", "Rome", extra={"subject": "France"})]
+    with pytest.raises(EditError, match=r"paraphrases: .* need \d+ positions, but the model has 128"):
+        editor.edit(requests)
+    assert editor.turns == 0 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -617,7 +617,10 @@ class UltraEditor:
         sequences, owners = with_prefixes(requests, self.config.prefixes)
         if self.config.paraphrases <= 0:
             return sequences, owners, 0
-        reworded = paraphrases(self.model, self.tokenizer, requests, self.config.paraphrases)
+        try:
+            reworded = paraphrases(self.model, self.tokenizer, requests, self.config.paraphrases)
+        except ValueError as err:
+            raise EditError(str(err)) from None
         copies, owned = with_copies(requests, reworded)
         return sequences + copies[len(requests):], owners + owned[len(requests):], len(copies) - len(requests)
 

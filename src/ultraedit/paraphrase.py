@@ -81,6 +81,7 @@ def paraphrases(
     out: list[list[str]] = [[] for _ in requests]
     if per_request <= 0 or not asked:
         return out
+    _check_room(model, tokenizer, [requests[i] for i in asked], max_new_tokens)
     shots = _shots_cache(model, tokenizer)
     for start in range(0, len(asked), batch_size):
         chunk = asked[start : start + batch_size]
@@ -93,6 +94,21 @@ def paraphrases(
                 if line is not None and line not in out[i] and len(out[i]) < per_request:
                     out[i].append(line)
     return out
+
+
+def _check_room(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], max_new_tokens: int) -> None:
+    """A ``ValueError`` naming the numbers when the model's context cannot hold :data:`SHOTS`, the
+    longest request's query and the continuation."""
+    from .preserve import context_length
+
+    room = context_length(model)
+    shots = len(tokenizer(SHOTS)["input_ids"])
+    longest = max(len(tokenizer(query(r.prompt), add_special_tokens=False)["input_ids"]) for r in requests)
+    if room is not None and shots + longest + max_new_tokens > room:
+        raise ValueError(
+            f"paraphrases: the few-shot prompt ({shots} tokens), the longest request's query ({longest}) and "
+            f"{max_new_tokens} new tokens need {shots + longest + max_new_tokens} positions, but the model has "
+            f"{room}; edit without paraphrases (EditConfig.paraphrases=0)")
 
 
 class _Prefix:
