@@ -30,6 +30,7 @@ from torch import nn
 from .batching import EditRequest, pad_id_of, subject_of
 from .capture import _cache_kwarg
 from .neighbours import request_seed
+from .preserve import context_length
 
 #: The few-shot completion prompt; each example is a question or an open sentence and its rewording.
 SHOTS = (
@@ -81,8 +82,9 @@ def paraphrases(
     out: list[list[str]] = [[] for _ in requests]
     if per_request <= 0 or not asked:
         return out
-    _check_room(model, tokenizer, [requests[i] for i in asked], max_new_tokens)
-    shots = _shots_cache(model, tokenizer)
+    shot_ids = _shot_ids(model, tokenizer)
+    _check_room(model, tokenizer, [requests[i] for i in asked], shot_ids.shape[1], max_new_tokens)
+    shots = _Prefix(model, shot_ids)
     for start in range(0, len(asked), batch_size):
         chunk = asked[start : start + batch_size]
         seeds = [request_seed(requests[i]) + k for i in chunk for k in range(samples)]
@@ -96,13 +98,12 @@ def paraphrases(
     return out
 
 
-def _check_room(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], max_new_tokens: int) -> None:
-    """A ``ValueError`` naming the numbers when the model's context cannot hold :data:`SHOTS`, the
-    longest request's query and the continuation."""
-    from .preserve import context_length
-
+def _check_room(
+    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], shots: int, max_new_tokens: int
+) -> None:
+    """A ``ValueError`` naming the numbers when the model's context cannot hold :data:`SHOTS`
+    (``shots`` tokens), the longest request's query and the continuation."""
     room = context_length(model)
-    shots = len(tokenizer(SHOTS)["input_ids"])
     longest = max(len(tokenizer(query(r.prompt), add_special_tokens=False)["input_ids"]) for r in requests)
     if room is not None and shots + longest + max_new_tokens > room:
         raise ValueError(
@@ -120,9 +121,13 @@ class _Prefix:
             self.cache = _cache_kwarg(model, model(input_ids=ids, use_cache=True))
 
 
+def _shot_ids(model: nn.Module, tokenizer: Any) -> torch.Tensor:
+    """:data:`SHOTS` tokenized (with the tokenizer's BOS, if it adds one), ``(1, L)`` on the model's input device."""
+    return tokenizer(SHOTS, return_tensors="pt")["input_ids"].to(model.get_input_embeddings().weight.device)
+
+
 def _shots_cache(model: nn.Module, tokenizer: Any) -> _Prefix:
-    ids = tokenizer(SHOTS, return_tensors="pt")["input_ids"]  # with the tokenizer's BOS, if it adds one
-    return _Prefix(model, ids.to(model.get_input_embeddings().weight.device))
+    return _Prefix(model, _shot_ids(model, tokenizer))
 
 
 def _expanded(prefix: _Prefix, rows: int) -> dict[str, Any]:
