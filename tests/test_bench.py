@@ -14,7 +14,7 @@ from ultraedit.bench import BenchConfig, BenchError, register_method, run
 from ultraedit.cli import bench as cli_bench
 from ultraedit.cli import build_parser, main
 from ultraedit.datasets import read_requests
-from ultraedit.editor import EditConfig
+from ultraedit import EditConfig
 
 from tiny import tiny_config
 
@@ -66,24 +66,10 @@ def test_bench_is_a_subcommand():
     )
     assert (args.turn_size, args.batch_size, args.eval_every, args.seed, args.method) == (100, 10, None, 0, "ultraedit")
     assert (args.eval_batch_size, args.eval_max_tokens, args.forward_batch_size) == (64, 16384, 100)
-    assert args.func is cli_bench._command
+    assert args.func is cli_bench._command and args.config is None and args.sets == []
     options = build_parser().parse_args(["bench", "--model", "m", "--dataset", "zsre", "--turns", "1", "--out", "o",
-                                         "--memory", "0", "--confidence", "0.9", "--neighbours", "2", "--prefixes", "1",
-                                         "--neighbour-weight", "0.25", "--paraphrases", "2"])
-    assert (options.memory, options.confidence, options.neighbours, options.prefixes) == (0.0, 0.9, 2, 1)
-    assert options.neighbour_weight == 0.25 and options.paraphrases == 2
-    subject = build_parser().parse_args(["bench", "--model", "m", "--dataset", "zsre", "--turns", "1", "--out", "o",
-                                         "--subject-keys", "0.5", "--subject-depth", "0.3", "--key-outliers", "6"])
-    assert (subject.subject_keys, subject.subject_depth, subject.key_outliers) == (0.5, 0.3, 6.0)
-    search = build_parser().parse_args(["bench", "--model", "m", "--dataset", "zsre", "--turns", "1", "--out", "o",
-                                        "--subject-optimise", "8", "--subject-contexts", "3", "--subject-stop", "argmax",
-                                        "--preserve-text", "both", "--preserve-base", "30"])
-    assert (search.subject_optimise, search.subject_contexts, search.subject_stop) == (8, 3, "argmax")
-    assert search.preserve_text == "both" and search.preserve_base == 30.0
-    from ultraedit.bench import EDIT_OPTIONS
-    from ultraedit.editor import EditConfig
-
-    assert all(hasattr(subject, name) and name in EditConfig.__dataclass_fields__ for name in EDIT_OPTIONS)
+                                         "--config", "faithful", "--set", "refine.steps=3", "--set", "memory=null"])
+    assert options.config == "faithful" and options.sets == ["refine.steps=3", "memory=null"]
 
 
 def test_end_to_end_cli_writes_results_markdown_and_plot(model_dir, tmp_path, capsys):
@@ -216,47 +202,18 @@ def test_config_validation():
         BenchConfig(model="m", dataset="squad", data="f", out="o", turns=1)
 
 
-def test_testbed_names_need_the_testbed_module(monkeypatch):
-    import ultraedit
+def test_the_testbed_model_and_data_run_with_the_testbed_configuration(tmp_path):
+    from ultraedit.configs import load_spec
+    from ultraedit.testbed import TESTBED_MODULES
 
-    monkeypatch.setitem(sys.modules, "ultraedit.testbed", None)  # as if it were not installed
-    monkeypatch.delattr(ultraedit, "testbed", raising=False)
-    with pytest.raises(BenchError, match="built-in testbed"):
-        bench.edit_fields("testbed")
-
-
-def test_testbed_names_use_the_testbed_module(model_dir, tmp_path, monkeypatch):
-    """``--model testbed --dataset testbed`` go through ultraedit.testbed's two functions (stood in
-    for here by the tiny model and our JSONL fixture, to test the wiring only)."""
-    import types
-
-    import transformers as T
-
-    calls = []
-
-    def load_testbed():
-        calls.append("load_testbed")
-        return T.AutoModelForCausalLM.from_pretrained(model_dir), T.AutoTokenizer.from_pretrained(model_dir)
-
-    def requests_path():
-        calls.append("requests_path")
-        return FIXTURES / "requests.jsonl"
-
-    module = types.ModuleType("ultraedit.testbed")
-    module.load_testbed, module.requests_path = load_testbed, requests_path
-    module.TESTBED_CONFIG = EditConfig(modules=["model.layers.3.mlp.up_proj"], lr=5e-3)
-    monkeypatch.setitem(sys.modules, "ultraedit.testbed", module)
-    import ultraedit
-
-    monkeypatch.setattr(ultraedit, "testbed", module, raising=False)
     out = tmp_path / "tb"
     no_lr = [a for a in ARGS if a not in ("--lr", "1e-2")]
     assert main(["bench", "--model", "testbed", "--dataset", "testbed", *no_lr, "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert calls == ["requests_path", "load_testbed"]  # the count check reads the data before the model loads
-    # the testbed's recommended settings are the defaults
-    assert results["method"]["modules"] == ["model.layers.3.mlp.up_proj"] and results["method"]["lr"] == 5e-3
-    assert results["dataset"]["format"] == "jsonl" and results["dataset"]["path"].endswith("requests.jsonl")
+    method = results["method"]
+    assert method["configuration"] == "testbed" and method["modules"] == TESTBED_MODULES
+    assert method["lr"] == load_spec("testbed")["config"]["lr"]
+    assert results["dataset"]["format"] == "jsonl" and results["dataset"]["path"].endswith("requests.jsonl.gz")
     assert results["model"]["name_or_path"] == "testbed" and results["edits"] == 8
 
 
@@ -288,7 +245,9 @@ def test_count_check_comes_before_loading_the_model(model_dir, tmp_path, monkeyp
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the count check")
 
-    monkeypatch.setattr(bench, "load_model", no_load)
+    from ultraedit.bench import runner
+
+    monkeypatch.setattr(runner, "load_model", no_load)
     config = BenchConfig(model=str(model_dir), dataset="ultraeditbench", data=str(FIXTURES / "ultraeditbench.json"),
                          out=str(tmp_path), turns=5, turn_size=7, device="cpu", progress=False)
     with pytest.raises(BenchError, match="provides 32 requests; --turns 5 x --turn-size 7 needs 35"):
@@ -300,15 +259,15 @@ def test_results_record_the_configuration_retention_and_perplexity(model_dir, tm
     out = tmp_path / "out"
     args = ["bench", "--model", str(model_dir), "--dataset", "zsre", "--data", str(FIXTURES / "zsre_eval.json"),
             "--turns", "1", "--turn-size", "4", "--batch-size", "2", "--device", "cpu", "--quiet", "--out", str(out)]
-    assert main(args + (["--faithful"] if faithful else [])) == 0
+    assert main(args + (["--config", "faithful"] if faithful else [])) == 0
     results = json.loads((out / "results.json").read_text())
     method = results["method"]
     if faithful:
         assert method["configuration"] == "faithful"
-        assert (method["lr"], method["lr_scale"], method["refine_steps"], method["preserve"]) == (1e-6, "none", 1, 0.0)
+        assert (method["lr"], method["lr_scale"], method["refine"], method["generic"]) == (1e-6, "none", None, None)
     else:
         assert method["configuration"] == "recommended"
-        assert method["refine_steps"] > 1 and method["preserve"] > 0 and method["lr_scale"] == "width"
+        assert method["refine"]["steps"] > 1 and method["generic"]["weight"] > 0 and method["lr_scale"] == "width"
     retention = results["metrics"]["retention"]  # None: the random model knows no locality token
     assert retention is None or 0.0 <= retention <= 1.0
     assert "locality_vs_unedited" in results["metrics"]

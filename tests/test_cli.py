@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ultraedit import EditConfig, EditRequest, UltraEditor
-from ultraedit import state as st
+from ultraedit import session as st
+from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 from ultraedit.cli import main
 from ultraedit.evaluation import complete
 
@@ -91,7 +92,7 @@ def assert_same_model(a, b):
 
 def edit(ckpt, edits, state, *extra):
     return main(["edit", "--model", str(ckpt), "--edits", str(edits), "--state", str(state),
-                 "--turn-size", "10", "--lr", LR, "--faithful", "--quiet", *extra])
+                 "--turn-size", "10", "--lr", LR, "--config", "faithful", "--quiet", *extra])
 
 
 def test_edit_info_ask_merge_end_to_end(tmp_path, ckpt, records, capsys):
@@ -163,7 +164,7 @@ def test_crash_mid_save_then_resume_applies_each_turn_once(tmp_path, ckpt, recor
     edits = write_jsonl(tmp_path / "edits.jsonl", records)
     assert edit(ckpt, edits, tmp_path / "s", "--max-turns", "1") == 0
     # Killed while saving turn 2, after the state switch and before the log append.
-    cmd = [sys.executable, "-m", "ultraedit.cli", "edit", "--faithful", "--model", str(ckpt), "--edits", str(edits),
+    cmd = [sys.executable, "-m", "ultraedit.cli", "edit", "--config", "faithful", "--model", str(ckpt), "--edits", str(edits),
            "--state", str(tmp_path / "s"), "--turn-size", "10", "--lr", LR, "--quiet"]
     env = {**os.environ, "ULTRAEDIT_SAVE_PAUSE": "log", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
@@ -252,9 +253,9 @@ def test_refusals(tmp_path, ckpt, records, capsys):
     other = make_checkpoint(tmp_path / "other", seed=1)
     assert edit(other, edits, tmp_path / "s") == 2
     assert "different base model" in capsys.readouterr().err
-    assert main(["edit", "--faithful", "--model", str(ckpt), "--edits", str(edits), "--state", str(tmp_path / "s"),
+    assert main(["edit", "--config", "faithful", "--model", str(ckpt), "--edits", str(edits), "--state", str(tmp_path / "s"),
                  "--lr", "1e-4", "--quiet"]) == 2
-    assert "--lr 0.0001 differs from the saved state's lr=0.001" in capsys.readouterr().err
+    assert "differs from the saved state's: lr=0.0001 (saved 0.001)" in capsys.readouterr().err
     assert main(["info", "--state", str(tmp_path / "nothing")]) == 2
     assert "no saved state" in capsys.readouterr().err
     assert edit(ckpt, tmp_path / "missing.jsonl", tmp_path / "t") == 2
@@ -268,7 +269,8 @@ def test_refusals(tmp_path, ckpt, records, capsys):
 def test_edit_on_the_builtin_testbed_uses_its_recommended_config(tmp_path, capsys):
     import gzip
 
-    from ultraedit.testbed import TESTBED_CONFIG, requests_path
+    from ultraedit.configs import load_spec
+    from ultraedit.testbed import TESTBED_MODULES, requests_path
 
     edits = tmp_path / "edits.jsonl"
     with gzip.open(requests_path(), "rt") as src:
@@ -276,7 +278,7 @@ def test_edit_on_the_builtin_testbed_uses_its_recommended_config(tmp_path, capsy
     assert main(["edit", "--model", "testbed", "--edits", str(edits), "--state", str(tmp_path / "s"),
                  "--turn-size", "6", "--quiet"]) == 0
     config = st.read_state(tmp_path / "s")[0]["config"]
-    assert config["lr"] == TESTBED_CONFIG.lr and config["modules"] == list(TESTBED_CONFIG.modules)
+    assert config["lr"] == load_spec("testbed")["config"]["lr"] and config["modules"] == TESTBED_MODULES
     capsys.readouterr()
     assert main(["info", "--state", str(tmp_path / "s"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ultraedit.batching import EditRequest
+from ultraedit.core.batching import EditRequest
 from ultraedit.datasets import DATASET_FORMATS, DatasetError, detect_format, parse_record, read_requests
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

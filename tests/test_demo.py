@@ -55,14 +55,14 @@ def test_demo_scores_are_each_groups_mean_token_accuracy(monkeypatch):
     """``score`` scores the three groups in one batched call; each mean must be its own group's
     (locality pairs counted once). The per-pair scorer is replaced by a function of the pair, so
     that every pair scores differently (``score_pairs`` itself is tested in test_evaluation)."""
-    import ultraedit.demo as demo
+    import ultraedit.showcase as showcase
 
     def fake(model, tokenizer, pairs, batch_size=64):
         return {"accuracy": [(len(p) * 7 + len(a)) % 11 / 10 for p, a in pairs]}
 
-    monkeypatch.setattr(demo, "score_pairs", fake)
+    monkeypatch.setattr(showcase, "score_pairs", fake)
     requests = demo_requests(12)
-    ours = demo.score(None, None, requests)
+    ours = showcase.score(None, None, requests)
     groups = {
         "efficacy": [(r.prompt, r.target) for r in requests],
         "generalization": [(p, r.target) for r in requests for p in r.rephrases],

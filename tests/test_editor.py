@@ -5,7 +5,7 @@ import torch
 
 import ultraedit
 from ultraedit import EditConfig, EditError, UltraEditor
-from ultraedit.presets import resolve_modules
+from ultraedit.core.presets import resolve_modules
 
 from reference import reference_turn
 from tiny import ARCHS, random_turn, tiny_model
@@ -120,8 +120,8 @@ def test_merged_forward_equals_one_forward_per_minibatch():
     model = tiny_model("llama")
     other = copy.deepcopy(model)
     names = resolve_modules(model)
-    merged = UltraEditor(model, EditConfig(modules=names, lr=LR, forward_batch_size=None))
-    single = UltraEditor(other, EditConfig(modules=names, lr=LR, forward_batch_size=10))
+    merged = UltraEditor(model, EditConfig(modules=names, lr=LR, runtime={"forward_batch_size": None}))
+    single = UltraEditor(other, EditConfig(modules=names, lr=LR, runtime={"forward_batch_size": 10}))
     for turn in range(3):
         batches = random_turn(turn, requests=30)
         merged.edit_tokens(batches)
@@ -231,7 +231,7 @@ def test_nan_gradients_leave_model_and_statistics_untouched():
 
 
 def test_shifts_are_held_in_the_dtype_they_are_added_in_and_apply_exactly():
-    from ultraedit.solver import ridge_solve
+    from ultraedit.core.solver import ridge_solve
 
     # the solve kept in float32 and rounded (what commit did before) equals the rounded solve
     keys = torch.randn(3, 40, 32, dtype=torch.float64)
@@ -303,7 +303,7 @@ def test_config_validation():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefix_tail_split_equals_full_pass(arch):
-    from ultraedit.capture import capture
+    from ultraedit.core.capture import capture
 
     model = tiny_model(arch)
     names = edit_modules(model, arch)
@@ -320,7 +320,7 @@ def test_prefix_tail_split_equals_full_pass(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_packed_mlps_compute_real_tokens_only_and_change_nothing(arch):
-    from ultraedit.capture import PackedMLPs
+    from ultraedit.core.capture import PackedMLPs
 
     model = tiny_model(arch)
     batch = random_turn(3, requests=6)[0]
@@ -342,7 +342,7 @@ def test_packed_mlps_compute_real_tokens_only_and_change_nothing(arch):
 
 
 def test_split_falls_back_for_left_padding_and_empty_prefix():
-    from ultraedit.capture import _split
+    from ultraedit.core.capture import _split
 
     batch = random_turn(0, requests=3)[0]
     assert _split(batch) is not None

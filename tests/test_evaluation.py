@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from ultraedit.batching import EditError, EditRequest, tokenize_pair
+from ultraedit.core.batching import EditError, EditRequest, tokenize_pair
 from ultraedit.evaluation import (
     perplexity,
     MetricTotals,

@@ -61,7 +61,7 @@ def test_commit_failing_at_kth_module_restores_every_weight(monkeypatch, failing
     before = weights(model)
     stats = {s: {k: v.clone() for k, v in n.state_dict().items()} for s, n in editor.normalizers.items()}
     deltas = {n: d.clone() for n, d in editor.session.delta.items()}
-    real, calls = editor_module._write_weight, []
+    real, calls = editor_module.write_weight, []
 
     def failing(module, new):
         calls.append(module)
@@ -69,7 +69,7 @@ def test_commit_failing_at_kth_module_restores_every_weight(monkeypatch, failing
             raise RuntimeError("simulated device error while writing a weight")
         real(module, new)
 
-    monkeypatch.setattr(editor_module, "_write_weight", failing)
+    monkeypatch.setattr(editor_module, "write_weight", failing)
     with pytest.raises(RuntimeError, match="simulated device error"):
         editor.commit(pending)
     monkeypatch.undo()
@@ -122,11 +122,12 @@ def saved_editor(directory, seeds=(1,)):
 
 
 def test_a_malformed_edit_log_stops_the_save_before_the_switch(tmp_path):
-    from ultraedit import state as st
+    from ultraedit import session as st
+    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 
     directory = tmp_path / "s"
     editor = saved_editor(directory)
-    with open(directory / st.LOG, "ab") as f:
+    with open(directory / store.LOG, "ab") as f:
         f.write(b"not a record\n")  # a complete line, so not a torn append: real damage
     editor.edit_tokens(random_turn(2))
     before = listing(directory)
@@ -137,12 +138,13 @@ def test_a_malformed_edit_log_stops_the_save_before_the_switch(tmp_path):
 
 
 def test_a_damaged_state_is_reported_not_overwritten(tmp_path):
-    from ultraedit import state as st
+    from ultraedit import session as st
+    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 
     directory = tmp_path / "s"
     editor = saved_editor(directory)
-    version = directory / (directory / st.CURRENT).read_text().strip()
-    (version / st.STATE_JSON).write_text('{"format": "ultraedit-state", "tur')
+    version = directory / (directory / store.CURRENT).read_text().strip()
+    (version / store.STATE_JSON).write_text('{"format": "ultraedit-state", "tur')
     before = listing(directory)
     other = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
     for who in (other, editor):  # neither another session nor the same one writes over it
@@ -154,20 +156,21 @@ def test_a_damaged_state_is_reported_not_overwritten(tmp_path):
 
 
 def test_an_io_error_after_the_switch_is_a_warning_and_the_next_save_completes_the_log(tmp_path, monkeypatch):
-    from ultraedit import state as st
+    from ultraedit import session as st
+    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 
     directory = tmp_path / "s"
     editor = saved_editor(directory)
     editor.edit_tokens(random_turn(2))
-    real = st._append_log
+    real = store.append_log
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(st, "_append_log", disk_full)
+    monkeypatch.setattr(store, "append_log", disk_full)
     with pytest.warns(st.StateWarning, match="v00000002 is current.*No space left"):
         editor.save(directory)
-    monkeypatch.setattr(st, "_append_log", real)
+    monkeypatch.setattr(store, "append_log", real)
     assert st.read_state(directory)[0]["turns"] == 2
     assert [r["turn"] for r in st.read_log(directory)] == [1]
     assert [r["turn"] for r in editor.session.pending_log] == [2]
@@ -187,9 +190,10 @@ def rewrite_safetensors(path, drop=(), change=None):
 
 
 def current_version(directory):
-    from ultraedit import state as st
+    from ultraedit import session as st
+    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 
-    return directory / (directory / st.CURRENT).read_text().strip()
+    return directory / (directory / store.CURRENT).read_text().strip()
 
 
 @pytest.mark.parametrize(
@@ -198,7 +202,8 @@ def current_version(directory):
 def test_a_damaged_state_fails_to_load_with_the_file_named_and_the_model_untouched(tmp_path, damage):
     import json
 
-    from ultraedit import state as st
+    from ultraedit import session as st
+    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 
     directory = tmp_path / "s"
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR), keep_turn_deltas=1)
@@ -211,48 +216,49 @@ def test_a_damaged_state_fails_to_load_with_the_file_named_and_the_model_untouch
         rewrite_safetensors(undo, drop=[f"w/{name}"])
         where = rf"{undo.name}: cannot read 'w/{name}'"
     elif damage == "normalizer key":
-        rewrite_safetensors(version / st.NORMALIZERS, drop=["32x64.var"])
+        rewrite_safetensors(version / store.NORMALIZERS, drop=["32x64.var"])
         where = r"normalizers.safetensors: cannot read '32x64.var'"
     elif damage == "normalizer shape":
-        rewrite_safetensors(version / st.NORMALIZERS, change={"32x64.mean": torch.zeros(5)})
+        rewrite_safetensors(version / store.NORMALIZERS, change={"32x64.mean": torch.zeros(5)})
         where = r"normalizers.safetensors: '32x64.mean' has shape \(5,\), expected \(96,\)"
     elif damage == "state.json field":
-        meta = json.loads((version / st.STATE_JSON).read_text())
+        meta = json.loads((version / store.STATE_JSON).read_text())
         del meta["turns"]
-        (version / st.STATE_JSON).write_text(json.dumps(meta))
+        (version / store.STATE_JSON).write_text(json.dumps(meta))
         where = r"state.json: incomplete state, missing \['turns'\]"
     elif damage == "fingerprint field":
-        meta = json.loads((version / st.STATE_JSON).read_text())
+        meta = json.loads((version / store.STATE_JSON).read_text())
         del meta["fingerprint"]["modules"][name]["shape"]
-        (version / st.STATE_JSON).write_text(json.dumps(meta))
+        (version / store.STATE_JSON).write_text(json.dumps(meta))
         where = r"state.json: incomplete state, missing \['fingerprint.modules \(shape, dtype\)/weights_sha256'\]"
     else:
-        rewrite_safetensors(version / st.DELTA, change={name: torch.zeros(3, 3)})
+        rewrite_safetensors(version / store.DELTA, change={name: torch.zeros(3, 3)})
         where = rf"delta.safetensors: shift of '{name}' has shape \(3, 3\)"
     model = tiny_model("llama")
     before = weights(model)
     with pytest.raises(st.StateError, match=where):
         UltraEditor.load(model, directory)
     assert_untouched(model, before)
-    assert not hasattr(model, st.APPLIED)
+    assert not hasattr(model, st_fingerprint.APPLIED)
 
 
 def test_a_read_error_while_applying_the_delta_restores_the_model(tmp_path, monkeypatch):
-    from ultraedit import state as st
+    from ultraedit import session as st
+    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 
     directory = tmp_path / "s"
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
     editor.edit_tokens(random_turn(1))
     editor.save(directory)
     last = list(editor.modules)[-1]
-    real = st._tensor
+    real = st_delta.read_tensor
 
     def failing(handle, path, key, shape=None):
-        if path.name == st.DELTA and key == last:
+        if path.name == store.DELTA and key == last:
             raise st.StateError(f"{path}: cannot read {key!r} (simulated I/O error)")
         return real(handle, path, key, shape)
 
-    monkeypatch.setattr(st, "_tensor", failing)
+    monkeypatch.setattr(st_delta, "read_tensor", failing)
     model = tiny_model("llama")
     before = weights(model)
     for apply in (lambda: UltraEditor.load(model, directory), lambda: st.apply_delta(model, directory)):
@@ -264,7 +270,8 @@ def test_a_read_error_while_applying_the_delta_restores_the_model(tmp_path, monk
 # ------------------------------------------------------------------ 6. a delta is never applied twice
 
 def test_apply_delta_twice_is_refused_even_when_not_strict(tmp_path):
-    from ultraedit import state as st
+    from ultraedit import session as st
+    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 
     directory = tmp_path / "s"
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
@@ -293,9 +300,15 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("option,message", [
     (["--preset", "nope"], r"--preset 'nope' is unknown; known: "),
-    (["--lr", "-1"], r"invalid option: EditConfig.lr must be a positive finite number, got -1.0"),
-    (["--ridge", "0"], r"invalid option: EditConfig.ridge must be a positive finite number"),
-    (["--capture-batch-size", "0"], r"invalid option: EditConfig.capture_batch_size must be a positive int"),
+    (["--lr", "-1"], r"configuration 'recommended': EditConfig.lr must be a positive finite number, got -1.0"),
+    (["--set", "ridge=0"], r"configuration 'recommended': EditConfig.ridge must be a positive finite number"),
+    (["--set", "capture_batch_size=0"], r"EditConfig.capture_batch_size must be a positive int"),
+    (["--set", "refine.steps=0"], r"EditConfig.refine.steps must be a positive int, got 0"),
+    (["--set", "subject.serch=1"], r"unknown EditConfig.subject fields: \['serch'\]"),
+    (["--set", "prefixes=2"], r"EditConfig option prefixes was removed: context prefixes"),
+    (["--set", "refine_steps=3"], r"EditConfig field refine_steps is an earlier version.s; it is now refine.steps"),
+    (["--config", "nope"], r"--config 'nope': not a named configuration \(faithful, recommended"),
+    (["--set", "refine"], r"--set expects KEY=VALUE"),
     (["--keep-turn-deltas", "-1"], r"--keep-turn-deltas must be >= 0, got -1"),
     (["--modules", "model.layers.9.mlp.up_proj"], r"edit module 'model.layers.9.mlp.up_proj' does not exist"),
 ])
@@ -358,7 +371,8 @@ def test_iter_requests_collects_every_files_rejects_and_closes_its_readers(tmp_p
 def test_a_second_writer_thread_is_refused_and_the_lock_is_reentrant_in_its_thread(tmp_path):
     import threading
 
-    from ultraedit import state as st
+    from ultraedit import session as st
+    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 
     directory = tmp_path / "s"
     holding, release, seen = threading.Event(), threading.Event(), {}
@@ -384,13 +398,14 @@ def test_a_second_writer_thread_is_refused_and_the_lock_is_reentrant_in_its_thre
     assert "entered" not in seen and "another thread of this process" in seen["error"]
     with st.session_lock(directory):  # released by its thread: free again
         pass
-    assert st._HELD == {}
+    assert st_lock._HELD == {}
 
 
 def test_where_it_cannot_lock_it_says_so(tmp_path, monkeypatch):
-    from ultraedit import state as st
+    from ultraedit import session as st
+    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 
-    monkeypatch.setattr(st, "fcntl", None)
+    monkeypatch.setattr(st_lock, "fcntl", None)
     with pytest.warns(st.StateWarning, match="cannot lock the state in .*no fcntl file locks"):
         with st.session_lock(tmp_path / "s"):
             pass
@@ -448,13 +463,13 @@ def test_welford_float64_and_each_solver_match_the_reference_end_to_end(solver):
     import copy
 
     from reference import reference_turn
-    from ultraedit.presets import resolve_modules
+    from ultraedit.core.presets import resolve_modules
 
     model = tiny_model("llama")
     ref_model = copy.deepcopy(model)
     names = resolve_modules(model)
     base = {n: model.get_submodule(n).weight.detach().clone() for n in names}
-    editor = UltraEditor(model, EditConfig(modules=names, lr=LR, normalizer="welford", dtype="float64", solver=solver))
+    editor = UltraEditor(model, EditConfig(modules=names, lr=LR, normalizer="welford", runtime={"dtype": "float64", "solver": solver}))
     ref_norms = {}
     for seed in range(3):
         batches = random_turn(200 + seed)
@@ -472,7 +487,8 @@ def test_welford_float64_and_each_solver_match_the_reference_end_to_end(solver):
 def test_exact_fixes_reproduce_float32_weights_no_float32_delta_can(tmp_path):
     """A float32 weight that moved from 1e30 to 1.0: no float32 delta added to 1e30 gives 1.0, so
     the saved state carries the exact value in exact.safetensors, and load/apply_delta use it."""
-    from ultraedit import state as st
+    from ultraedit import session as st
+    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 
     def base_model():
         model = tiny_model("llama")
@@ -485,7 +501,7 @@ def test_exact_fixes_reproduce_float32_weights_no_float32_delta_can(tmp_path):
     with torch.no_grad():
         editor.modules["model.layers.3.mlp.up_proj"].weight[0, 0] = 1.0
     version = editor.save(tmp_path / "s")
-    assert (version / st.EXACT).exists()
+    assert (version / store.EXACT).exists()
     expected = {n: m.weight.detach().clone() for n, m in editor.modules.items()}
     loaded = UltraEditor.load(base_model(), tmp_path / "s")
     applied = base_model()

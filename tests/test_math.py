@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ultraedit import LifelongNormalizer, ridge_solve
-from ultraedit.presets import PRESETS, resolve_modules
+from ultraedit.core.presets import PRESETS, resolve_modules
 
 from reference import RefNormalizer
 from tiny import tiny_model

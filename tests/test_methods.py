@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.tiny import VOCAB, tiny_model
-from ultraedit.batching import collate
+from ultraedit.core.batching import collate
 from ultraedit.methods.alphaedit import AlphaEditMethod, AlphaEditParams
 from ultraedit.methods.common import Encoded, MethodError
 from ultraedit.methods.ft import FTMethod, FTParams
@@ -454,7 +454,7 @@ def test_wise_saves_shards_and_merges_on_schedule():
 
 # --------------------------------------------------------------------------- key statistics
 def test_second_moments_from_a_file_match_plain_and_are_cached(tmp_path, monkeypatch):
-    from ultraedit.covariance import second_moments
+    from ultraedit.stages.statistics import second_moments
     from ultraedit.testbed import load_testbed
 
     monkeypatch.setenv("ULTRAEDIT_CACHE", str(tmp_path / "cache"))

@@ -84,7 +84,7 @@ def test_edit_and_merge_a_gguf_model_from_the_cli(tiny_gguf, tmp_path, capsys):
     edits.write_text("".join(json.dumps({"prompt": f"Fact {i} is", "target": f"value {i}"}) + "\n" for i in range(6)))
     state, out = tmp_path / "state", tmp_path / "merged"
     common = ["--model", str(path), "--device", "cpu"]
-    assert main(["edit", *common, "--faithful", "--edits", str(edits), "--state", str(state), "--turn-size", "3",
+    assert main(["edit", *common, "--config", "faithful", "--edits", str(edits), "--state", str(state), "--turn-size", "3",
                  "--modules", "model.layers.1.mlp.up_proj", "--lr", "1e-2", "--quiet"]) == 0
     assert main(["merge", *common, "--state", str(state), "--out", str(out)]) == 0
     merged = T.AutoModelForCausalLM.from_pretrained(out)  # a normal Hugging Face directory
@@ -216,7 +216,7 @@ def smollm2():
 
 
 def test_real_model_answers_and_one_turn_changes_the_answer(smollm2):
-    from ultraedit import EditConfig, EditRequest, UltraEditor
+    from ultraedit import EditRequest, UltraEditor, configuration
     from ultraedit.evaluation import complete
 
     model, tokenizer = smollm2
@@ -224,7 +224,7 @@ def test_real_model_answers_and_one_turn_changes_the_answer(smollm2):
     try:
         assert complete(model, tokenizer, ["The capital of France is"])[0].startswith("Paris")
         requests = [EditRequest("The capital of France is", "Rome", ("France's capital city is",))]
-        UltraEditor(model, EditConfig.recommended(model), tokenizer).edit(requests)
+        UltraEditor(model, configuration("recommended", model).config, tokenizer).edit(requests)
         assert complete(model, tokenizer, ["The capital of France is"])[0].startswith("Rome")
     finally:
         model.load_state_dict(state, strict=False)

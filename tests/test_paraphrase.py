@@ -10,11 +10,11 @@ import torch
 import transformers as T
 
 from ultraedit import EditConfig, EditRequest, UltraEditor
-from ultraedit.neighbours import request_seed, with_copies
-from ultraedit.paraphrase import SHOTS, _shots_cache, draw, paraphrases, query, sample, usable
-from ultraedit.presets import resolve_modules
+from ultraedit.stages.common import request_seed, with_copies
+from ultraedit.stages.paraphrase import SHOTS, _shots_cache, draw, paraphrases, query, sample, usable
+from ultraedit.core.presets import resolve_modules
 
-from reference import reference_continuation
+from reference_stages import reference_continuation
 from test_bench import _tokenizer
 from tiny import ARCHS, tiny_config
 
@@ -121,7 +121,7 @@ def test_a_turn_with_paraphrases_edits_the_real_models_rewordings_as_copies(smol
     names = resolve_modules(model)[-2:]
     twin = copy.deepcopy(model)
     try:
-        report = UltraEditor(model, EditConfig(modules=names, lr=1e-4, paraphrases=2), tokenizer=tok).edit(requests)
+        report = UltraEditor(model, EditConfig(modules=names, lr=1e-4, paraphrases={"count": 2}), tokenizer=tok).edit(requests)
         assert report.requests == 2 and report.paraphrases == sum(map(len, reworded))
         UltraEditor(twin, EditConfig(modules=names, lr=1e-4), tokenizer=tok).edit(with_copies(requests, reworded)[0])
         for n in names:
@@ -130,15 +130,15 @@ def test_a_turn_with_paraphrases_edits_the_real_models_rewordings_as_copies(smol
         model.load_state_dict(saved)
 
 
-def test_paraphrases_must_be_a_non_negative_int():
-    with pytest.raises(ValueError, match="paraphrases"):
-        EditConfig(paraphrases=-1)
-    with pytest.raises(ValueError, match="paraphrases"):
-        EditConfig(paraphrases=1.5)
+def test_paraphrases_must_be_a_positive_int():
+    with pytest.raises(ValueError, match=r"EditConfig.paraphrases.count must be a positive int, got -1"):
+        EditConfig(paraphrases={"count": -1})
+    with pytest.raises(ValueError, match="paraphrases.count"):
+        EditConfig(paraphrases={"count": 1.5})
 
 
 def test_a_model_too_short_for_the_few_shot_prompt_gets_one_clear_error_and_no_change():
-    from ultraedit.editor import EditError
+    from ultraedit import EditError
 
     tok = _tokenizer()
     config = tiny_config("gpt2")  # 128 positions: less than the few-shot prompt
@@ -146,7 +146,7 @@ def test_a_model_too_short_for_the_few_shot_prompt_gets_one_clear_error_and_no_c
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(config).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    editor = UltraEditor(model, EditConfig(modules=resolve_modules(model), paraphrases=1), tokenizer=tok)
+    editor = UltraEditor(model, EditConfig(modules=resolve_modules(model), paraphrases={"count": 1}), tokenizer=tok)
     requests = [EditRequest("The capital of France is", "Rome", extra={"subject": "France"})]
     with pytest.raises(EditError, match=r"paraphrases: .* need \d+ positions, but the model has 128"):
         editor.edit(requests)

@@ -34,12 +34,12 @@ from ultraedit.serve.app import Limits, create_app  # noqa: E402
 from ultraedit.serve.generation import SamplingParams, pick_token, sample_ids, stop_token_ids, stream_text  # noqa: E402
 from ultraedit.serve.journal import JOURNAL, reconcile  # noqa: E402
 from ultraedit.serve.rwlock import RWLock  # noqa: E402
-from ultraedit.testbed import TESTBED_CONFIG, load_requests  # noqa: E402
+from ultraedit.testbed import TESTBED_MODULES, load_requests  # noqa: E402
 
 LR = 1e-2
 API_KEY, EDIT_KEY = "sk-api-7f3a9c", "sk-edit-b41d2e"
 FLIPS = [9, 11, 14, 16]  # testbed requests whose greedy answer becomes the target after a one-edit turn
-EDIT_FIELDS = {"modules": list(TESTBED_CONFIG.modules), "lr": LR}
+EDIT_FIELDS = {"modules": list(TESTBED_MODULES), "lr": LR}
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -294,7 +294,7 @@ def test_failed_turn_reports_why_and_changes_nothing(tmp_path, facts):
 
 
 def test_resume_refuses_other_hyperparameters(tmp_path):
-    from ultraedit.state import StateError
+    from ultraedit.session import StateError
 
     model, tokenizer = load_model("testbed", "cpu", "auto")
     first = Engine(model, tokenizer, EngineConfig(state=tmp_path / "s", model_name="t", edit_fields=EDIT_FIELDS))
@@ -486,21 +486,20 @@ def test_rwlock_writer_waits_for_readers_and_blocks_new_ones():
 
 
 def test_a_turn_rolled_back_after_a_failed_save_leaves_no_trace():
-    """The engine's snapshot restores everything a turn changes: weights, normalizers, counters,
-    the float32 deltas of bf16 weights and the key memory; the next turn then computes what a
-    run that never had the failed turn computes."""
+    """The engine's snapshot (the editor's, with the session's bookkeeping) restores everything a turn
+    changes: weights, normalizers, counters, the float32 deltas of bf16 weights, the key memory and
+    the edit log; the next turn then computes what a run that never had the failed turn computes."""
     import torch
 
-    from ultraedit.serve.engine import _Snapshot
-
     requests = load_requests(30)
-    config = EditConfig(modules=list(TESTBED_CONFIG.modules), lr=LR, memory=1.0)
+    config = EditConfig(modules=list(TESTBED_MODULES), lr=LR, memory={"weight": 1.0})
     model, tokenizer = load_model("testbed", "cpu", "bfloat16")
     editor = UltraEditor(model, config, tokenizer)
     editor.edit(requests[:10])
-    snapshot = _Snapshot.take(editor)
+    snapshot = editor.snapshot(bookmark=True)
     editor.edit(requests[10:20])  # then saving it fails
-    snapshot.restore(editor)
+    editor.restore(snapshot)
+    assert editor.session.log_seq == 1 and len(editor.session.pending_log) == 1
     editor.edit(requests[20:30])
 
     twin = UltraEditor(load_model("testbed", "cpu", "bfloat16")[0], config, tokenizer)
@@ -510,4 +509,5 @@ def test_a_turn_rolled_back_after_a_failed_save_leaves_no_trace():
     for name in editor.modules:
         assert torch.equal(editor.modules[name].weight, twin.modules[name].weight), name
         assert torch.equal(editor.session.delta[name], twin.session.delta[name]), name
-        assert torch.equal(editor.key_memory[name], twin.key_memory[name]), name
+        memory, twins = editor.stage_states()["memory"], twin.stage_states()["memory"]
+        assert torch.equal(memory[name], twins[name]), name

@@ -15,7 +15,8 @@ import torch
 
 import ultraedit
 from ultraedit import EditConfig, UltraEditor
-from ultraedit import state as st
+from ultraedit import session as st
+from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 
 from tiny import random_turn, tiny_model
 
@@ -34,9 +35,9 @@ def edited_weights(editor):
 
 
 def normalizer_states(editor):
-    """The editor's lifelong statistics: normalizers by shape, and the key memory (EditConfig.memory)."""
+    """The editor's lifelong statistics: normalizers by shape, and the stages' states (the key memory)."""
     states = {s: {k: v.clone() for k, v in n.state_dict().items()} for s, n in editor.normalizers.items()}
-    states["memory"] = {n: m.clone() for n, m in editor.key_memory.items()}
+    states["stages"] = {name: {k: t.clone() for k, t in state.items()} for name, state in editor.stage_states().items()}
     return states
 
 
@@ -49,9 +50,12 @@ def assert_same_stats(editor, expected):
     for shape, norm in editor.normalizers.items():
         for key, value in norm.state_dict().items():
             assert torch.equal(value, expected[shape][key]), f"normalizer {shape} {key} differs"
-    assert editor.key_memory.keys() == expected["memory"].keys()
-    for name, memory in editor.key_memory.items():
-        assert torch.equal(memory, expected["memory"][name]), f"key memory of {name} differs"
+    states = editor.stage_states()
+    assert states.keys() == expected["stages"].keys()
+    for name, state in states.items():
+        assert state.keys() == expected["stages"][name].keys()
+        for key, value in state.items():
+            assert torch.equal(value, expected["stages"][name][key]), f"{name} state {key} differs"
 
 
 @pytest.mark.parametrize(
@@ -85,7 +89,7 @@ def test_delta_in_model_dtype_is_half_size_and_close(tmp_path):
     run_turns(editor, [1, 2])
     full = editor.save(tmp_path / "f32")
     half = editor.save(tmp_path / "bf16", delta_dtype="model")
-    assert (half / st.DELTA).stat().st_size < 0.6 * (full / st.DELTA).stat().st_size
+    assert (half / store.DELTA).stat().st_size < 0.6 * (full / store.DELTA).stat().st_size
     loaded = UltraEditor.load(fresh, tmp_path / "bf16")
     for name, module in editor.modules.items():
         diff = (loaded.modules[name].weight.detach().float() - module.weight.detach().float()).norm()
@@ -104,7 +108,7 @@ def _expected_after(turns):
     return _EXPECTED[turns]
 
 
-@pytest.mark.parametrize("stage", st.SAVE_STAGES)
+@pytest.mark.parametrize("stage", st_files.SAVE_STAGES)
 def test_failure_at_any_save_stage_leaves_old_or_new_state(tmp_path, monkeypatch, stage):
     directory = tmp_path / "s"
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
@@ -116,7 +120,8 @@ def test_failure_at_any_save_stage_leaves_old_or_new_state(tmp_path, monkeypatch
         if name == stage:
             raise RuntimeError(f"simulated crash at {name}")
 
-    monkeypatch.setattr(st, "_checkpoint", crash)
+    monkeypatch.setattr(store, "checkpoint", crash)
+    monkeypatch.setattr(st_files, "checkpoint", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         editor.save(directory)
     monkeypatch.undo()
@@ -133,7 +138,7 @@ def test_failure_at_any_save_stage_leaves_old_or_new_state(tmp_path, monkeypatch
     records = list(st.read_log(directory))
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     assert [r["turn"] for r in records] == ([1, 2, 3, 4] if new else [1, 2, 3])
-    current = (directory / st.CURRENT).read_text().strip()
+    current = (directory / store.CURRENT).read_text().strip()
     assert sorted(p.name for p in directory.iterdir()) == sorted([".lock", "CURRENT", "edits.jsonl", current])
 
 
@@ -199,7 +204,7 @@ def test_process_killed_at_every_stage_of_a_save(tmp_path):
         assert_same_weights(loaded, _expected_after(turns)[0])
         assert_same_stats(loaded, _expected_after(turns)[1])
         loaded.save(directory)
-        current = (directory / st.CURRENT).read_text().strip()
+        current = (directory / store.CURRENT).read_text().strip()
         assert sorted(p.name for p in directory.iterdir()) == sorted([".lock", "CURRENT", "edits.jsonl", current]), stage
         assert [r["turn"] for r in st.read_log(directory)] == list(range(1, turns + 1)), stage
 
@@ -241,9 +246,9 @@ def test_apply_delta_and_merge_round_trip(tmp_path, dtype):
     version = editor.save(tmp_path / "s")
     # The delta is the size of the edit modules (float32), not of the model.
     module_bytes = sum(m.weight.numel() * 4 for m in editor.modules.values())
-    assert module_bytes <= (version / st.DELTA).stat().st_size <= module_bytes + 4096
+    assert module_bytes <= (version / store.DELTA).stat().st_size <= module_bytes + 4096
     model_bytes = sum(p.numel() * 4 for p in editor.model.parameters())
-    assert (version / st.DELTA).stat().st_size < model_bytes / 5
+    assert (version / store.DELTA).stat().st_size < model_bytes / 5
 
     applied = tiny_model("llama", dtype=dtype)
     meta = ultraedit.apply_delta(applied, tmp_path / "s")
@@ -267,7 +272,7 @@ def test_apply_delta_and_merge_round_trip(tmp_path, dtype):
     assert json.loads((out / "ultraedit_merge.json").read_text())["edits"] == 30
 
 
-@pytest.mark.parametrize("dtype,memory", [(torch.float32, 0.0), (torch.bfloat16, 0.0), (torch.float32, 1.0)])
+@pytest.mark.parametrize("dtype,memory", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, {"weight": 1.0})])
 def test_revert_last_is_exact(tmp_path, dtype, memory):
     """Weights and statistics (normalizers; with ``memory``, the key memory too) after a revert are
     bit for bit those before the reverted turns, also after a save and load."""
@@ -314,19 +319,19 @@ def test_revert_last_is_exact(tmp_path, dtype, memory):
 def test_undo_snapshots_are_written_once(tmp_path, monkeypatch):
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR), keep_turn_deltas=3)
     written = []
-    real = st._write_safetensors
+    real = store.write_safetensors
 
     def counting(path, entries, metadata, stage=None):
         written.append(metadata["content"])
         return real(path, entries, metadata, stage)
 
-    monkeypatch.setattr(st, "_write_safetensors", counting)
+    monkeypatch.setattr(store, "write_safetensors", counting)
     for seed in (1, 2, 3, 4):
         run_turns(editor, [seed])
         written.clear()
         editor.save(tmp_path / "s")
         assert written.count("undo") == 1  # the older snapshots are hard-linked from the last version
-    files = sorted(p.name for p in (tmp_path / "s" / (tmp_path / "s" / st.CURRENT).read_text().strip()).iterdir())
+    files = sorted(p.name for p in (tmp_path / "s" / (tmp_path / "s" / store.CURRENT).read_text().strip()).iterdir())
     assert [f for f in files if f.startswith("undo-")] == [f"undo-{s:010d}.safetensors" for s in (2, 3, 4)]
     resumed = UltraEditor.load(tiny_model("llama"), tmp_path / "s")
     resumed.revert_last(3)
@@ -338,16 +343,16 @@ def test_edit_log_is_append_only_and_repairs_a_torn_line(tmp_path):
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
     run_turns(editor, [1, 2])
     editor.save(directory)
-    with open(directory / st.LOG, "ab") as f:  # a crash in the middle of an append
+    with open(directory / store.LOG, "ab") as f:  # a crash in the middle of an append
         f.write(b'{"seq": 3, "event": "tu')
     run_turns(editor, [3])
     editor.save(directory)
-    lines = (directory / st.LOG).read_bytes().splitlines()
+    lines = (directory / store.LOG).read_bytes().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["seq"] for r in records] == [1, 2, 3] and [r["turn"] for r in records] == [1, 2, 3]
     assert set(records[0]["shift_norms"]) == set(editor.modules) and records[2]["requests"] == 10
     editor.save(directory)  # nothing new: nothing appended
-    assert len((directory / st.LOG).read_bytes().splitlines()) == 3
+    assert len((directory / store.LOG).read_bytes().splitlines()) == 3
 
 
 def test_another_session_is_not_saved_over_a_state(tmp_path):
@@ -382,7 +387,7 @@ def test_another_writer_is_refused(tmp_path):
     directory = tmp_path / "s"
     directory.mkdir()
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
-    fd = os.open(directory / st.LOCK, os.O_RDWR | os.O_CREAT)
+    fd = os.open(directory / st_lock.LOCK, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another process would
         with pytest.raises(st.StateError, match="another process"):
@@ -393,41 +398,17 @@ def test_another_writer_is_refused(tmp_path):
     assert st.has_state(directory)
 
 
-def test_resume_equals_one_process_with_the_options_beyond_the_paper(tmp_path):
-    """Refinement steps, generic-text preserved keys (taken on the BASE model, also when a saved
-    state is loaded) and the key memory (saved with the state) resume bit-exactly."""
-    from ultraedit.testbed import TESTBED_CONFIG, load_requests, load_testbed
-
-    requests = load_requests(60)
-    config = EditConfig(modules=TESTBED_CONFIG.modules, lr=3e-3, refine_steps=3, preserve=10.0, memory=1.0)
-    model, tokenizer = load_testbed()
-    one = UltraEditor(model, config, tokenizer)
-    for i in range(3):
-        one.edit(requests[20 * i : 20 * i + 20])
-    expected, stats = edited_weights(one), normalizer_states(one)
-
-    model, tokenizer = load_testbed()
-    first = UltraEditor(model, config, tokenizer)
-    first.edit(requests[:20])
-    first.save(tmp_path / "s")
-    resumed = UltraEditor.load(load_testbed()[0], tmp_path / "s", tokenizer)
-    for i in (1, 2):
-        resumed.edit(requests[20 * i : 20 * i + 20])
-    assert_same_weights(resumed, expected)
-    assert_same_stats(resumed, stats)
-
-
 def test_a_state_with_memory_but_no_memory_file_is_refused(tmp_path):
-    editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR, memory=1.0))
+    editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR, memory={"weight": 1.0}))
     run_turns(editor, [1])
     editor.save(tmp_path / "s")
-    version = tmp_path / "s" / (tmp_path / "s" / st.CURRENT).read_text().strip()
-    meta = json.loads((version / st.STATE_JSON).read_text())
-    assert st.MEMORY in meta["sizes"]
-    del meta["sizes"][st.MEMORY]
-    (version / st.STATE_JSON).write_text(json.dumps(meta))
+    version = tmp_path / "s" / (tmp_path / "s" / store.CURRENT).read_text().strip()
+    meta = json.loads((version / store.STATE_JSON).read_text())
+    assert store.stage_file("memory") in meta["sizes"]
+    del meta["sizes"][store.stage_file("memory")]
+    (version / store.STATE_JSON).write_text(json.dumps(meta))
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(st.StateError, match="no memory.safetensors"):
+    with pytest.raises(st.StateError, match="no memory.safetensors for its 1 turns"):
         UltraEditor.load(model, tmp_path / "s")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched

@@ -12,9 +12,9 @@ import torch
 
 from ultraedit import EditConfig, score_pairs
 from ultraedit.datasets import read_requests
-from ultraedit.presets import PRESETS, resolve_modules
+from ultraedit.core.presets import PRESETS, resolve_modules
 from ultraedit.testbed import (
-    TESTBED_CONFIG,
+    TESTBED_MODULES,
     counterfact_path,
     facts_path,
     load_requests,
@@ -148,38 +148,42 @@ def test_shipped_model_loads_offline_and_knows_its_facts(testbed, world, monkeyp
 
 def test_testbed_preset_matches_config(testbed):
     model, _ = testbed
-    assert resolve_modules(model, "testbed") == TESTBED_CONFIG.modules
+    assert resolve_modules(model, "testbed") == TESTBED_MODULES
     assert PRESETS["testbed"].reference_layers == model.config.num_hidden_layers
 
 
-def test_demo_edits_and_reports_scores(capsys):
+def test_the_demo_shows_its_edits_taking_effect(capsys, tmp_path):
+    """``ultraedit demo --model testbed`` (the fully offline path), as a user runs it: the edits it
+    makes take effect (ES >= 0.90) and the untouched facts mostly stay (locality >= 0.85)."""
     from ultraedit.cli import main
 
-    assert main(["demo", "--model", "testbed", "--edits", "40", "--turn-size", "20", "--show", "2", "--quiet", "--lr", "2e-2"]) == 0
+    assert main(["demo", "--model", "testbed", "--show", "2", "--quiet", "--json", str(tmp_path / "d.json")]) == 0
     out = capsys.readouterr().out
-    for key in ("Efficacy (ES)", "Generalization (GS)", "Specificity (LS)", "before", "untouched", "rephrase"):
+    for key in ("Efficacy (ES)", "Generalization (GS)", "Locality (LS)", "before", "untouched", "rephrase"):
         assert key in out
-    es, es_before = map(float, re.search(r"Efficacy \(ES\)\s+([0-9.]+)\s+\(before editing ([0-9.]+)", out).groups())
-    ls = float(re.search(r"relative ([0-9.]+)\)", out).group(1))
-    assert es >= es_before + 0.1 and ls >= 0.5
+    scores = __import__("json").loads((tmp_path / "d.json").read_text())
+    assert scores["configuration"] == "testbed" and scores["edits"] == 100
+    assert scores["efficacy_before"] < 0.05 and scores["efficacy"] >= 0.90
+    assert scores["locality_before"] == 1.0 and scores["locality"] >= 0.85
+    assert re.search(r"^edit .* ok$", out, re.M)  # a shown edit took effect under greedy generation
 
 
 def test_edit_and_score_uses_the_real_editor(testbed):
-    from ultraedit.testbed.demo import edit_and_score
+    from ultraedit.demo import edit_and_score
 
     model, tokenizer = load_testbed()  # a fresh copy: this test edits it
     requests = load_requests(40)
-    edited = model.get_submodule(TESTBED_CONFIG.modules[-1])
+    edited = model.get_submodule(TESTBED_MODULES[-1])
     weights = edited.weight.clone()
-    strong = EditConfig(modules=TESTBED_CONFIG.modules, lr=2e-2)
+    strong = EditConfig(modules=TESTBED_MODULES, lr=2e-2)
     scores = edit_and_score(model, tokenizer, requests, strong, turn_size=20, progress=False)
     assert scores["turns"] == 2 and scores["edits"] == 40
     assert scores["efficacy_before"] < 0.1 and scores["efficacy"] >= scores["efficacy_before"] + 0.2
-    assert scores["specificity_before"] >= 0.9  # the unedited model knows its locality facts
+    assert scores["locality_before"] >= 0.9  # the unedited model knows its locality facts
     assert not torch.equal(weights, edited.weight)
     # the authors' lr (tuned for hidden size 4096) barely moves this small model
     model, tokenizer = load_testbed()
-    weak = edit_and_score(model, tokenizer, requests, EditConfig(modules=TESTBED_CONFIG.modules, lr=1e-6),
+    weak = edit_and_score(model, tokenizer, requests, EditConfig(modules=TESTBED_MODULES, lr=1e-6),
                           turn_size=20, progress=False)
     assert weak["efficacy"] < scores["efficacy"] - 0.1
 

@@ -51,6 +51,6 @@ def random_turn(
         prompt = torch.randint(3, vocab, (p,), generator=gen).tolist()
         target = torch.randint(3, vocab, (t,), generator=gen).tolist()
         examples.append((prompt + target[:-1], [-100] * (p - 1) + target))
-    from ultraedit.batching import collate
+    from ultraedit.core.batching import collate
 
     return [collate(examples[i : i + batch_size], 0) for i in range(0, requests, batch_size)]

@@ -3,41 +3,40 @@
 Quick start::
 
     import ultraedit
-    editor = ultraedit.UltraEditor(model, ultraedit.EditConfig(), tokenizer=tokenizer)
+    config = ultraedit.configuration("recommended", model).config   # or ultraedit.EditConfig(): the authors'
+    editor = ultraedit.UltraEditor(model, config, tokenizer=tokenizer)
     editor.edit([ultraedit.EditRequest("The CEO of Acme is", "Jane Doe"), ...])  # one turn
 """
 
-from .batching import EditError, EditRequest, tokenize_pair
+from .config import EditConfig, Runtime
+from .configs import resolve as configuration
+from .core.batching import EditError, EditRequest, tokenize_pair
+from .core.normalizer import LifelongNormalizer
+from .core.presets import PRESETS, Preset, resolve_modules
+from .core.solver import ridge_solve, target_values
+from .core.turn import faithful_turn
 from .datasets import DatasetError, read_requests
-from .editor import EditConfig, PendingTurn, TurnReport, UltraEditor
+from .editor import UltraEditor
 from .evaluation import score_pairs
-from .normalizer import LifelongNormalizer
-from .presets import PRESETS, Preset, resolve_modules
-from .solver import ridge_solve, target_values
-from .state import FingerprintError, RevertReport, StateError, apply_delta, merge
+from .report import PendingTurn, TurnReport
+from .session import FingerprintError, RevertReport, StateError, apply_delta, merge
+from .stages import (
+    GenericConfig,
+    MemoryConfig,
+    NeighboursConfig,
+    OutliersConfig,
+    ParaphraseConfig,
+    RefineConfig,
+    SearchConfig,
+    SubjectConfig,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "DatasetError",
-    "EditConfig",
-    "EditError",
-    "EditRequest",
-    "FingerprintError",
-    "LifelongNormalizer",
-    "PRESETS",
-    "PendingTurn",
-    "Preset",
-    "RevertReport",
-    "StateError",
-    "TurnReport",
-    "UltraEditor",
-    "apply_delta",
-    "merge",
-    "read_requests",
-    "resolve_modules",
-    "ridge_solve",
-    "score_pairs",
-    "target_values",
-    "tokenize_pair",
+    "DatasetError", "EditConfig", "EditError", "EditRequest", "FingerprintError", "GenericConfig", "LifelongNormalizer",
+    "MemoryConfig", "NeighboursConfig", "OutliersConfig", "PRESETS", "ParaphraseConfig", "PendingTurn", "Preset",
+    "RefineConfig", "RevertReport", "Runtime", "SearchConfig", "StateError", "SubjectConfig", "TurnReport",
+    "UltraEditor", "apply_delta", "configuration", "faithful_turn", "merge", "read_requests", "resolve_modules",
+    "ridge_solve", "score_pairs", "target_values", "tokenize_pair",
 ]

@@ -44,7 +44,7 @@ import contextlib
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence, TextIO
 
-from .batching import EditRequest
+from .core.batching import EditRequest
 
 __all__ = [
     "DATASET_FORMATS",

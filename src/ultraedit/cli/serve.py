@@ -8,7 +8,7 @@ import socket
 import sys
 from typing import Any
 
-from .common import CliError, load_model, model_args, reporting, state_dtype
+from .common import CliError, check_resumed, config_args, load_model, model_args, reporting, resolve_config, state_dtype
 
 API_KEY_ENV = "ULTRAEDIT_API_KEY"
 EDIT_KEY_ENV = "ULTRAEDIT_EDIT_KEY"
@@ -43,15 +43,17 @@ def _limits(args: argparse.Namespace) -> Any:
 
 
 def _engine_config(args: argparse.Namespace, model: Any) -> Any:
-    from ..bench import edit_config
     from ..serve.engine import EngineConfig
+    from ..session import has_state, read_state
 
-    fields = edit_config(model, args.model, faithful=args.faithful, modules=args.modules, preset=args.preset,
-                         lr=args.lr).to_dict()
+    if has_state(args.state):
+        check_resumed(read_state(args.state)[0]["config"], args, model)
+        fields = None
+    else:
+        fields = resolve_config(args, model).to_dict()
     return EngineConfig(
         state=args.state, model_name=args.served_name or args.model, turn_size=args.turn_size,
-        keep_turn_deltas=args.keep_turn_deltas, edit_fields=fields,
-        check_fields={"lr": args.lr, "modules": args.modules}, max_queue=args.max_queue,
+        keep_turn_deltas=args.keep_turn_deltas, edit_fields=fields, max_queue=args.max_queue,
     )
 
 
@@ -110,12 +112,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--turn-size", type=int, default=100, help="most edit requests per turn, and per POST (default 100)")
     p.add_argument("--keep-turn-deltas", type=int, metavar="K",
                    help="keep the last K turns revertible (POST /v1/edits/revert); default: the state's, else 0")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--modules", nargs="+", metavar="NAME", help="edit modules of a NEW state (dotted names)")
-    group.add_argument("--preset", help="edit-module preset of a NEW state (default: the model family's)")
-    p.add_argument("--faithful", action="store_true",
-                   help="a NEW state uses the authors' exact method instead of the model's recommended configuration")
-    p.add_argument("--lr", type=float, help="UltraEdit step size of a NEW state (default: the configuration's)")
+    config_args(p, new=" of a NEW state")
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens one request may generate (default 512)")
     p.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt in tokens (default 4096)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")

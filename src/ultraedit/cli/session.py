@@ -12,14 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..configs import default_for
 from .common import (
     EXIT_INTERRUPTED,
     CliError,
+    check_preset,
+    check_resumed,
+    config_args,
     human_bytes,
     load_model,
     model_args,
     plural,
     reporting,
+    resolve_config,
     state_dtype,
 )
 
@@ -119,46 +124,13 @@ class _RejectsSink:
             self._file.close()
 
 
-def _check_same_config(config: Any, args: argparse.Namespace, model: Any) -> None:
-    """A resumed session keeps its hyperparameters: refuse command-line values that differ."""
-    from ..presets import resolve_modules
+def _check_options(args: argparse.Namespace) -> None:
+    """The configuration's options, checked before the model is loaded: the named configuration or file,
+    each --set and the values they give, the preset."""
+    from ..configs import check
 
-    asked = {"lr": args.lr, "ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
-    for key, value in asked.items():
-        if value is not None and value != getattr(config, key):
-            raise CliError(
-                f"--{key.replace('_', '-')} {value} differs from the saved state's {key}={getattr(config, key)}; "
-                "a lifelong session keeps its hyperparameters (use a new --state directory to change them)"
-            )
-    modules = args.modules or (resolve_modules(model, args.preset) if args.preset else None)
-    if modules is not None and list(modules) != list(config.modules):
-        raise CliError(f"the edit modules asked for differ from the saved state's {config.modules}")
-
-
-def _check_preset(preset: str | None) -> None:
-    from ..presets import PRESETS
-
-    if preset is not None and preset not in PRESETS:
-        raise CliError(f"--preset {preset!r} is unknown; known: {', '.join(sorted(PRESETS))} (see 'ultraedit presets')")
-
-
-def _new_config(args: argparse.Namespace, model: Any = None) -> Any:
-    """The :class:`EditConfig` of a new session (:func:`ultraedit.bench.edit_config`: the model's
-    recommended configuration, or the authors' with ``--faithful``, with the options given on top).
-    Without ``model`` only the options are checked, so bad values fail before the model is loaded;
-    an invalid value is a CliError naming the option."""
-    from ..bench import edit_config, edit_fields
-    from ..editor import EditConfig
-
-    fields = {"ridge": args.ridge, "capture_batch_size": args.capture_batch_size}
-    try:
-        if model is None:
-            return EditConfig(**edit_fields(args.model, modules=args.modules, preset=args.preset, lr=args.lr),
-                              **{k: v for k, v in fields.items() if v is not None})
-        return edit_config(model, args.model, faithful=args.faithful, modules=args.modules, preset=args.preset,
-                           lr=args.lr, **fields)
-    except ValueError as err:  # EditConfig's own checks: one line naming the field
-        raise CliError(f"invalid option: {err}") from None
+    check_preset(args.preset)
+    check(args.config or default_for(args.model), lr=args.lr, sets=args.sets)
 
 
 @reporting
@@ -167,10 +139,10 @@ def _edit_command(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from ..batching import EditError, tokenize_pair
+    from ..core.batching import EditError, tokenize_pair
     from ..datasets import DatasetError, read_requests
     from ..editor import UltraEditor
-    from ..state import has_state, load, read_state, save, session_lock
+    from ..session import has_state, read_state, save, session_lock
 
     edits_path = Path(args.edits)
     if not edits_path.is_file():
@@ -181,20 +153,18 @@ def _edit_command(args: argparse.Namespace) -> int:
         raise CliError(f"--keep-turn-deltas must be >= 0, got {args.keep_turn_deltas}")
     if args.max_turns is not None and args.max_turns < 1:
         raise CliError(f"--max-turns must be >= 1, got {args.max_turns}")
-    _check_preset(args.preset)
     state_dir = Path(args.state)
     resuming = has_state(state_dir)
-    if not resuming:
-        _new_config(args)  # bad options fail before the model is loaded
+    _check_options(args)  # bad options fail before the model is loaded
     dtype = args.dtype if args.dtype != "auto" or not resuming else (state_dtype(args.state) or "auto")
     model, tokenizer = load_model(args.model, args.device, dtype)
 
     with session_lock(state_dir):
         if resuming:
-            editor = load(model, state_dir, tokenizer, keep_turn_deltas=args.keep_turn_deltas)
-            _check_same_config(editor.config, args, model)
+            check_resumed(read_state(state_dir)[0]["config"], args, model)
+            editor = UltraEditor.load(model, state_dir, tokenizer, keep_turn_deltas=args.keep_turn_deltas)
         else:
-            editor = UltraEditor(model, _new_config(args, model), tokenizer, keep_turn_deltas=args.keep_turn_deltas or 0)
+            editor = UltraEditor(model, resolve_config(args, model), tokenizer, keep_turn_deltas=args.keep_turn_deltas or 0)
         delta_dtype = args.delta_dtype or (read_state(state_dir)[0]["delta_dtype"] if resuming else "float32")
         entry = _input_entry(editor.session.extra.setdefault("cli", {}), edits_path)
         start_records, start_turns, start_edits = entry["records"], editor.turns, editor.edits
@@ -333,7 +303,7 @@ def _main_thread() -> bool:
 @reporting
 def _ask_command(args: argparse.Namespace) -> int:
     from ..evaluation import complete
-    from ..state import apply_delta
+    from ..session import apply_delta
 
     dtype = args.dtype if args.dtype != "auto" else (state_dtype(args.state) or "auto")
     model, tokenizer = load_model(args.model, args.device, dtype)
@@ -350,7 +320,7 @@ def _ask_command(args: argparse.Namespace) -> int:
 
 @reporting
 def _info_command(args: argparse.Namespace) -> int:
-    from ..state import info
+    from ..session import info
 
     data = info(args.state)
     if args.json:
@@ -361,8 +331,16 @@ def _info_command(args: argparse.Namespace) -> int:
     print(f"state:        {data['state']} ({data['version']}, saved {data['saved_at']})")
     print(f"edits:        {data['edits']} in {data['turns']} turns")
     print(f"base model:   {fp['architecture']} ({fp['model_type']}), edit-module sha256 {fp['weights_sha256']}")
+    from ..legacy import nested
+
+    try:
+        cfg = nested(cfg)
+        stages = ", ".join(k for k in ("refine", "generic", "memory", "neighbours", "subject", "outliers",
+                                       "paraphrases") if cfg.get(k)) or "none (the authors' method)"
+    except ValueError as err:  # a state from an earlier version with an option since removed
+        stages = f"unreadable by this version ({err})"
     print(f"config:       lr={cfg['lr']} ridge={cfg['ridge']} capture_batch_size={cfg['capture_batch_size']} "
-          f"normalizer={cfg['normalizer']} dtype={cfg['dtype']}")
+          f"normalizer={cfg['normalizer']}; stages: {stages}")
     print(f"modules:      {len(data['modules'])} ({data['module_parameters']:,} parameters)")
     for name, spec in data["modules"].items():
         print(f"  {name:48s} {'x'.join(map(str, spec['shape'])):>14s} {spec['dtype']}")
@@ -379,7 +357,7 @@ def _info_command(args: argparse.Namespace) -> int:
 
 @reporting
 def _merge_command(args: argparse.Namespace) -> int:
-    from ..state import merge
+    from ..session import merge
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -394,13 +372,14 @@ def _merge_command(args: argparse.Namespace) -> int:
 
 @reporting
 def _revert_command(args: argparse.Namespace) -> int:
-    from ..state import load, read_state, save, session_lock
+    from ..editor import UltraEditor
+    from ..session import read_state, save, session_lock
 
     dtype = args.dtype if args.dtype != "auto" else (state_dtype(args.state) or "auto")
     model, _ = load_model(args.model, args.device, dtype, tokenizer=False)
     with session_lock(args.state):
         delta_dtype = read_state(args.state)[0]["delta_dtype"]
-        editor = load(model, args.state)
+        editor = UltraEditor.load(model, args.state)
         report = editor.revert_last(args.turns)
         save(editor, args.state, delta_dtype=delta_dtype)
     first, last = report.reverted_turns[0], report.reverted_turns[-1]
@@ -426,16 +405,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--edits", required=True, metavar="FILE", help="edit requests (JSONL or JSON list, .gz ok)")
     p.add_argument("--state", required=True, metavar="DIR", help="state directory (created, or resumed)")
     p.add_argument("--format", default="auto", choices=["auto", *DATASET_FORMATS], help="input format (default: detect)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--modules", nargs="+", metavar="NAME", help="edit modules (dotted names)")
-    group.add_argument("--preset", help="edit-module preset (see 'ultraedit presets'); default: the model family's")
+    config_args(p, new=" of a new state")
     p.add_argument("--turn-size", type=int, default=100, help="edit requests per turn (default 100, as the paper)")
-    p.add_argument("--faithful", action="store_true",
-                   help="a new state uses the authors' exact method (lr 1e-6, the family preset) instead of the "
-                   "model's recommended configuration (EditConfig.recommended; see 'ultraedit presets')")
-    p.add_argument("--lr", type=float, help="UltraEdit step size (default: the configuration's)")
-    p.add_argument("--ridge", type=float, help="ridge lambda (default 1)")
-    p.add_argument("--capture-batch-size", type=int, help="requests per minibatch (default 10)")
     p.add_argument("--save-every", type=int, default=1, metavar="K", help="save the state every K turns (default 1)")
     p.add_argument("--max-turns", type=int, help="stop (and save) after this many turns in this run")
     p.add_argument("--keep-turn-deltas", type=int, metavar="K",

@@ -7,19 +7,18 @@
 * ``wise``: a side memory of one MLP output projection with activation routing, shards and TIES
   merging (:mod:`.wise`).
 
-Each module holds one method; importing this package registers them with :mod:`ultraedit.bench`.
+Each module holds one method; importing this package registers them (:mod:`.registry`).
 Their hyperparameters default to the published configurations (each ``describe()`` names its
 source) and are changed with ``--method-option KEY=VALUE``.
 """
 
 from __future__ import annotations
 
-from ..bench import register_method
 from .alphaedit import AlphaEditMethod
-from .common import MethodError
 from .ft import FTMethod
 from .grace import GraceMethod
 from .memit import MEMITMethod
+from .registry import METHODS, MethodError, register_method
 from .wise import WiseMethod
 
 BASELINES = {
@@ -33,4 +32,4 @@ BASELINES = {
 for _name, _factory in BASELINES.items():
     register_method(_name, _factory)
 
-__all__ = ["BASELINES", "AlphaEditMethod", "FTMethod", "GraceMethod", "MEMITMethod", "MethodError", "WiseMethod"]
+__all__ = ["BASELINES", "METHODS", "register_method", "AlphaEditMethod", "FTMethod", "GraceMethod", "MEMITMethod", "MethodError", "WiseMethod"]

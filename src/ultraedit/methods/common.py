@@ -1,6 +1,6 @@
 """What the baselines share: where a model's layers and MLP output projections are, the
 teacher-forced encoding of a turn with each request's key position, weight updates in
-``(d_out, d_in)`` orientation, and :func:`tail_of`, a :class:`~ultraedit.tail.Tail` of an encoded turn.
+``(d_out, d_in)`` orientation, and :func:`tail_of`, a :class:`~ultraedit.core.tail.Tail` of an encoded turn.
 
 Every baseline here edits (or wraps) the MLP output projection of a decoder layer
 (``mlp.down_proj``, GPT-J ``mlp.fc_out``, GPT-2 ``mlp.c_proj``), as the published methods do.
@@ -16,21 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batching import IGNORE, EditRequest, collate, pad_id_of, tokenize_pair
-from ..bench import BenchError
-from ..presets import MLP_OUTPUTS, num_layers
-from ..tail import StopForward, Tail, run_until
-from ..tail import decoder_layers as _decoder_layers
-
-
-
-class MethodError(BenchError):
-    """A baseline cannot run as configured (unknown option, module it cannot edit)."""
-
+from ..core.anatomy import MLP_OUTPUTS, num_layers
+from ..core.anatomy import decoder_layers as _decoder_layers
+from ..core.batching import IGNORE, EditRequest, collate, pad_id_of, tokenize_pair
+from ..core.tail import StopForward, Tail, run_until
+from .registry import MethodError
 
 # --------------------------------------------------------------------------- model anatomy
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(dotted name, ModuleList)`` of the model's decoder layers (:func:`ultraedit.tail.decoder_layers`)."""
+    """``(dotted name, ModuleList)`` of the model's decoder layers (:func:`ultraedit.core.anatomy.decoder_layers`)."""
     try:
         return _decoder_layers(model)
     except ValueError as err:
@@ -185,7 +179,7 @@ def _subject_last(tokenizer: Any, request: EditRequest, n_prompt: int) -> int:
 
 # --------------------------------------------------------------------------- running from a layer
 def tail_of(model: nn.Module, batch: Encoded, start: int) -> Tail:
-    """A :class:`~ultraedit.tail.Tail` of ``batch`` from decoder layer ``start`` on."""
+    """A :class:`~ultraedit.core.tail.Tail` of ``batch`` from decoder layer ``start`` on."""
     return Tail(model, start, batch.input_ids, batch.attention_mask, batch.labels)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batching import EditRequest
+from ..core.batching import EditRequest
 from .common import Encoded, encode, frozen, one_layer_module, one_layer_params, tail_of, unfreeze
 
 

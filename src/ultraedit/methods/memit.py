@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batching import EditRequest
-from ..presets import num_layers
+from ..core.batching import EditRequest
+from ..core.anatomy import num_layers
 from .common import (
     Encoded,
     MethodError,
@@ -53,7 +53,7 @@ from .common import (
     tail_of,
     unfreeze,
 )
-from ..covariance import second_moments
+from ..stages.statistics import second_moments
 
 
 @dataclass

@@ -55,9 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batching import IGNORE, EditRequest, collate, pad_id_of, tokenize_pair
-from ..neighbours import request_seed
-from ..preserve import package_text
+from ..core.batching import IGNORE, EditRequest, collate, pad_id_of, tokenize_pair
+from ..stages.common import package_text, request_seed
 from .common import Encoded, Tail, frozen, one_layer_module, one_layer_params, tail_of, unfreeze, weight_out_in
 
 #: EasyEdit's seeds for the context templates, and (new tokens, count) of each group.

@@ -30,8 +30,14 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..batching import EditError, EditRequest, tokenize_pair
+from ..config import EditConfig
+from ..core.batching import EditError, EditRequest, tokenize_pair
+from ..core.presets import resolve_modules
 from ..datasets import DatasetError, parse_record
+from ..editor import UltraEditor
+from ..session import StateError, info, read_state, save, session_lock
+from ..session.memory import Snapshot
+from ..session.store import has_state
 from .generation import Delta, SamplingParams, sample_ids, stop_token_ids, stream_text
 from .journal import Journal, Submission, now, outcome, reconcile
 from .metrics import Metrics
@@ -54,7 +60,7 @@ class EngineConfig:
     model_name: str
     turn_size: int = 100
     keep_turn_deltas: int | None = None  # None: the saved state's (0 for a new one)
-    edit_fields: dict[str, Any] | None = None  # EditConfig fields for a NEW state
+    edit_fields: dict[str, Any] | None = None  # EditConfig (to_dict form) of a NEW state
     check_fields: dict[str, Any] | None = None  # fields given explicitly: must match a resumed state
     max_queue: int = 10_000  # queued edit requests before POST /v1/edits answers 429
 
@@ -67,46 +73,6 @@ def editing_copy(model: nn.Module, names: Sequence[str]) -> nn.Module:
     shared = itertools.chain(model.parameters(), model.buffers())
     memo: dict[int, Any] = {id(t): t for t in shared if id(t) not in own}
     return copy.deepcopy(model, memo)
-
-
-@dataclass
-class _Snapshot:
-    """The editor's in-memory state before a turn or revert, to restore it if saving fails."""
-
-    weights: dict[str, torch.Tensor]
-    normalizers: dict[Any, Any]
-    counters: tuple[int, int, int]
-    undo: list[Any]
-    pending_log: list[dict[str, Any]]
-    extra: dict[str, Any]
-    deltas: dict[str, torch.Tensor]  # the float32 cumulative shifts of bf16/fp16 modules
-    key_memory: dict[str, torch.Tensor]  # EditConfig.memory
-
-    @classmethod
-    def take(cls, editor: Any) -> "_Snapshot":
-        s = editor.session
-        return cls(
-            weights={n: m.weight.detach().clone() for n, m in editor.modules.items()},
-            normalizers={shape: norm.clone() for shape, norm in editor.normalizers.items()},
-            counters=(editor.turns, editor.edits, s.log_seq),
-            undo=list(s.undo), pending_log=list(s.pending_log), extra=copy.deepcopy(s.extra),
-            deltas=dict(s.delta), key_memory=dict(editor.key_memory),
-        )
-
-    def restore(self, editor: Any) -> None:
-        s = editor.session
-        with torch.no_grad():
-            for name, module in editor.modules.items():
-                module.weight.copy_(self.weights[name])
-        editor.normalizers = dict(self.normalizers)
-        s.delta = dict(self.deltas)
-        editor.key_memory = dict(self.key_memory)
-        editor.generation += 1
-        editor.turns, editor.edits, s.log_seq = self.counters
-        s.undo.clear()
-        s.undo.extend(self.undo)
-        s.pending_log[:] = self.pending_log
-        s.extra = self.extra
 
 
 class Engine:
@@ -257,8 +223,6 @@ class Engine:
 
     # ------------------------------------------------------------------ worker thread
     def _run(self) -> None:
-        from ..state import session_lock
-
         try:
             with session_lock(self.state_dir):
                 self._open_state()
@@ -292,20 +256,16 @@ class Engine:
             return lambda: self._turn(turn)
 
     def _open_state(self) -> None:
-        from ..editor import EditConfig, UltraEditor
-        from ..presets import resolve_modules
-        from ..state import has_state, load, read_state, save
-
         cfg = self.config
         if has_state(self.state_dir):
             meta = read_state(self.state_dir)[0]
             self._check_same(meta["config"])
             self.delta_dtype = meta["delta_dtype"]
             names = list(meta["config"]["modules"])
-            self.editor = load(editing_copy(self.model, names), self.state_dir, self.tokenizer,
-                               keep_turn_deltas=cfg.keep_turn_deltas)
+            self.editor = UltraEditor.load(editing_copy(self.model, names), self.state_dir, self.tokenizer,
+                                           keep_turn_deltas=cfg.keep_turn_deltas)
         else:
-            config = EditConfig(**(cfg.edit_fields or {}))
+            config = EditConfig.from_dict(cfg.edit_fields or {})
             names = config.modules or resolve_modules(self.model, config.preset)
             self.delta_dtype = "float32"
             self.editor = UltraEditor(editing_copy(self.model, names), config, self.tokenizer,
@@ -334,8 +294,6 @@ class Engine:
         self._queue.append(sub)
 
     def _check_same(self, saved: dict[str, Any]) -> None:
-        from ..state import StateError
-
         for key, value in (self.config.check_fields or {}).items():
             if value is not None and value != saved.get(key):
                 raise StateError(
@@ -362,10 +320,8 @@ class Engine:
             held[turns] = [s.id for s in new]
         return [{"turn": t, "ids": ids} for t, ids in held.items()]
 
-    def _save_or_restore(self, snapshot: _Snapshot) -> None:
+    def _save_or_restore(self, snapshot: Snapshot) -> None:
         """Save the editor's state; on failure put the editor back as it was and re-raise."""
-        from ..state import read_state, save
-
         try:
             save(self.editor, self.state_dir, delta_dtype=self.delta_dtype)
         except BaseException:
@@ -374,20 +330,20 @@ class Engine:
                     return
             except Exception:  # noqa: BLE001
                 pass
-            snapshot.restore(self.editor)
+            self.editor.restore(snapshot)
             raise
 
     def _turn(self, subs: list[Submission]) -> None:
         start = time.perf_counter()
         requests = [r for s in subs for r in s.requests]
-        snapshot = _Snapshot.take(self.editor)
+        snapshot = self.editor.snapshot(bookmark=True)
         try:
             self.editor.edit(requests)
             self.editor.session.extra["serve"] = {"recent": self._recent(new=subs)}
             self._save_or_restore(snapshot)
         except Exception as err:  # noqa: BLE001 - any failure fails the turn, nothing is applied
-            if self.editor.turns != snapshot.counters[0]:
-                snapshot.restore(self.editor)
+            if self.editor.turns != snapshot.turns:
+                self.editor.restore(snapshot)
             log.warning("turn failed: %s", err)
             self._resolve(subs, "failed", error=f"{type(err).__name__}: {err}")
             return
@@ -418,12 +374,10 @@ class Engine:
             future.set_exception(ServeError(500, f"revert failed: {type(err).__name__}: {err}", kind="server_error"))
 
     def _revert(self, k: int) -> dict[str, Any]:
-        from ..state import StateError
-
         editor = self.editor
         if editor.session.keep_turn_deltas < 1:
             raise ServeError(409, "reverts need the server started with --keep-turn-deltas K", param="turns")
-        snapshot = _Snapshot.take(editor)
+        snapshot = editor.snapshot(bookmark=True)
         try:
             report = editor.revert_last(k)
         except (StateError, ValueError) as err:
@@ -441,8 +395,6 @@ class Engine:
 
     # ------------------------------------------------------------------ state
     def state_info(self) -> dict[str, Any]:
-        from ..state import info
-
         data = info(self.state_dir)
         data["served_turn"] = self.served_turn
         data["queued_requests"] = self.queued_requests()

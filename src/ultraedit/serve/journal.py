@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..batching import EditRequest
+from ..core.batching import EditRequest
 
 JOURNAL = "serve-queue.jsonl"
 

@@ -6,10 +6,10 @@ held out as paraphrases) and a model trained on it (:mod:`.train`) ship inside t
 ``ultraedit demo`` and ``ultraedit bench --model testbed --dataset testbed`` run on any laptop
 with no download::
 
-    from ultraedit import UltraEditor
-    from ultraedit.testbed import TESTBED_CONFIG, load_testbed, load_requests
+    from ultraedit import UltraEditor, configuration
+    from ultraedit.testbed import load_testbed, load_requests
     model, tokenizer = load_testbed()
-    editor = UltraEditor(model, TESTBED_CONFIG, tokenizer)
+    editor = UltraEditor(model, configuration("testbed", model).config, tokenizer)
     editor.edit(load_requests(100))
 
 Shipped files (``data/``): ``tokenizer.json`` (+ HF tokenizer files), ``config.json``,
@@ -23,11 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..editor import EditConfig
-
 __all__ = [
     "DATA_DIR",
-    "TESTBED_CONFIG",
     "TESTBED_MODULES",
     "counterfact_path",
     "data_path",
@@ -41,16 +38,10 @@ __all__ = [
 #: Directory of the shipped model, tokenizer and data files.
 DATA_DIR: Path = Path(__file__).resolve().parent / "data"
 
-#: Edit modules of the testbed preset (see :data:`TESTBED_CONFIG`): the MLP output projections of
-#: layers 1-3 (``d_in`` = 384, the widest keys this model has; layer 0 feeds everything after it).
+#: The testbed's edit modules (its named configuration ``testbed``, ``PRESETS["testbed"]``): the MLP
+#: output projections of layers 1-3 (``d_in`` = 384, the widest keys this model has; layer 0 feeds
+#: everything after it).
 TESTBED_MODULES: list[str] = [f"model.layers.{i}.mlp.down_proj" for i in (1, 2, 3)]
-
-#: UltraEdit settings for the testbed model (modules also ``PRESETS["testbed"]``), chosen with
-#: ``python benchmarks/testbed_quality.py --grid``: the best efficacy for which specificity stays
-#: >= 0.8 of the unedited model after 2,000 edits. lr is 3,000x the authors' 1e-6 (tuned for
-#: d_in = 4096): ``V = -lr * ||K_hat||^2 * G_hat`` and ``||K_hat||^2 ~ d_in``. The issue's targets
-#: are NOT reached on this model (see README, "Built-in testbed").
-TESTBED_CONFIG: EditConfig = EditConfig(modules=TESTBED_MODULES, lr=3e-3)
 
 
 def data_path(name: str, data_dir: str | Path | None = None) -> Path:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..batching import collate, teacher_forced_ids
+from ..core.batching import collate, teacher_forced_ids
 from .world import WorldConfig, generate_world, split_world, write_datasets
 
 __all__ = ["ModelConfig", "TrainConfig", "build_tokenizer", "final_accuracy", "train_testbed"]

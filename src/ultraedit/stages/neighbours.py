@@ -1,6 +1,4 @@
-"""Other prompts a turn derives from its requests: subject-swapped neighbours (``EditConfig.neighbours``),
-keys the edit of one subject should leave alone, context prefixes (``EditConfig.prefixes``) and the
-copies :mod:`ultraedit.paraphrase` rewords (``EditConfig.paraphrases``).
+"""Subject-swapped neighbours (``EditConfig.neighbours``): keys the edit of one subject should leave alone.
 
 UltraEdit's keys are the edit modules' inputs at the target positions, e.g. at ``" is"`` of
 "The capital of Uganda is". Much of such a key says "a capital comes next", and only part of it
@@ -20,49 +18,28 @@ request's text), so a resumed session computes what an uninterrupted one does.
 
 from __future__ import annotations
 
-import hashlib
 import random
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .batching import IGNORE, EditRequest, collate, pad_id_of, subject_of, tokenize_pair
+from ..core.batching import IGNORE, EditRequest, collate, pad_id_of, subject_of, tokenize_pair
+from .base import Stage, Turn, positive
+from .common import key_grams, request_seed
 
 
-def request_seed(request: EditRequest) -> int:
-    """A seed from a request's text (so derived choices survive a resume)."""
-    return int.from_bytes(hashlib.sha256(f"{request.prompt}\0{request.target}".encode()).digest()[:8], "big")
+@dataclass
+class NeighboursConfig:
+    """``count``: subject-swapped prompts per request; ``weight``: their keys' weight in the ridge."""
 
+    count: int = 8
+    weight: float = 1.0
 
-def with_prefixes(requests: Sequence[EditRequest], per_request: int) -> tuple[list[EditRequest], list[int]]:
-    """``(sequences, owners)``: ``requests`` followed by, for each, ``per_request`` copies whose
-    prompt follows a sentence of the package's generic text (``data/generic.txt``, drawn with a seed
-    from the request's text), as ROME/MEMIT edit behind context templates: the edit should hold
-    after other text too. ``owners[i]`` is the index in ``requests`` of ``sequences[i]``."""
-    if per_request <= 0:
-        return with_copies(requests, [[] for _ in requests])
-    from .preserve import package_text
-
-    sentences = package_text("generic.txt")
-    return with_copies(requests, [
-        [f"{sentence} {r.prompt}" for sentence in random.Random(request_seed(r)).sample(
-            sentences, min(per_request, len(sentences)))]
-        for r in requests])
-
-
-def with_copies(
-    requests: Sequence[EditRequest], prompts: Sequence[Sequence[str]]
-) -> tuple[list[EditRequest], list[int]]:
-    """``(sequences, owners)``: ``requests`` followed by, for each request ``i``, a copy with each
-    prompt of ``prompts[i]`` (same target, id and extra). ``owners[j]`` is the index in ``requests``
-    of ``sequences[j]``."""
-    sequences, owners = list(requests), list(range(len(requests)))
-    for index, (request, others) in enumerate(zip(requests, prompts, strict=True)):
-        for prompt in others:
-            sequences.append(EditRequest(prompt, request.target, id=request.id, extra=request.extra))
-            owners.append(index)
-    return sequences, owners
+    def __post_init__(self) -> None:
+        positive("neighbours", "count", self.count, integer=True)
+        positive("neighbours", "weight", self.weight)
 
 
 def neighbour_pairs(requests: Sequence[EditRequest], per_request: int) -> list[tuple[str, str]]:
@@ -95,10 +72,25 @@ def neighbour_grams(
 ) -> dict[str, torch.Tensor]:
     """``N^T N`` (``(d_in, d_in)``, in ``dtype``) per module: the sum of ``k k^T`` over the
     target positions of ``pairs`` (teacher-forced, as edit requests are)."""
-    from .preserve import key_grams
-
     encoded = sorted((tokenize_pair(tokenizer, p, t) for p, t in pairs), key=lambda pair: len(pair[0]))  # less padding
     pad = pad_id_of(tokenizer)
     batches = (collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size))
     sums, _ = key_grams(model, modules, ({**b, "positions": b["labels"] != IGNORE} for b in batches), dtype)
     return sums
+
+
+class NeighboursStage(Stage):
+    """Per text turn, ``weight * N^T N`` of each request's neighbour prompts joins the ridge."""
+
+    name = "neighbours"
+
+    def begin(self, turn: Turn) -> None:
+        pairs = neighbour_pairs(turn.requests, self.config.count) if turn.requests else []
+        if pairs:
+            grams = neighbour_grams(turn.model, turn.tokenizer, turn.modules, pairs, dtype=turn.dtype)
+            turn.scratch[self.name] = {
+                n: self.config.weight * g.to(turn.modules[n].weight.device) for n, g in grams.items()}
+
+    def ridge(self, turn: Turn, group: list[str]) -> torch.Tensor | None:
+        grams = turn.scratch.get(self.name)
+        return torch.stack([grams[n] for n in group]) if grams else None

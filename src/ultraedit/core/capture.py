@@ -2,7 +2,7 @@
 
 For each minibatch the loss is the mean cross-entropy over its target tokens (``labels != -100``).
 For every edit module we record, at the target positions (and, when a minibatch carries
-``subject_index``, at each sequence's subject position: ``EditConfig.subject_keys``),
+``subject_index``, at each sequence's subject position: the rows the subject stage edits),
 
 * keys  ``K``: the module's input, rows of width ``d_in``;
 * grads ``G``: the gradient of the loss w.r.t. the module's output, rows of width ``d_out``.
@@ -31,22 +31,22 @@ How it is done without waste:
 
 from __future__ import annotations
 
-import inspect
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .anatomy import cache_kwarg, frozen
 from .batching import IGNORE, SUBJECT_INDEX
 
 
 def key_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``(B, L)`` bool: the positions whose keys and gradients a turn captures. The target
     positions (``labels != -100``), plus, where a batch has ``subject_index`` (``(B,)``, -1 for
-    none), each sequence's subject position (``EditConfig.subject_keys``)."""
+    none), each sequence's subject position (the subject stage)."""
     mask = batch["labels"] != IGNORE
     subject = batch.get(SUBJECT_INDEX)
     if subject is None:
@@ -91,22 +91,6 @@ def plan_passes(prefix: Sequence[int], tail: Sequence[int], max_rows: int) -> li
     100-row pass -- per-layer overhead and smaller matmuls; on a GPU weight reads dominate.)"""
     order = sorted(range(len(prefix)), key=lambda i: (prefix[i], tail[i]))
     return [order[start : start + max_rows] for start in range(0, len(order), max_rows)]
-
-
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Every parameter ``requires_grad=False`` and eval mode (no dropout) for the duration."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        model.eval()
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(training)
 
 
 class TargetHead:
@@ -288,14 +272,6 @@ def _split(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     }
 
 
-def _cache_kwarg(model: nn.Module, output: object) -> dict[str, object]:
-    """The KV cache of ``output`` as the keyword ``model.forward`` takes (``cache`` in
-    transformers >= 5.x, ``past_key_values`` before)."""
-    if "cache" in inspect.signature(model.forward).parameters:
-        return {"cache": output["cache"]}
-    return {"past_key_values": output["past_key_values"]}
-
-
 def _target_logits(model: nn.Module, hooks: "_Hooks", batch: dict[str, torch.Tensor], split: bool):
     """Logits at target positions ``(T, vocab)`` (float32) and their labels ``(T,)``, capturing
     keys (at :func:`key_mask` positions) and leaf outputs on the way; also the ``(B, L)`` target
@@ -317,7 +293,7 @@ def _target_logits(model: nn.Module, hooks: "_Hooks", batch: dict[str, torch.Ten
         hooks.reset(keys_at, valid=parts["attention_mask"][:, prefix_valid.shape[1]:] != 0, head=mask)
         out = model(
             input_ids=parts["tail_ids"], attention_mask=parts["attention_mask"], position_ids=parts["position_ids"],
-            use_cache=True, **_cache_kwarg(model, prefix),
+            use_cache=True, **cache_kwarg(model, prefix),
         )
         labels = parts["tail_labels"][mask]
     logits = out.logits
@@ -390,7 +366,7 @@ def capture(
     token_loss: list[torch.Tensor] = []
     token_hits: list[torch.Tensor] = []
     token_probs: list[torch.Tensor] = []
-    with _frozen(model), torch.enable_grad(), _Hooks(model, modules) as hooks:
+    with frozen(model), torch.enable_grad(), _Hooks(model, modules) as hooks:
         for members in passes:
             width = max(sequences[i][0].shape[0] for i in members)
             batch = {

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .anatomy import num_layers
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -71,8 +73,8 @@ PRESETS: dict[str, Preset] = {
         _p("phi4", 40, "authors, Phi-4", (30, 38, "mlp.down_proj")),
         # Ours: GPT-J's choice (MLP output projection in the upper-middle third) at GPT-2 depth.
         _p("gpt2", 12, "ultraedit, by analogy with GPT-J", (8, 11, "mlp.c_proj")),
-        # Ours: the built-in testbed model (4 layers, hidden 128); use with lr 3e-3 (ultraedit.testbed.TESTBED_CONFIG).
-        _p("testbed", 4, "ultraedit testbed (benchmarks/testbed_quality.py), lr 3e-3", (1, 3, "mlp.down_proj")),
+        # Ours: the built-in testbed model (4 layers, hidden 128); its named configuration is "testbed".
+        _p("testbed", 4, "ultraedit testbed", (1, 3, "mlp.down_proj")),
     ]
 }
 
@@ -89,57 +91,6 @@ DEFAULT_PRESET: dict[str, str] = {
 }
 
 
-#: Suffixes of a decoder layer's MLP output projection (Llama/Qwen2/Mistral/Phi-3/Gemma-3, GPT-J, GPT-2).
-MLP_OUTPUTS = ("mlp.down_proj", "mlp.fc_out", "mlp.c_proj")
-
-#: Layers the recommended configuration edits, stated for a 30-layer model and scaled to the depth
-#: like every preset: the MLP output projection from 13% to 87% of the depth (ours; measured on
-#: SmolLM2-135M, README "Edit quality on a real model"). With ``subject_depth`` 0.43 the layers
-#: below 43% (MEMIT's range: 4-8 of 32 on Llama-3-8B, 3-8 of 28 on GPT-J) edit at the subject, the
-#: upper ones (where the authors edit this projection in GPT-J, Mistral and Phi-4) at the target.
-RECOMMENDED_LAYERS = (4, 25, 30)
-
-#: Most bytes the recommended configuration's ``d_in x d_in`` float32 statistics may take over all
-#: its modules (generic-text moments and key memory, two per module). The MLP output projection's
-#: input is the MLP's width (Llama-3-8B: 14336, 0.8 GB per matrix); above this budget the
-#: recommended configuration edits the family preset's modules instead.
-RECOMMENDED_STATS_BYTES = 2 * 1024**3
-
-
-def recommended_preset(model: nn.Module) -> Preset:
-    """The edit modules of :meth:`ultraedit.EditConfig.recommended` for ``model``: the MLP output
-    projection (:data:`MLP_OUTPUTS`) over :data:`RECOMMENDED_LAYERS`, or the family preset
-    (:func:`preset_for`) when those modules' statistics would exceed :data:`RECOMMENDED_STATS_BYTES`
-    (or the model has no such projection)."""
-    from .editor import module_shape  # (the editor imports this module)
-
-    family = preset_for(model)  # an unknown family: the KeyError naming the known ones
-    modules = dict(model.named_modules())
-    suffixes = [s for s in MLP_OUTPUTS if any(n.endswith(f".{s}") for n in modules)]
-    if not suffixes:
-        return family
-    first, last, reference = RECOMMENDED_LAYERS
-    preset = Preset(f"recommended-{model.config.model_type}", reference, ((first, last, suffixes[0]),),
-                    "ultraedit recommended configuration (measured on SmolLM2-135M)")
-    widths = [module_shape(modules[name])[0] for name in resolve_modules(model, preset)]
-    return preset if sum(2 * 4 * w * w for w in widths) <= RECOMMENDED_STATS_BYTES else family
-
-
-def _text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def num_layers(model: nn.Module) -> int:
-    """Number of decoder layers from the model's (text) config."""
-    config = _text_config(model)
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"cannot tell the layer count of {type(model).__name__} from its config")
-
-
 def preset_for(model: nn.Module) -> Preset:
     """The default preset for ``model.config.model_type``; ``KeyError`` naming the known types if none."""
     model_type = model.config.model_type
@@ -150,13 +101,6 @@ def preset_for(model: nn.Module) -> Preset:
             "pass the modules to edit explicitly"
         )
     return PRESETS[DEFAULT_PRESET[model_type]]
-
-
-def layer_index(module_name: str) -> int:
-    """The decoder layer of a module given by dotted name: its first number (``model.layers.14.mlp.down_proj``
-    -> 14, ``transformer.h.3.mlp.c_proj`` -> 3); -1 when it has none."""
-    match = re.search(r"\.(\d+)(?:\.|$)", module_name)
-    return int(match.group(1)) if match else -1
 
 
 def resolve_modules(model: nn.Module, preset: str | Preset | None = None) -> list[str]:

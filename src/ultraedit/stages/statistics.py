@@ -1,5 +1,5 @@
-"""Second-moment statistics of MLP keys on generic text: MEMIT's and AlphaEdit's ``C``, and the
-editor's preserved-key term with ``EditConfig.preserve_text`` "generated" or "both".
+"""Second-moment statistics of module keys on generic text: MEMIT's and AlphaEdit's ``C``, and the
+generic stage's ``E0`` with ``EditConfig.generic.text = "generated"``.
 
 MEMIT and AlphaEdit need, per edited module, ``C = E[k k^T]`` over the module's inputs ``k`` on
 text the model already handles (the published code: 100,000 Wikipedia samples; uncentred, its
@@ -11,7 +11,7 @@ text the model already handles (the published code: 100,000 Wikipedia samples; u
   the finished text gives, as attention is causal; or
 * a UTF-8 text file, tokenized and cut into chunks of ``length`` tokens.
 
-Results are cached under ``ultraedit.models.cache_dir()/stats/``, keyed by a SHA-256 of all the
+Results are cached under ``ultraedit.cache.cache_dir()/stats/``, keyed by a SHA-256 of all the
 model's weights (so one key per unedited model), the text source and the module name. Build them
 before the first edit: the statistics belong to the unedited model.
 """
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import _cache_kwarg
-from .models import cache_dir
+from ..cache import cache_dir
+from ..core.anatomy import cache_kwarg
 
 
 def model_hash(model: nn.Module) -> str:
@@ -150,7 +150,7 @@ def _run_generated(model: nn.Module, tokenizer: Any, sequences: int, length: int
         cache: dict[str, Any] = {}
         for _ in range(length):
             out = model(input_ids=ids, use_cache=True, **cache)
-            cache = _cache_kwarg(model, out)
+            cache = cache_kwarg(model, out)
             probs = torch.softmax(out.logits[:, -1].float(), dim=-1).cpu()
             ids = torch.multinomial(probs, 1, generator=gen).to(device)
             bar.update(rows)

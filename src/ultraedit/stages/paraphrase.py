@@ -1,8 +1,8 @@
 """The model's own rewordings of edit prompts (``EditConfig.paraphrases``).
 
 UltraEdit writes an edit at the prompt's last token. On SmolLM2-135M about 40% of what those rows
-write is tied to the prompt's wording (measured in stop 21: a rephrase receives 0.91 of the
-change at the subject's last token but 0.59 at the answer position), so the edit reaches its
+write is tied to the prompt's wording (a rephrase receives 0.91 of the change at the subject's last
+token but 0.59 at the answer position; docs/research-log.md), so the edit reaches its
 rephrases less than it reaches its own prompt. Editing each fact through several wordings ties it
 to the fact instead. The evaluation's rephrases cannot be used for that, so the model writes its
 own, from a few-shot completion prompt (:data:`SHOTS`): for a request ``(prompt, target)``,
@@ -13,24 +13,48 @@ is continued ``samples`` times (temperature, nucleus sampling), and the first li
 continuation is kept when :func:`usable` accepts it: it names the request's subject, differs from
 the prompt, echoes nothing of the examples and is a question or an open phrase (no full stop).
 
-Sampling is seeded per request (:func:`ultraedit.neighbours.request_seed`, one generator per
+Sampling is seeded per request (:func:`ultraedit.stages.common.request_seed`, one generator per
 sample), so a request gets the same rewordings whatever turn it is in; the few-shot prompt is
 run once and its KV cache shared by every row (each row's own text follows it, padded in the
-middle, with explicit positions: what :func:`ultraedit.capture.capture` does for a common prefix).
+middle, with explicit positions: what :func:`ultraedit.core.capture.capture` does for a common prefix).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .batching import EditRequest, pad_id_of, subject_of
-from .capture import _cache_kwarg
-from .neighbours import request_seed
-from .preserve import context_length
+from ..core.anatomy import cache_kwarg, context_length
+from ..core.batching import EditError, EditRequest, pad_id_of, subject_of
+from .base import Stage, positive
+from .common import request_seed
+
+
+@dataclass
+class ParaphraseConfig:
+    """``count``: most rewordings edited per request."""
+
+    count: int = 2
+
+    def __post_init__(self) -> None:
+        positive("paraphrases", "count", self.count, integer=True)
+
+
+class ParaphraseStage(Stage):
+    """Each text request with a known subject is also edited through up to ``count`` rewordings of its
+    prompt that the model writes itself at the start of the turn (sampled before anything changes)."""
+
+    name = "paraphrases"
+
+    def expand(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest]) -> list[list[str]]:
+        try:
+            return paraphrases(model, tokenizer, requests, self.config.count)
+        except ValueError as err:
+            raise EditError(str(err)) from None
 
 #: The few-shot completion prompt; each example is a question or an open sentence and its rewording.
 SHOTS = (
@@ -76,7 +100,7 @@ def paraphrases(
 ) -> list[list[str]]:
     """Per request, up to ``per_request`` distinct usable rewordings of its prompt (in sampling
     order), from ``samples`` continuations of the few-shot prompt. A request without a known
-    subject (:func:`ultraedit.batching.subject_of`) gets none."""
+    subject (:func:`ultraedit.core.batching.subject_of`) gets none."""
     subjects = [subject_of(r) for r in requests]
     asked = [i for i, s in enumerate(subjects) if s is not None]
     out: list[list[str]] = [[] for _ in requests]
@@ -109,7 +133,7 @@ def _check_room(
         raise ValueError(
             f"paraphrases: the few-shot prompt ({shots} tokens), the longest request's query ({longest}) and "
             f"{max_new_tokens} new tokens need {shots + longest + max_new_tokens} positions, but the model has "
-            f"{room}; edit without paraphrases (EditConfig.paraphrases=0)")
+            f"{room}; edit without paraphrases (EditConfig.paraphrases=None)")
 
 
 class _Prefix:
@@ -118,7 +142,7 @@ class _Prefix:
     def __init__(self, model: nn.Module, ids: torch.Tensor) -> None:
         self.ids = ids
         with torch.no_grad():
-            self.cache = _cache_kwarg(model, model(input_ids=ids, use_cache=True))
+            self.cache = cache_kwarg(model, model(input_ids=ids, use_cache=True))
 
 
 def _shot_ids(model: nn.Module, tokenizer: Any) -> torch.Tensor:
@@ -166,7 +190,7 @@ def sample(
     positions = (lengths[:, None] - width + torch.arange(width, device=device)).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 **_expanded(prefix, len(queries)))
-    cache = _cache_kwarg(model, out)
+    cache = cache_kwarg(model, out)
     next(iter(cache.values())).batch_repeat_interleave(samples)
     logits = out.logits[:, -1].repeat_interleave(samples, 0)
     mask, lengths = mask.repeat_interleave(samples, 0), lengths.repeat_interleave(samples, 0)
@@ -188,6 +212,6 @@ def sample(
         mask = torch.cat((mask, torch.ones_like(mask[:, :1])), 1)
         out = model(input_ids=torch.tensor(chosen, device=device)[:, None], attention_mask=mask,
                     position_ids=(lengths + step)[:, None], use_cache=True, **cache)
-        cache = _cache_kwarg(model, out)
+        cache = cache_kwarg(model, out)
         logits = out.logits[:, -1]
     return [tokenizer.decode(m, skip_special_tokens=True) for m in made]

@@ -1,43 +1,22 @@
-"""Running a model from one decoder layer on: where its decoder layers and final norm are, and
-:class:`Tail`, which keeps a batch's hidden states at one layer and runs only the layers above it.
+"""Running a model from one decoder layer on: :class:`Tail` keeps a batch's hidden states at one
+layer and runs only the layers above it.
 
-An optimisation of the residual stream at a layer (MEMIT's ``z``, the editor's
-``subject_optimise``, the baselines' training loops) changes nothing below that layer, so each of
+An optimisation of the residual stream at a layer (MEMIT's ``z``, the subject stage's search, the
+baselines' training loops) changes nothing below that layer, so each of
 its steps needs the layers above it only: one forward to the layer, then as many partial
 forwards as steps.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .anatomy import decoder_layers, final_norm
 from .batching import IGNORE
-from .presets import num_layers
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(dotted name, ModuleList)`` of the model's decoder layers (the list as long as the config says)."""
-    depth = num_layers(model)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == depth and re.search(r"(^|\.)(layers|h)$", name):
-            return name, module
-    raise ValueError(f"cannot find the {depth} decoder layers of {type(model).__name__}")
-
-
-def final_norm(model: nn.Module) -> nn.Module:
-    """The norm between the last decoder layer and the LM head."""
-    prefix, _ = decoder_layers(model)
-    parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
-    for attr in ("norm", "ln_f", "final_layernorm"):
-        module = getattr(parent, attr, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise ValueError(f"cannot find the final norm of {type(model).__name__}")
 
 
 class StopForward(Exception):

@@ -1,27 +1,36 @@
-"""Preserved keys of generic text: what the edit should leave alone (``EditConfig.preserve``).
-
-MEMIT (Meng et al., 2023) and AlphaEdit (Fang et al., 2025) protect a model's unrelated knowledge
-by keeping ``dW`` small on the keys (module inputs) of ordinary text: MEMIT adds the keys'
-second-moment matrix ``E0[k k^T]`` (estimated on Wikipedia) to the least-squares system,
-AlphaEdit projects ``dW`` onto its null space. UltraEdit has neither. We take MEMIT's form, which
-fits UltraEdit's ridge solve as one extra term and stays closed-form:
-
-    dW = (K^T K + lambda I + alpha E0[k k^T])^-1 K^T V
-
-``E0[k k^T]`` is estimated per edit module on a short generic English text that ships with the
-package (``data/generic.txt``, written for this purpose; not the perplexity text
-``data/heldout.txt``), over every token position.
-"""
+"""What several stages share: derived requests (seeded by the request's text), the package's text
+files, and sums of ``k k^T`` over marked positions."""
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .batching import pad_id_of
+from ..core.anatomy import context_length
+from ..core.batching import EditRequest, pad_id_of
+
+
+def request_seed(request: EditRequest) -> int:
+    """A seed from a request's text (so derived choices survive a resume)."""
+    return int.from_bytes(hashlib.sha256(f"{request.prompt}\0{request.target}".encode()).digest()[:8], "big")
+
+
+def with_copies(
+    requests: Sequence[EditRequest], prompts: Sequence[Sequence[str]]
+) -> tuple[list[EditRequest], list[int]]:
+    """``(sequences, owners)``: ``requests`` followed by, for each request ``i``, a copy with each
+    prompt of ``prompts[i]`` (same target, id and extra). ``owners[j]`` is the index in ``requests``
+    of ``sequences[j]``."""
+    sequences, owners = list(requests), list(range(len(requests)))
+    for index, (request, others) in enumerate(zip(requests, prompts, strict=True)):
+        for prompt in others:
+            sequences.append(EditRequest(prompt, request.target, id=request.id, extra=request.extra))
+            owners.append(index)
+    return sequences, owners
 
 
 def package_text(name: str) -> list[str]:
@@ -46,12 +55,6 @@ def text_batches(
             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
         })
     return out
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The most positions the model was built for (``max_position_embeddings``), if it says."""
-    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
 
 
 class _AllRecorded(Exception):

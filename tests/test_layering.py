@@ -1,0 +1,31 @@
+"""The package's shape, checked like its behaviour: the import contract (``.importlinter``: floors,
+a core that imports nothing else of ours, stages independent of each other) and file sizes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "src" / "ultraedit"
+
+
+def test_the_import_contract_holds():
+    """``lint-imports`` (import-linter, installed with the test extras) over ``.importlinter``: a new
+    import circle, an upward import or a stage importing another fails here, and so in CI."""
+    command = shutil.which("lint-imports")
+    if command is None:
+        pytest.fail("lint-imports is missing: install the test extras (pip install -e '.[test]')")
+    done = subprocess.run([command, "--config", str(ROOT / ".importlinter")], cwd=ROOT, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": str(Path(sys.executable).parent)})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "0 broken" in done.stdout
+
+
+def test_no_source_file_is_over_600_lines():
+    long = {str(p.relative_to(ROOT)): n for p in SOURCE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, f"split these by concern: {long}"
