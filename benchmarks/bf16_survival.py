@@ -71,7 +71,7 @@ def run(model_path: str, dtype: str, mode: str, turns: list, lr: float) -> dict:
 
 
 def _batches(editor: UltraEditor, requests: list) -> tuple:
-    from ultraedit.batching import minibatches
+    from ultraedit.core.batching import minibatches
 
     batches, order = minibatches(editor.tokenizer, requests, editor.config.capture_batch_size)
     return batches, order

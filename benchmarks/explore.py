@@ -29,7 +29,7 @@ from ultraedit.datasets import read_requests  # noqa: E402
 from ultraedit.demo import demo_requests  # noqa: E402
 from ultraedit.evaluation import MetricTotals, perplexity, score_requests  # noqa: E402
 from ultraedit.models import load_model  # noqa: E402
-from ultraedit.preserve import package_text  # noqa: E402
+from ultraedit.stages.common import package_text  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 FILES = {"zsre": (DATA / "zsre-500.json", "zsre"), "cf": (DATA / "counterfact-20k.json.gz", "counterfact")}

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from explore import Bench  # noqa: E402  (puts ../src on the path)
 
 from ultraedit import EditConfig, UltraEditor  # noqa: E402
-from ultraedit.presets import layer_index, num_layers  # noqa: E402
+from ultraedit.core.anatomy import layer_index, num_layers  # noqa: E402
 
 
 def main() -> None:

@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from ultraedit import EditConfig
-from ultraedit.batching import minibatches
-from ultraedit.capture import capture
+from ultraedit.core.batching import minibatches
+from ultraedit.core.capture import capture
 from ultraedit.datasets import read_requests
 from ultraedit.models import load_model
-from ultraedit.normalizer import LifelongNormalizer
-from ultraedit.solver import ridge_solve, target_values
+from ultraedit.core.normalizer import LifelongNormalizer
+from ultraedit.core.solver import ridge_solve, target_values
 
 
 def measure(model, batches, names) -> list[dict]:

@@ -30,7 +30,7 @@ from explore import requests_of  # noqa: E402
 
 from ultraedit import EditConfig, UltraEditor  # noqa: E402
 from ultraedit.models import load_model  # noqa: E402
-from ultraedit.presets import layer_index, num_layers  # noqa: E402
+from ultraedit.core.anatomy import layer_index, num_layers  # noqa: E402
 
 
 def subject_end(tokenizer, text: str, subject: str) -> int:

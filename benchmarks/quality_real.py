@@ -31,9 +31,10 @@ from ultraedit import EditConfig, UltraEditor
 from ultraedit.datasets import read_requests
 from ultraedit.evaluation import MetricTotals, perplexity, score_requests
 from ultraedit.models import load_model
-from ultraedit.preserve import package_text
+from ultraedit.stages.common import package_text
 from ultraedit.methods.common import mlp_out_name, scaled_layers
-from ultraedit.presets import num_layers, resolve_modules
+from ultraedit.core.anatomy import num_layers
+from ultraedit.core.presets import resolve_modules
 
 DATA = ROOT.parent / "shared" / "data"
 FILES = {"zsre": DATA / "zsre-500.json", "counterfact": DATA / "counterfact-20k.json.gz"}

@@ -43,7 +43,7 @@ def turn_batches(turn: int):
     """Turn ``turn``'s minibatches: 10 random requests (prompts 3-8 tokens, targets 1-3), 2 minibatches."""
     import torch
 
-    from ultraedit.batching import collate
+    from ultraedit.core.batching import collate
 
     gen = torch.Generator().manual_seed(turn)
     examples = []

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 import transformers as T
 
 import ultraedit
-from ultraedit.batching import collate
-from ultraedit.presets import resolve_modules
+from ultraedit.core.batching import collate
+from ultraedit.core.presets import resolve_modules
 
 SHAPES = {
     # name: (family, hidden, layers, intermediate, heads, kv_heads, vocab, preset)
@@ -218,7 +218,7 @@ def floor_split_turn(model, names: list[str], batches) -> None:
     """ultraedit's own forward/backward (length-sorted passes of up to 100 rows, MLPs on real tokens only, prompt prefixes without autograd,
     tails with autograd) down to the lowest edited module, and nothing else: no other module's
     keys or gradients, no statistics, no solve."""
-    from ultraedit.capture import capture
+    from ultraedit.core.capture import capture
 
     capture(model, {names[0]: model.get_submodule(names[0])}, batches, forward_batch_size=100)
 

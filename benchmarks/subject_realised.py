@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from explore import single_run  # noqa: E402
 
-from ultraedit.batching import SUBJECT_INDEX, minibatches  # noqa: E402
-from ultraedit.presets import layer_index  # noqa: E402
+from ultraedit.core.batching import SUBJECT_INDEX, minibatches  # noqa: E402
+from ultraedit.core.anatomy import layer_index  # noqa: E402
 
 
 def subject_states(model, batches, layer):

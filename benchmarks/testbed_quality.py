@@ -26,7 +26,7 @@ import time
 import torch
 
 from ultraedit.editor import EditConfig
-from ultraedit.presets import resolve_modules
+from ultraedit.core.presets import resolve_modules
 from ultraedit.testbed import TESTBED_CONFIG, load_requests, load_testbed
 from ultraedit.testbed.demo import edit_and_score
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from ultraedit.bench import BenchConfig, BenchError, register_method, run
 from ultraedit.cli import bench as cli_bench
 from ultraedit.cli import build_parser, main
 from ultraedit.datasets import read_requests
-from ultraedit import EditConfig
 
 from tiny import tiny_config
 

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ultraedit import EditConfig, EditRequest, UltraEditor
 from ultraedit import session as st
-from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 from ultraedit.cli import main
 from ultraedit.evaluation import complete
 

@@ -123,7 +123,7 @@ def saved_editor(directory, seeds=(1,)):
 
 def test_a_malformed_edit_log_stops_the_save_before_the_switch(tmp_path):
     from ultraedit import session as st
-    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
+    from ultraedit.session import store
 
     directory = tmp_path / "s"
     editor = saved_editor(directory)
@@ -139,7 +139,7 @@ def test_a_malformed_edit_log_stops_the_save_before_the_switch(tmp_path):
 
 def test_a_damaged_state_is_reported_not_overwritten(tmp_path):
     from ultraedit import session as st
-    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
+    from ultraedit.session import store
 
     directory = tmp_path / "s"
     editor = saved_editor(directory)
@@ -157,7 +157,7 @@ def test_a_damaged_state_is_reported_not_overwritten(tmp_path):
 
 def test_an_io_error_after_the_switch_is_a_warning_and_the_next_save_completes_the_log(tmp_path, monkeypatch):
     from ultraedit import session as st
-    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
+    from ultraedit.session import store
 
     directory = tmp_path / "s"
     editor = saved_editor(directory)
@@ -190,8 +190,7 @@ def rewrite_safetensors(path, drop=(), change=None):
 
 
 def current_version(directory):
-    from ultraedit import session as st
-    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
+    from ultraedit.session import store
 
     return directory / (directory / store.CURRENT).read_text().strip()
 
@@ -203,7 +202,7 @@ def test_a_damaged_state_fails_to_load_with_the_file_named_and_the_model_untouch
     import json
 
     from ultraedit import session as st
-    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
+    from ultraedit.session import identity, store
 
     directory = tmp_path / "s"
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR), keep_turn_deltas=1)
@@ -239,12 +238,12 @@ def test_a_damaged_state_fails_to_load_with_the_file_named_and_the_model_untouch
     with pytest.raises(st.StateError, match=where):
         UltraEditor.load(model, directory)
     assert_untouched(model, before)
-    assert not hasattr(model, st_fingerprint.APPLIED)
+    assert not hasattr(model, identity.APPLIED)
 
 
 def test_a_read_error_while_applying_the_delta_restores_the_model(tmp_path, monkeypatch):
     from ultraedit import session as st
-    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
+    from ultraedit.session import delta as st_delta, store
 
     directory = tmp_path / "s"
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
@@ -271,7 +270,6 @@ def test_a_read_error_while_applying_the_delta_restores_the_model(tmp_path, monk
 
 def test_apply_delta_twice_is_refused_even_when_not_strict(tmp_path):
     from ultraedit import session as st
-    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
 
     directory = tmp_path / "s"
     editor = UltraEditor(tiny_model("llama"), EditConfig(lr=LR))
@@ -372,7 +370,7 @@ def test_a_second_writer_thread_is_refused_and_the_lock_is_reentrant_in_its_thre
     import threading
 
     from ultraedit import session as st
-    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
+    from ultraedit.session import lock as st_lock
 
     directory = tmp_path / "s"
     holding, release, seen = threading.Event(), threading.Event(), {}
@@ -403,7 +401,7 @@ def test_a_second_writer_thread_is_refused_and_the_lock_is_reentrant_in_its_thre
 
 def test_where_it_cannot_lock_it_says_so(tmp_path, monkeypatch):
     from ultraedit import session as st
-    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
+    from ultraedit.session import lock as st_lock
 
     monkeypatch.setattr(st_lock, "fcntl", None)
     with pytest.warns(st.StateWarning, match="cannot lock the state in .*no fcntl file locks"):
@@ -488,7 +486,7 @@ def test_exact_fixes_reproduce_float32_weights_no_float32_delta_can(tmp_path):
     """A float32 weight that moved from 1e30 to 1.0: no float32 delta added to 1e30 gives 1.0, so
     the saved state carries the exact value in exact.safetensors, and load/apply_delta use it."""
     from ultraedit import session as st
-    from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
+    from ultraedit.session import store
 
     def base_model():
         model = tiny_model("llama")

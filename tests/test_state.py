@@ -16,7 +16,7 @@ import torch
 import ultraedit
 from ultraedit import EditConfig, UltraEditor
 from ultraedit import session as st
-from ultraedit.session import delta as st_delta, files as st_files, identity as st_fingerprint, lock as st_lock, store
+from ultraedit.session import files as st_files, lock as st_lock, store
 
 from tiny import random_turn, tiny_model
 
