@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The README's "Baselines" table: every method on SmolLM2-135M, ZsRE 500 (5 turns of 100), one run
-# each, one thread, then one table and one plot. Usage: benchmarks/baselines.sh [OUT] [METHOD...]
-# (default OUT runs/baselines, methods: ultraedit memit alphaedit grace ft wise). CPU hours, see README.
+# Every editing method on SmolLM2-135M, ZsRE 500 (5 turns of 100), one run each, one thread, then one
+# table and one plot (docs/baselines.md). Usage: benchmarks/baselines.sh [OUT] [METHOD...]
+# (default OUT runs/baselines, methods: ultraedit memit alphaedit grace ft wise); ZSRE=FILE names the
+# data (default $ULTRAEDIT_DATA/zsre-500.json; docs/datasets.md). CPU hours.
 set -euo pipefail
 out=${1:-runs/baselines}
 shift || true
 methods=${*:-ultraedit memit alphaedit grace ft wise}
-data=${ZSRE:-../shared/data/zsre-500.json}
+data=${ZSRE:-${ULTRAEDIT_DATA:?set ULTRAEDIT_DATA or ZSRE (docs/datasets.md)}/zsre-500.json}
 mkdir -p "$out"
 for m in $methods; do
   start=$(date +%s)

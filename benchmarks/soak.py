@@ -7,7 +7,7 @@ from the saved state), and at the end compares the state with that of an uninter
 same turns: the delta, the statistics and the counters must be equal bit for bit (float32), the
 edit log must hold every turn exactly once, in order, and no temporary file may be left.
 
-    python benchmarks/soak.py --turns 1000 --kill-every 50 --out benchmarks/results/soak.json
+    python benchmarks/soak.py --turns 1000 --kill-every 50 --out benchmarks/results/soak-1000-turns.json
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def worker(directory: Path, turns: int, save_every: int) -> None:
     import torch
 
     from ultraedit import EditConfig, UltraEditor
-    from ultraedit.state import has_state
+    from ultraedit.session import has_state
 
     torch.set_num_threads(1)
     model = tiny_llama()
@@ -116,18 +116,18 @@ def interrupted_run(directory: Path, turns: int, kill_every: int, rng: random.Ra
 def compare(interrupted: Path, uninterrupted: Path) -> dict:
     from safetensors.torch import load_file
 
-    from ultraedit import state as st
+    from ultraedit.session import lock, read_log, read_state, store
 
-    meta_a, version_a = st.read_state(interrupted)
-    meta_b, version_b = st.read_state(uninterrupted)
+    meta_a, version_a = read_state(interrupted)
+    meta_b, version_b = read_state(uninterrupted)
     equal = {}
-    for name in (st.DELTA, st.NORMALIZERS):
+    for name in (store.DELTA, store.NORMALIZERS):
         a, b = load_file(version_a / name), load_file(version_b / name)
         equal[name] = sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()) for k in a)
-    equal["exact fixes"] = (version_a / st.EXACT).exists() == (version_b / st.EXACT).exists()
+    equal["exact fixes"] = (version_a / store.EXACT).exists() == (version_b / store.EXACT).exists()
     equal["counters"] = (meta_a["turns"], meta_a["edits"]) == (meta_b["turns"], meta_b["edits"])
-    log = list(st.read_log(interrupted))
-    leftovers = sorted(p.name for p in interrupted.iterdir() if p.name not in (st.CURRENT, st.LOG, st.LOCK, version_a.name))
+    log = list(read_log(interrupted))
+    leftovers = sorted(p.name for p in interrupted.iterdir() if p.name not in (store.CURRENT, store.LOG, lock.LOCK, version_a.name))
     return {
         "bit_exact": equal,
         "log_turns_once_in_order": [r["turn"] for r in log] == list(range(1, meta_a["turns"] + 1))

@@ -17,7 +17,7 @@ shifts that paths 1 and 2 compute in their first turn must agree (checked, round
 dtype). Prints one JSON document.
 
     python benchmarks/speed.py                       # CPU defaults (hidden 1024, 8 layers)
-    python benchmarks/speed.py --hidden 256          # the tiny Llama of issue 2
+    python benchmarks/speed.py --hidden 256          # a tiny Llama (hidden 256)
     python benchmarks/speed.py --shape llama3-8b --device cuda --dtype bfloat16   # on a GPU
 """
 
@@ -227,7 +227,7 @@ def floor_split_turn(model, names: list[str], batches) -> None:
 def make_step(name, model, names, args):
     """A fresh editor of the path (new statistics), as a callable taking one turn's minibatches."""
     if name == "ours":
-        config = ultraedit.EditConfig(modules=names, lr=args.lr, forward_batch_size=args.forward_batch_size)
+        config = ultraedit.EditConfig(modules=names, lr=args.lr, runtime={"forward_batch_size": args.forward_batch_size})
         editor = ultraedit.UltraEditor(model, config)
 
         def ours_turn(batches) -> dict[str, torch.Tensor]:  # edit_tokens, keeping the computed shifts
@@ -332,7 +332,7 @@ def profile_ours(model, names, turns, args, base_weights) -> dict:
     import pstats
 
     restore(model, base_weights)
-    editor = ultraedit.UltraEditor(model, ultraedit.EditConfig(modules=names, lr=args.lr, forward_batch_size=args.forward_batch_size))
+    editor = ultraedit.UltraEditor(model, ultraedit.EditConfig(modules=names, lr=args.lr, runtime={"forward_batch_size": args.forward_batch_size}))
     editor.edit_tokens(turns[0])
     phases = []
     for batches in turns[1:-1]:

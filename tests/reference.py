@@ -109,21 +109,26 @@ def add_shift(module, shift):
         module.weight += (shift.T if isinstance(module, torch.nn.Linear) else shift).to(module.weight.dtype)
 
 
+def reference_statistics(captured, modules, normalizers, formula="paper"):
+    """Step 3 over a turn's capture, one minibatch at a time, modules in order (``normalizers``: shape
+    -> RefNormalizer, filled as shapes appear); returns each module's ``(K, G)`` for the whole turn."""
+    for c in captured:
+        for n, m in modules.items():
+            shape = shape_of(m)
+            if shape not in normalizers:
+                normalizers[shape] = RefNormalizer(sum(shape), formula)
+            normalizers[shape].update(torch.cat([c["keys"][n], c["grads"][n]], 1))
+    return {n: (torch.cat([c["keys"][n] for c in captured]), torch.cat([c["grads"][n] for c in captured]))
+            for n in modules}
+
+
 def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formula="paper"):
     """Apply one turn of the method to ``model`` in place; ``normalizers`` (shape -> RefNormalizer) is
     updated; returns each module's dW (float64)."""
     modules = {n: model.get_submodule(n) for n in names}
-    captured = reference_capture(model, names, batches)
-    for c in captured:  # step 3, one minibatch at a time, modules in order
-        for n in names:
-            shape = shape_of(modules[n])
-            if shape not in normalizers:
-                normalizers[shape] = RefNormalizer(sum(shape), formula)
-            normalizers[shape].update(torch.cat([c["keys"][n], c["grads"][n]], 1))
+    rows = reference_statistics(reference_capture(model, names, batches), modules, normalizers, formula)
     shifts = {}
-    for n in names:
-        K = torch.cat([c["keys"][n] for c in captured])
-        G = torch.cat([c["grads"][n] for c in captured])
+    for n, (K, G) in rows.items():
         V = reference_values(K, G, normalizers[shape_of(modules[n])], lr)
         A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)
         shifts[n] = torch.linalg.solve(A, K.T @ V)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reference import RefNormalizer, add_shift, reference_capture, reference_values, shape_of
+from reference import add_shift, reference_capture, reference_statistics, reference_values, shape_of
 
 
 def minus_base_term(rhs, module, name, base_term):
@@ -53,16 +53,8 @@ def reference_stage_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0,
     modules = {n: model.get_submodule(n) for n in names}
     captured = reference_capture(model, names, batches)
     subject_row = torch.cat([c["subject"] for c in captured]).tolist()
-    for c in captured:
-        for n in names:
-            shape = shape_of(modules[n])
-            if shape not in normalizers:
-                normalizers[shape] = RefNormalizer(sum(shape), formula)
-            normalizers[shape].update(torch.cat([c["keys"][n], c["grads"][n]], 1))
     shifts = {}
-    for n in names:
-        K = torch.cat([c["keys"][n] for c in captured])
-        G = torch.cat([c["grads"][n] for c in captured])
+    for n, (K, G) in reference_statistics(captured, modules, normalizers, formula).items():
         V = reference_values(K, G, normalizers[shape_of(modules[n])], lr)
         V = stage_values(V, K, n, subject_row, outliers, subject_only, frozen, subject_values)
         A = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype)

@@ -14,37 +14,17 @@ from ultraedit.cli import bench as cli_bench
 from ultraedit.cli import build_parser, main
 from ultraedit.datasets import read_requests
 
-from tiny import tiny_config
+from tiny import text_tokenizer, tiny_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-
-
-def _tokenizer():
-    """A byte-level BPE tokenizer trained on the fixtures' text (deterministic, no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = []
-    for path in sorted(FIXTURES.glob("*.json*")):
-        for r in read_requests(path):
-            texts += [r.prompt, " " + r.target, *r.rephrases, *(x for p, a in r.locality for x in (p, " " + a))]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     import transformers as T
 
-    tokenizer = _tokenizer()
+    tokenizer = text_tokenizer()
     config = tiny_config("llama")
     config.vocab_size = len(tokenizer)
     torch.manual_seed(0)

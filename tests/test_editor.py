@@ -54,6 +54,36 @@ def test_matches_reference_after_five_turns(arch):
         torch.testing.assert_close(norm.std.double(), ref.std, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_faithful_turn_is_the_editors_turn_and_the_reference(arch):
+    """``core.turn.faithful_turn``, the method in one function, is the editor's turn with
+    ``EditConfig()``'s method (the same weights, bit for bit, and the same statistics) and the plain
+    reference's, over three turns."""
+    from ultraedit import faithful_turn
+    from ultraedit.core.turn import new_normalizers
+
+    model = tiny_model(arch)
+    plain, ref_model = copy.deepcopy(model), copy.deepcopy(model)
+    names = edit_modules(model, arch)
+    base = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    editor = UltraEditor(model, EditConfig(modules=names, lr=LR, runtime={"forward_batch_size": None}))
+    modules = {n: plain.get_submodule(n) for n in names}
+    normalizers, ref_norms = new_normalizers(modules), {}
+    for turn in range(3):
+        batches = random_turn(50 + turn)
+        editor.edit_tokens(batches)
+        shifts = faithful_turn(plain, modules, batches, normalizers, lr=LR)
+        reference_turn(ref_model, names, batches, ref_norms, lr=LR)
+        assert set(shifts) == set(names)
+    for n in names:
+        assert torch.equal(plain.get_submodule(n).weight, model.get_submodule(n).weight), n
+        ours = plain.get_submodule(n).weight.detach() - base[n]
+        ref = ref_model.get_submodule(n).weight.detach() - base[n]
+        assert float((ours - ref).norm() / ref.norm()) <= 1e-4, n
+    for shape, norm in editor.normalizers.items():
+        assert torch.equal(norm.mean, normalizers[shape].mean) and norm.n == normalizers[shape].n
+
+
 BF16_TOLERANCE = 0.06  # relative to the float32 run's change; measured 0.010-0.041 over the 7 families
 
 

@@ -260,17 +260,11 @@ def test_perplexity_is_exp_of_the_mean_token_nll():
 def test_batched_completion_equals_one_prompt_at_a_time(arch):
     """``complete`` decodes prompts of different lengths together (left-padded); each answer must be
     what decoding that prompt alone gives, with the plain full-forward greedy loop."""
-    from test_bench import _tokenizer
-    import transformers as T
-    from tiny import tiny_config
+    from tiny import tiny_text_model
 
     from ultraedit.evaluation import complete
 
-    tok = _tokenizer()
-    config = tiny_config(arch)
-    config.vocab_size = len(tok)
-    torch.manual_seed(1)
-    model = T.AutoModelForCausalLM.from_config(config).eval()
+    model, tok = tiny_text_model(arch, seed=1)
     prompts = ["The capital of France is", "Danielle Darrieux speaks", "What", "Paris is located in the country of"]
     together = complete(model, tok, prompts, max_new_tokens=5, batch_size=3)
     for prompt, text in zip(prompts, together):

@@ -15,8 +15,7 @@ from ultraedit.stages.paraphrase import SHOTS, _shots_cache, draw, paraphrases, 
 from ultraedit.core.presets import resolve_modules
 
 from reference_stages import reference_continuation
-from test_bench import _tokenizer
-from tiny import ARCHS, tiny_config
+from tiny import ARCHS, text_tokenizer, tiny_config
 
 
 def _model(arch: str, tok, newline_boost: float = 0.0):
@@ -40,7 +39,7 @@ def _model(arch: str, tok, newline_boost: float = 0.0):
 def test_shared_prefix_sampling_matches_a_plain_uncached_loop(arch):
     """Sampling behind the few-shot prompt's shared KV cache, several queries of different lengths
     padded in the middle, several samples each, equals sampling each alone with full forwards."""
-    tok = _tokenizer()
+    tok = text_tokenizer()
     model = _model(arch, tok, newline_boost=30.0)
     prefix = _shots_cache(model, tok)
     queries = [query("The capital of France is"), query("Who wrote the novel Dracula, and when?"), query("Spain")]
@@ -78,7 +77,7 @@ def test_usable_keeps_rewordings_that_name_the_subject_and_state_no_answer(sampl
 def test_paraphrases_are_seeded_by_the_request_and_skip_requests_without_a_subject():
     """A request gets the same rewordings alone or with others; the real filter rejects a tiny
     random model's text, so its samples are checked through ``sample`` with the request's seeds."""
-    tok = _tokenizer()
+    tok = text_tokenizer()
     model = _model("llama", tok)
     prefix = _shots_cache(model, tok)
     requests = [EditRequest("The capital of France is", "Rome", extra={"subject": "France"}),
@@ -140,7 +139,7 @@ def test_paraphrases_must_be_a_positive_int():
 def test_a_model_too_short_for_the_few_shot_prompt_gets_one_clear_error_and_no_change():
     from ultraedit import EditError
 
-    tok = _tokenizer()
+    tok = text_tokenizer()
     config = tiny_config("gpt2")  # 128 positions: less than the few-shot prompt
     config.vocab_size = len(tok)
     torch.manual_seed(0)

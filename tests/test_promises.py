@@ -46,15 +46,9 @@ TURNS = [REQUESTS[:4], REQUESTS[4:]]
 
 @pytest.fixture(scope="module")
 def base():
-    import transformers as T
-    from test_bench import _tokenizer
-    from tiny import tiny_config
+    from tiny import tiny_text_model
 
-    tok = _tokenizer()
-    config = tiny_config("llama")
-    config.vocab_size = len(tok)
-    torch.manual_seed(0)
-    return T.AutoModelForCausalLM.from_config(config).eval(), tok
+    return tiny_text_model()
 
 
 def config_of(case: str, model) -> EditConfig:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from reference import reference_turn
 from reference_stages import reference_refined_turn, reference_stage_turn, reference_subject_delta
-from tiny import ARCHS, random_turn, tiny_model
+from tiny import ARCHS, random_turn, tiny_model, tiny_text_model
 
 from ultraedit import EditConfig, EditError, EditRequest, UltraEditor
 from ultraedit.core.capture import capture
@@ -31,18 +31,6 @@ def relative_error(model, ref_model, base, name):
     ours = model.get_submodule(name).weight.detach() - base[name]
     ref = ref_model.get_submodule(name).weight.detach() - base[name]
     return float((ours - ref).norm() / ref.norm())
-
-
-def _text_model():
-    import transformers as T
-    from test_bench import _tokenizer
-    from tiny import tiny_config
-
-    tok = _tokenizer()
-    config = tiny_config("llama")
-    config.vocab_size = len(tok)
-    torch.manual_seed(0)
-    return T.AutoModelForCausalLM.from_config(config).eval(), tok
 
 
 SUBJECT_REQUESTS = [
@@ -203,7 +191,7 @@ def test_the_pull_back_penalises_the_cumulative_shift_like_a_plain_solve(arch, s
 def test_generic_key_moments_match_a_plain_one_sequence_at_a_time_computation():
     from ultraedit.stages.common import key_moments, package_text, text_batches
 
-    model, tok = _text_model()
+    model, tok = tiny_text_model()
     names = resolve_modules(model)
     modules = {n: model.get_submodule(n) for n in names}
     ours = key_moments(model, tok, modules)
@@ -231,7 +219,7 @@ def test_generic_text_takes_e0_over_the_package_text_or_text_the_model_samples(t
     from ultraedit.stages.statistics import second_moments
 
     monkeypatch.setenv("ULTRAEDIT_CACHE", str(tmp_path / "cache"))
-    model, tok = _text_model()
+    model, tok = tiny_text_model()
     names = [f"model.layers.{i}.mlp.down_proj" for i in range(4)]
     modules = {n: model.get_submodule(n) for n in names}
     expected = {"package": key_moments(model, tok, modules), "generated": second_moments(model, tok, names, progress=False)[0]}
@@ -391,7 +379,7 @@ def test_neighbour_pairs_swap_the_subject_for_other_subjects_of_the_turn():
 def test_neighbour_grams_match_a_plain_one_sequence_at_a_time_sum():
     from ultraedit.core.batching import tokenize_pair
 
-    model, tok = _text_model()
+    model, tok = tiny_text_model()
     names = resolve_modules(model)
     modules = {n: model.get_submodule(n) for n in names}
     pairs = neighbour_pairs(SUBJECT_REQUESTS, 3)
@@ -418,7 +406,7 @@ def test_a_turn_with_neighbours_solves_with_their_keys_preserved():
     neighbour prompts' target-position keys on the model before the turn) added to the ridge."""
     from ultraedit.core.batching import minibatches
 
-    model, tok = _text_model()
+    model, tok = tiny_text_model()
     ref_model = copy.deepcopy(model)
     names = resolve_modules(model)
     weight, lr = 3.0, 1e-3
@@ -482,11 +470,11 @@ def test_subject_rows_with_refine_steps_match_a_plain_implementation():
 
 
 def test_subject_position_is_the_last_token_of_the_subject():
-    from test_bench import _tokenizer
+    from tiny import text_tokenizer
 
     from ultraedit.core.batching import SUBJECT_INDEX, minibatches, subject_position
 
-    tok = _tokenizer()
+    tok = text_tokenizer()
     for prompt, subject in [("The capital of France is", "France"), ("Danielle Darrieux speaks", "Danielle Darrieux")]:
         ids = tok(prompt)["input_ids"]
         position = subject_position(tok, prompt, subject)
@@ -503,7 +491,7 @@ def test_subject_position_is_the_last_token_of_the_subject():
 
 
 def test_the_subject_stage_adds_one_row_per_request_with_a_subject():
-    model, tok = _text_model()
+    model, tok = tiny_text_model()
     plain = UltraEditor(copy.deepcopy(model), EditConfig(lr=1e-3), tokenizer=tok).edit(SUBJECT_REQUESTS)
     config = EditConfig(lr=1e-3, subject={"weight": 1.0, "depth": 0.0, "search": None})
     subject = UltraEditor(model, config, tokenizer=tok).edit(SUBJECT_REQUESTS)

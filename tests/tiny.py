@@ -1,9 +1,15 @@
-"""Tiny random models of every supported architecture, built from configs (no downloads)."""
+"""Tiny random models of every supported architecture, built from configs (no downloads), and a
+small text tokenizer trained on the fixtures' text."""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 import transformers as T
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 VOCAB = 97
 
@@ -54,3 +60,36 @@ def random_turn(
     from ultraedit.core.batching import collate
 
     return [collate(examples[i : i + batch_size], 0) for i in range(0, requests, batch_size)]
+
+
+@functools.lru_cache(maxsize=None)
+def text_tokenizer():
+    """A byte-level BPE tokenizer trained on the fixtures' text (deterministic, no download; one per
+    session: treat it as read-only)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ultraedit.datasets import read_requests
+
+    texts = []
+    for path in sorted(FIXTURES.glob("*.json*")):
+        for r in read_requests(path):
+            texts += [r.prompt, " " + r.target, *r.rephrases, *(x for p, a in r.locality for x in (p, " " + a))]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_text_model(arch: str = "llama", seed: int = 0) -> tuple[torch.nn.Module, object]:
+    """``(model, tokenizer)``: a tiny random model over :func:`text_tokenizer`'s vocabulary."""
+    tok = text_tokenizer()
+    config = tiny_config(arch)
+    config.vocab_size = len(tok)
+    torch.manual_seed(seed)
+    return T.AutoModelForCausalLM.from_config(config).eval(), tok

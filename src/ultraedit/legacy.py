@@ -12,9 +12,10 @@ REMOVED: dict[str, tuple[Any, str]] = {
                     "the model's own paraphrases (EditConfig.paraphrases) do this better"),
     "subject_steps": (0, "subject-first steps moved ZsRE along the same GS/retention line and cost the demo's "
                          "same-subject facts; paraphrases reach a higher GS at a higher retention"),
-    "subject_kl": (0.0, "the essence KL term changed retention by at most one probe for up to 2x the search time"),
+    "subject_kl": (0.0, "the essence KL term changed the demo's locality by at most one probe for 1.3-1.7x "
+                        "the search time"),
     "subject_contexts": (0, "context copies in the subject search cost CounterFact retention (0.839 -> 0.742) "
-                            "for GS +0.03 at 1.8x the time"),
+                            "for GS +0.03 at about 3x the time"),
     "subject_stop": ("loss", "the argmax stop gave back GS for retention on the same line as the search clamp"),
     "subject_preserve": (1.0, "the retention gain over five turns did not last twenty (CounterFact 2,000: "
                               "retention 0.858 against 0.870)"),

@@ -1,5 +1,5 @@
 """``ultraedit edit``, ``ask``, ``info``, ``merge`` and ``revert``: lifelong sessions on a saved state
-(:mod:`ultraedit.state`)."""
+(:mod:`ultraedit.session`)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ of the preserved knowledge's keys, in its sequential form.
 Target values and their spreading over layers are MEMIT's (:mod:`.memit`). Per edit layer:
 
 * ``P = U0 U0^T`` where ``U0`` are the eigenvectors of the key second moment ``C = E[k k^T]``
-  on generic text (:mod:`ultraedit.covariance`) whose eigenvalues are below ``nullspace_threshold``
+  on generic text (:mod:`ultraedit.stages.statistics`) whose eigenvalues are below ``nullspace_threshold``
   (computed once, on the unedited model);
 * ``Kp`` accumulates ``K^T K`` of every earlier turn's keys at that layer (sequential editing;
   the keys read from the model after their turn was applied, as the authors' loop does);

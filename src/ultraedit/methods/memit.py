@@ -13,7 +13,7 @@ One turn (all its requests as one MEMIT batch):
    (n x d_in, the module's inputs at the key positions) and ``h_i`` recomputed on the model as
    edited so far,  ``R = (Z - H) / (L - j)``  and
    ``W_l += R^T K (mom2_update_weight * C_l + K^T K)^-1``
-   where ``C_l = E[k k^T]`` over generic text (:mod:`ultraedit.covariance`).
+   where ``C_l = E[k k^T]`` over generic text (:mod:`ultraedit.stages.statistics`).
 
 Defaults: the authors' Llama3-8B config (AlphaEdit repository, ``hparams/MEMIT/Llama3-8B.json``):
 layers 4-8 of 32 (moved proportionally to the model's depth), ``v_num_grad_steps 25``,
@@ -127,7 +127,7 @@ class MEMITMethod:
 
     def __init__(self, model: nn.Module, tokenizer: Any, params: MEMITParams, progress: bool = True,
                  moments: dict[str, torch.Tensor] | None = None) -> None:
-        """``moments`` (module name -> ``E[k k^T]``) replaces the statistics :mod:`ultraedit.covariance` builds."""
+        """``moments`` (module name -> ``E[k k^T]``) replaces the statistics :mod:`ultraedit.stages.statistics` builds."""
         self.model, self.tokenizer, self.params = model, tokenizer, params
         if not params.layers:
             params.layers = scaled_layers([4, 5, 6, 7, 8], 32, num_layers(model))
