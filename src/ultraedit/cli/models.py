@@ -18,10 +18,10 @@ def _list_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"cache": str(cache_dir()), "models": rows}, indent=1))
         return 0
-    print(f"{'name':14s} {'family':7s} {'parameters':>10s} {'download':>9s}  {'cached':6s}  path")
+    print(f"{'name':14s} {'family':11s} {'parameters':>10s} {'download':>9s}  {'cached':6s}  path")
     for row in rows:
         size = human_bytes(row["download_bytes"]) if row["download_bytes"] else "-"
-        print(f"{row['name']:14s} {row['family']:7s} {row['parameters'] / 1e6:9.1f}M {size:>9s}  "
+        print(f"{row['name']:14s} {row['family']:11s} {row['parameters'] / 1e6:9.1f}M {size:>9s}  "
               f"{'yes' if row['cached'] else 'no':6s}  {row['path'] or '(in the package)'}")
     print(f"cache: {cache_dir()} (set ULTRAEDIT_CACHE to move it)")
     return 0
