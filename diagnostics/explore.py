@@ -8,7 +8,8 @@ requests of ``$ULTRAEDIT_DATA``'s ``zsre-500.json`` / ``counterfact-20k.json.gz`
 Each configuration is a named configuration (or JSON file) followed by ``--set``-style overrides,
 plus ``layers=`` (e.g. ``gate:10-14,up:16-23``: those MLP projections of those layers; ``q``/``k``/
 ``v``/``o``: the attention projections) and ``turn=`` (requests per turn, default 100). ``MODEL``
-picks the model (default smollm2-135m), ``THREADS`` the threads. Prints ES, GS, retention, agreement,
+picks the model (default smollm2-135m), ``THREADS`` the threads, ``RESCALE=c`` moves the scale of every
+MLP neuron (up_proj rows times c, down_proj columns divided by c: the same function, other weights). Prints ES, GS, retention, agreement,
 the perplexity rise on the first 80 held-out lines, the bleed (each edit's new target asked of its
 locality prompts, token accuracy, before and after), edit seconds and steps per turn.
 """
@@ -29,7 +30,7 @@ from ultraedit.datasets import read_requests  # noqa: E402
 from ultraedit.demo import demo_requests  # noqa: E402
 from ultraedit.evaluation import MetricTotals, perplexity, score_requests  # noqa: E402
 from ultraedit.models import load_model  # noqa: E402
-from ultraedit.stages.common import package_text  # noqa: E402
+from ultraedit.texts import package_text  # noqa: E402
 
 FILES = {"zsre": ("zsre-500.json", "zsre"), "cf": ("counterfact-20k.json.gz", "counterfact")}
 
@@ -60,12 +61,24 @@ def modules_of(spec: str) -> list[str]:
     return names
 
 
+@torch.no_grad()
+def rescale_neurons(model, c: float) -> None:
+    """Every MLP neuron's scale moved: up_proj rows times ``c``, down_proj columns divided by ``c``."""
+    for name, module in model.named_modules():
+        if name.endswith("mlp.up_proj"):
+            module.weight.mul_(c)
+        elif name.endswith("mlp.down_proj"):
+            module.weight.div_(c)
+
+
 class Bench:
     """The SmolLM2 model, DATA's requests, the unedited model's locality predictions and held-out perplexity."""
 
     def __init__(self, spec: str) -> None:
         self.requests = requests_of(spec)
         self.model, self.tok = load_model(os.environ.get("MODEL", "smollm2-135m"), "cpu")
+        if "RESCALE" in os.environ:
+            rescale_neurons(self.model, float(os.environ["RESCALE"]))
         self.unedited = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.reference = score_requests(self.model, self.tok, self.requests).locality_predictions
         self.lines = package_text("heldout.txt")[:80]

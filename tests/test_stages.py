@@ -189,7 +189,8 @@ def test_the_pull_back_penalises_the_cumulative_shift_like_a_plain_solve(arch, s
 
 
 def test_generic_key_moments_match_a_plain_one_sequence_at_a_time_computation():
-    from ultraedit.stages.common import key_moments, package_text, text_batches
+    from ultraedit.stages.common import key_moments
+    from ultraedit.texts import package_text, text_batches
 
     model, tok = tiny_text_model()
     names = resolve_modules(model)

@@ -3,7 +3,7 @@
 ``EditConfig()`` is the authors' method exactly (lr 1e-6, ridge 1, minibatches of 10, the family's
 preset modules) and builds no stage. Each option beyond the paper is a sub-config, ``None`` = off:
 ``refine``, ``generic``, ``memory``, ``neighbours``, ``subject`` (with ``subject.search``),
-``outliers``, ``paraphrases`` (:mod:`ultraedit.stages`). Named configurations (``faithful``,
+``outliers``, ``paraphrases``, ``guard`` (:mod:`ultraedit.stages`). Named configurations (``faithful``,
 ``recommended``, ...) are data: :mod:`ultraedit.configs`.
 """
 
@@ -18,6 +18,7 @@ import torch
 from .stages import (
     SUB_CONFIGS,
     GenericConfig,
+    GuardConfig,
     MemoryConfig,
     NeighboursConfig,
     OutliersConfig,
@@ -30,7 +31,8 @@ from .stages.base import sub_config
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SOLVERS = ("auto", "dual", "primal")
 NORMALIZERS = ("paper", "welford")
-LR_SCALES = ("none", "width")
+LR_SCALES = ("none", "width", "output")
+RIDGE_SCALES = ("none", "keys")
 
 #: ``(d_in, d_out)`` of the modules the authors' lr 1e-6 was tuned on (Llama-3-8B gate/up_proj).
 LR_REFERENCE_SHAPE = (4096, 14336)
@@ -70,13 +72,22 @@ class EditConfig:
         capture_batch_size: requests per minibatch; each minibatch's loss is a mean over its target
             tokens and feeds the normalizer as one block, so this changes results.
         normalizer: ``"paper"`` (the authors' running-variance formula) or ``"welford"`` (the textbook one).
-        lr_scale: ``"none"`` uses ``lr`` as is; ``"width"`` (beyond the paper) scales it per module
+        lr_scale: ``"none"`` uses ``lr`` as is. Beyond the paper: ``"width"`` scales it per module
             shape by ``4096 * sqrt(14336) / (d_in * sqrt(d_out))``, the inverse of how the row norm of
             ``V`` grows with the shape, so ``lr`` keeps the meaning it has on Llama-3-8B's MLP
-            projections (where the authors tuned 1e-6).
+            projections (where the authors tuned 1e-6); ``"output"`` scales it by ``out / (d_in *
+            sqrt(d_out))``, ``out`` the edit modules' typical output norm (the mean over them of the
+            median over the package's generic text, measured on the unedited model), so that a row of
+            ``V`` is about ``lr`` times what the modules typically write: the same relative step on
+            any model, whatever its weights' scale.
+        ridge_scale: ``"none"`` uses ``ridge`` as is. Beyond the paper: ``"keys"`` multiplies it by
+            the keys' typical mean square entry (the mean over the edit modules of the median of
+            ``||k||^2 / d_in`` over the generic text), so that the ridge weighs the same against
+            ``K^T K`` on any model: with ``"output"``, rescaling a layer's neurons (``up_proj`` rows
+            times ``c``, ``down_proj`` columns divided by ``c``) rescales the edit the same way.
         runtime: :class:`Runtime` (speed and memory only).
-        refine, generic, memory, neighbours, subject, outliers, paraphrases: the stages beyond the
-            paper (:mod:`ultraedit.stages`), ``None`` = off.
+        refine, generic, memory, neighbours, subject, outliers, paraphrases, guard: the stages beyond
+            the paper (:mod:`ultraedit.stages`), ``None`` = off.
     """
 
     modules: list[str] | None = None
@@ -86,6 +97,7 @@ class EditConfig:
     capture_batch_size: int = 10
     normalizer: str = "paper"
     lr_scale: str = "none"
+    ridge_scale: str = "none"
     runtime: Runtime = field(default_factory=Runtime)
     refine: RefineConfig | None = None
     generic: GenericConfig | None = None
@@ -94,6 +106,7 @@ class EditConfig:
     subject: SubjectConfig | None = None
     outliers: OutliersConfig | None = None
     paraphrases: ParaphraseConfig | None = None
+    guard: GuardConfig | None = None
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -113,6 +126,8 @@ class EditConfig:
             raise ValueError(f"EditConfig.normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
         if self.lr_scale not in LR_SCALES:
             raise ValueError(f"EditConfig.lr_scale must be one of {LR_SCALES}, got {self.lr_scale!r}")
+        if self.ridge_scale not in RIDGE_SCALES:
+            raise ValueError(f"EditConfig.ridge_scale must be one of {RIDGE_SCALES}, got {self.ridge_scale!r}")
         if isinstance(self.runtime, dict):
             self.runtime = Runtime(**self.runtime)
         for name, kind in SUB_CONFIGS.items():
@@ -123,12 +138,21 @@ class EditConfig:
                 raise ValueError(f"EditConfig.{name} must be a {kind.__name__}, a dict of its fields or None, "
                                  f"got {type(value).__name__}")
 
-    def module_lr(self, shape: tuple[int, int]) -> float:
-        """The step size used for modules of shape ``(d_in, d_out)`` (see ``lr_scale``)."""
-        if self.lr_scale == "none":
-            return self.lr
+    def module_lr(self, shape: tuple[int, int], output: float | None = None) -> float:
+        """The step size used for a module of shape ``(d_in, d_out)`` (see ``lr_scale``; ``"output"``
+        needs the edit modules' measured ``output`` norm)."""
         d_in, d_out = shape
-        return self.lr * (LR_REFERENCE_SHAPE[0] * math.sqrt(LR_REFERENCE_SHAPE[1])) / (d_in * math.sqrt(d_out))
+        if self.lr_scale == "width":
+            return self.lr * (LR_REFERENCE_SHAPE[0] * math.sqrt(LR_REFERENCE_SHAPE[1])) / (d_in * math.sqrt(d_out))
+        if self.lr_scale == "output":
+            if output is None:
+                raise ValueError("lr_scale='output' needs the edit modules' measured output norm")
+            return self.lr * output / (d_in * math.sqrt(d_out))
+        return self.lr
+
+    def measured(self) -> bool:
+        """Whether the step or the ridge depends on scales measured on the model (needs its tokenizer)."""
+        return self.lr_scale == "output" or self.ridge_scale == "keys"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -156,5 +180,5 @@ class EditConfig:
         return cls(**data)
 
 
-__all__ = ["DTYPES", "EditConfig", "GenericConfig", "MemoryConfig", "NeighboursConfig", "OutliersConfig",
+__all__ = ["DTYPES", "EditConfig", "GenericConfig", "GuardConfig", "MemoryConfig", "NeighboursConfig", "OutliersConfig",
            "ParaphraseConfig", "RefineConfig", "Runtime", "SubjectConfig"]

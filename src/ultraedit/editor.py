@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from .session.files import StateError
 from .session.identity import hash_diff, mark_applied, refuse
 from .session.memory import EditSession, RevertReport, Snapshot, UndoEntry, cpu_copy
 from .stages import Rows, Turn, build
-from .stages.common import with_copies
+from .stages.common import module_scales, with_copies
 from .stages.refine import refine
 
 _NARROW = (torch.bfloat16, torch.float16)  # weights whose rounding step can swallow a turn's shift
@@ -87,6 +88,7 @@ class UltraEditor:
         self.session = EditSession.of(model, self.modules, keep_turn_deltas)
         for stage in self.stages:  # on the unedited model (a resume builds the editor before its shift)
             stage.setup(model, tokenizer, self.modules, config.torch_dtype)
+        self.lrs, self.ridge = self._scales()
         self.turns = 0
         self.edits = 0
         self.generation = 0
@@ -159,6 +161,8 @@ class UltraEditor:
         bad = [n for n, m in self.modules.items() if not bool(torch.isfinite(shifts[n].to(m.weight.dtype)).all())]
         if bad:
             raise EditError(f"the weight shift of {bad} is not finite in the weights' dtype (lr too large?); nothing was applied")
+        for stage in self.stages:
+            shifts = stage.vet(turn, shifts, self._trying)
         done = time.perf_counter()
         count = sum(b["input_ids"].shape[0] for b in batches)
         rows = sum(mb.rows for mb in captures)
@@ -168,6 +172,7 @@ class UltraEditor:
             loss=sum(mb.loss for mb in captures) / len(captures), seconds=done - start,
             capture_seconds=captured - start, solve_seconds=done - captured,
             order=list(order) if order is not None else list(range(count)), steps=steps,
+            stages={s.name: said for s in self.stages if (said := s.report(turn)) is not None},
         )
         states = {s.name: state for s in self.stages if (state := s.after(turn)) is not None}
         return PendingTurn(shifts, normalizers, report, generation=self.generation, stages=states)
@@ -195,6 +200,22 @@ class UltraEditor:
         self.generation += 1
         self._record(pending, before)
         self._warn_if_lost(pending.report)
+
+    def _scales(self) -> tuple[dict[str, float] | None, float]:
+        """Each module's step size (``config.lr_scale``) and the ridge (``config.ridge_scale``), on the
+        unedited model; no step sizes where they need the tokenizer and there is none (a turn is then
+        refused)."""
+        config = self.config
+        if not config.measured():
+            return {n: config.module_lr(module_shape(m)) for n, m in self.modules.items()}, config.ridge
+        if self.tokenizer is None:
+            return None, config.ridge
+        measured = module_scales(self.model, self.tokenizer, self.modules).values()
+        output = sum(out for out, _ in measured) / len(measured)
+        keys = sum(key for _, key in measured) / len(measured)
+        lrs = {n: config.module_lr(module_shape(m), output if config.lr_scale == "output" else None)
+               for n, m in self.modules.items()}
+        return lrs, config.ridge * (keys if config.ridge_scale == "keys" else 1.0)
 
     # ------------------------------------------------------------------ the solve
     def _steps(self, turn: Turn, order: Sequence[int] | None) -> tuple[dict[str, torch.Tensor], int]:
@@ -226,7 +247,7 @@ class UltraEditor:
         out: dict[tuple[int, int], Preserved | None] = {}
         for shape, group in self.groups.items():
             terms = [t for stage in self.stages if (t := stage.ridge(turn, group)) is not None]
-            out[shape] = Preserved(sum(terms[1:], terms[0]), self.config.ridge) if terms else None
+            out[shape] = Preserved(sum(terms[1:], terms[0]), self.ridge) if terms else None
         return out
 
     def _solve(self, turn: Turn, preserved: dict[tuple[int, int], Preserved | None], captures: list[MinibatchCapture],
@@ -246,7 +267,7 @@ class UltraEditor:
             if selected is not None:
                 sel = selected.to(keys.device)
                 keys, grads, kept = keys[:, sel], grads[:, sel], keys[:, ~sel]
-            values = target_values(keys, grads, norm, self.config.module_lr(shape))
+            values = self._values(group, keys, grads, norm)
             for stage in self.stages:
                 values = stage.values(turn, rows, values)
             if kept is not None and kept.shape[-2] > 0:  # rows already right: preserved, value 0
@@ -257,16 +278,37 @@ class UltraEditor:
             shifts.update(zip(group, self._ridge_solve(turn, group, keys, values, preserved[shape], target)))
         return shifts
 
+    def _values(self, group: list[str], keys: torch.Tensor, grads: torch.Tensor, norm: Any) -> torch.Tensor:
+        """Steps 4-5 for modules of one shape, each at its own step size."""
+        lrs = [self.lrs[n] for n in group]
+        if len(set(lrs)) == 1:
+            return target_values(keys, grads, norm, lrs[0])
+        scale = torch.tensor(lrs, dtype=keys.dtype, device=keys.device)[:, None, None]
+        return target_values(keys, grads, norm, 1.0) * scale
+
     def _ridge_solve(self, turn: Turn, group: list[str], keys: torch.Tensor, values: torch.Tensor,
                      terms: Preserved | None, target: torch.dtype | None) -> torch.Tensor:
         """``dW``, with a stage's offset ``u``: ``(K^T K + A) dW = K^T V + A u  <=>  dW = ridge_solve(K, V - K u) + u``."""
         runtime = self.config.runtime
         offsets = [u for stage in self.stages if (u := stage.offset(turn, group, terms)) is not None]
         if not offsets:
-            return ridge_solve(keys, values, self.config.ridge, runtime.solver, target, terms)
+            return ridge_solve(keys, values, self.ridge, runtime.solver, target, terms)
         pull = sum(offsets[1:], offsets[0]).to(keys.device, keys.dtype)
-        solved = ridge_solve(keys, values - keys @ pull, self.config.ridge, runtime.solver, None, terms) + pull
+        solved = ridge_solve(keys, values - keys @ pull, self.ridge, runtime.solver, None, terms) + pull
         return solved if target is None else solved.to(target)
+
+    @contextmanager
+    def _trying(self, shifts: dict[str, torch.Tensor]) -> Iterator[None]:
+        """The model with ``shifts`` (in the dtype :meth:`commit` adds them in) written as commit would
+        write them, for the ``with`` block; the weights are put back afterwards."""
+        saved = self.snapshot(weights_only=True)
+        try:
+            for name, module in self.modules.items():
+                new, _ = self._new_weight(name, module, in_out(module, shifts[name]).to(module.weight.device))
+                write_weight(module, new)
+            yield
+        finally:
+            self.restore(saved)
 
     def _capture(self, batches: list[dict[str, torch.Tensor]], order: Sequence[int] | None) -> list[MinibatchCapture]:
         captures = capture(self.model, self.modules, batches, forward_batch_size=self.config.runtime.forward_batch_size)
@@ -395,6 +437,8 @@ class UltraEditor:
             record["edits"] = [{"id": r.id, "prompt": r.prompt, "target": r.target} for r in pending.requests]
         record.update(shift_norms=report.shift_norms, applied_norms=report.applied_norms, loss=report.loss,
                       seconds=round(report.seconds, 6))
+        if report.stages:
+            record["stages"] = report.stages
         session.log(record)
 
     def revert_last(self, k: int = 1) -> RevertReport:
@@ -481,6 +525,9 @@ class UltraEditor:
 
     # ------------------------------------------------------------------ checks
     def _ready(self) -> None:
+        if self.lrs is None:
+            raise EditError("EditConfig.lr_scale='output' and ridge_scale='keys' need the tokenizer: "
+                            "UltraEditor(model, config, tokenizer=...)")
         for stage in self.stages:
             stage.ready()
 

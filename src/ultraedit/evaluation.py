@@ -371,7 +371,7 @@ def perplexity(model: nn.Module, tokenizer: Any, lines: Sequence[str], *, lines_
     """``exp`` of the mean next-token negative log-likelihood over every token of ``lines``
     (joined ``lines_per_sequence`` at a time into sequences)."""
     from .core.anatomy import context_length
-    from .stages.common import text_batches
+    from .texts import text_batches
 
     device = model.get_input_embeddings().weight.device
     total, count = 0.0, 0

@@ -4,7 +4,7 @@ before anything is computed (pre-tokenized minibatches: keys, shapes, ids, targe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -32,6 +32,7 @@ class TurnReport:
         order: the request index of each sequence, in minibatch order.
         steps: closed-form steps taken (1 unless ``EditConfig.refine``).
         paraphrases: rewordings edited with the requests (``EditConfig.paraphrases``).
+        stages: what stages say of the turn, by stage name (the damage guard: its verdict).
     """
 
     turn: int
@@ -47,6 +48,7 @@ class TurnReport:
     paraphrases: int = 0
     applied_norms: dict[str, float] = field(default_factory=dict)
     applied_fractions: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

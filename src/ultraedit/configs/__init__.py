@@ -210,10 +210,10 @@ def _applicable(config: EditConfig, model: nn.Module, notes: list[str]) -> EditC
         sub = getattr(config, stage_name)
         if sub is None:
             continue
-        reason = stage_class(sub).check(model, modules)
-        if reason is not None:
-            setattr(config, stage_name, None)
-            notes.append(f"left out the {stage_name} stage: {reason}")
+        adapted, note = stage_class(sub).adapt(model, modules)
+        if note is not None:
+            setattr(config, stage_name, adapted)
+            notes.append(note)
     return config
 
 

@@ -8,6 +8,7 @@ import re
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 #: Suffixes of a decoder layer's MLP output projection (Llama/Qwen2/Mistral/Phi-3/Gemma-3, GPT-J, GPT-2).
@@ -82,6 +83,58 @@ def frozen(model: nn.Module) -> Iterator[None]:
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(training)
+
+
+#: How much ``writes_residual`` scales the module's output by in its second pass.
+_SCALE = 8
+
+
+@torch.no_grad()
+def writes_residual(model: nn.Module, name: str) -> bool | None:
+    """Whether module ``name``'s output joins the residual stream as it is, not through a norm
+    (Gemma-2/3 normalise the MLP's and the attention's output before adding it). Measured with two
+    forward passes of four tokens, the second with the module's output times 8: it joins as it is
+    when the input of a norm in its decoder layer, or the layer's output, moves by exactly that
+    change (within 10%, for rounding) without being the module's output itself. ``None`` for a
+    model without weights (on the meta device)."""
+    _, layers = decoder_layers(model)
+    module, layer = model.get_submodule(name), layers[layer_index(name)]
+    device = model.get_input_embeddings().weight.device
+    if device.type == "meta":
+        return None
+    points = [m for m in layer.modules() if type(m).__name__.endswith("Norm")]
+    seen: list[list[torch.Tensor]] = []
+    outs: list[torch.Tensor] = []
+
+    def scale(_m: nn.Module, _a: tuple, out: torch.Tensor) -> torch.Tensor:
+        outs.append(out.float())
+        return out * _SCALE if len(outs) == 2 else out
+
+    def record(_m: nn.Module, args: tuple, out: Any = None) -> None:
+        x = args[0] if out is None else (out[0] if isinstance(out, tuple) else out)
+        seen[-1].append(x.float())
+
+    handles = [module.register_forward_hook(scale), layer.register_forward_hook(record)]
+    handles += [m.register_forward_pre_hook(record) for m in points]
+    try:
+        with frozen(model):
+            for _ in range(2):
+                seen.append([])
+                model(input_ids=torch.arange(1, 5, device=device)[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    change = outs[1] * (_SCALE - 1)
+    return any(_moved_by(before, after, change, outs[0]) for before, after in zip(*seen))
+
+
+def _moved_by(before: torch.Tensor, after: torch.Tensor, change: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether ``after - before`` is ``change`` (within 10%) at a point that is not ``out`` itself."""
+    if before.shape != change.shape:
+        return False
+    itself = (before - out).norm() <= 1e-3 * before.norm()
+    miss = (after - before - change).norm()
+    return bool(not itself and miss.isfinite() and miss <= 0.1 * change.norm())
 
 
 def cache_kwarg(model: nn.Module, output: Any) -> dict[str, Any]:

@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.batching import IGNORE, EditRequest, collate, pad_id_of, tokenize_pair
-from ..stages.common import package_text, request_seed
+from ..stages.common import request_seed
+from ..texts import package_text
 from .common import Encoded, Tail, frozen, one_layer_module, one_layer_params, tail_of, unfreeze, weight_out_in
 
 #: EasyEdit's seeds for the context templates, and (new tokens, count) of each group.

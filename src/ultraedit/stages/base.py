@@ -7,6 +7,7 @@ configured stage at fixed points, in a fixed order (:data:`ultraedit.stages.ORDE
 hook                when, and what it may change
 ==================  =======================================================================
 ``check``           at construction: why the stage cannot apply to these edit modules (or None)
+``adapt``           for a named configuration: the part of the stage that applies (default: all or none)
 ``setup``           at construction, on the unedited model (statistics it needs for every turn)
 ``ready``           before a turn does any work: raise :class:`EditError` if the stage cannot run
 ``expand``          a text turn's requests -> more prompts to edit with each (same target)
@@ -14,7 +15,9 @@ hook                when, and what it may change
 ``ridge``           a ``(modules, d_in, d_in)`` term added to the ridge ``lambda I``
 ``values``          the target values ``V`` of the rows edited at this step
 ``offset``          ``u``: the solve becomes ``(K^T K + A) dW = K^T V + A u`` (``A``: the ridge)
+``vet``             the turn's shift, tried on the model before it is committed, kept or shrunk
 ``after``           the stage's state after the turn (committed with it): ``state_dict`` form
+``report``          what the stage says of the turn (``TurnReport.stages``)
 ==================  =======================================================================
 
 A stage with state across turns (the key memory) saves it through ``state_dict`` /
@@ -25,7 +28,7 @@ saved state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -99,6 +102,12 @@ class Stage:
     def check(self, model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
         return None
 
+    def adapt(self, model: nn.Module, modules: dict[str, nn.Module]) -> tuple[Any, str | None]:
+        """For a named configuration: ``(the sub-config that applies to modules on model or None, why
+        it changed)``. By default the whole stage is left out when :meth:`check` finds a reason."""
+        reason = self.check(model, modules)
+        return (self.config, None) if reason is None else (None, f"left out the {self.name} stage: {reason}")
+
     def setup(self, model: nn.Module, tokenizer: Any, modules: dict[str, nn.Module], dtype: torch.dtype) -> None:
         return None
 
@@ -120,11 +129,19 @@ class Stage:
     def offset(self, turn: Turn, group: list[str], terms: Any) -> torch.Tensor | None:
         return None
 
+    def vet(self, turn: Turn, shifts: dict[str, torch.Tensor],
+            trying: Callable[[dict[str, torch.Tensor]], ContextManager[None]]) -> dict[str, torch.Tensor]:
+        """``trying(shifts)`` puts the model with ``shifts`` applied in place for its ``with`` block."""
+        return shifts
+
     def after(self, turn: Turn) -> dict[str, torch.Tensor] | None:
         return None
 
-    def state_shapes(self, modules: dict[str, nn.Module]) -> dict[str, tuple[int, ...]]:
-        """The keys and shapes of the stage's state (empty: the stage keeps none)."""
+    def report(self, turn: Turn) -> Any:
+        return None
+
+    def state_shapes(self, modules: dict[str, nn.Module]) -> dict[str, tuple[int, ...] | None]:
+        """The keys and shapes of the stage's state (empty: the stage keeps none; ``None``: any shape)."""
         return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,17 +1,17 @@
-"""What several stages share: derived requests (seeded by the request's text), the package's text
-files, and sums of ``k k^T`` over marked positions."""
+"""What several stages share: derived requests (seeded by the request's text) and sums of ``k k^T``
+over marked positions."""
 
 from __future__ import annotations
 
 import hashlib
-from importlib import resources
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ..core.anatomy import context_length
-from ..core.batching import EditRequest, pad_id_of
+from ..core.batching import EditRequest
+from ..texts import package_text, text_batches
 
 
 def request_seed(request: EditRequest) -> int:
@@ -31,30 +31,6 @@ def with_copies(
             sequences.append(EditRequest(prompt, request.target, id=request.id, extra=request.extra))
             owners.append(index)
     return sequences, owners
-
-
-def package_text(name: str) -> list[str]:
-    """Non-empty lines of a text file shipped in ``ultraedit/data``."""
-    text = resources.files("ultraedit").joinpath("data", name).read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def text_batches(
-    tokenizer: Any, lines: list[str], *, lines_per_sequence: int = 4, batch_size: int = 16, max_tokens: int | None = None
-) -> list[dict[str, torch.Tensor]]:
-    """Right-padded ``input_ids``/``attention_mask`` batches, ``lines_per_sequence`` lines joined per
-    sequence, each cut to ``max_tokens`` (the model's context) when given."""
-    texts = [" ".join(lines[i : i + lines_per_sequence]) for i in range(0, len(lines), lines_per_sequence)]
-    pad = pad_id_of(tokenizer)
-    out = []
-    for start in range(0, len(texts), batch_size):
-        ids = [list(tokenizer(t)["input_ids"])[:max_tokens] for t in texts[start : start + batch_size]]
-        width = max(map(len, ids))
-        out.append({
-            "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
-            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-        })
-    return out
 
 
 class _AllRecorded(Exception):
@@ -118,3 +94,33 @@ def key_moments(
     batches = text_batches(tokenizer, package_text(text), max_tokens=context_length(model))
     sums, count = key_grams(model, modules, ({**b, "positions": b["attention_mask"]} for b in batches), dtype)
     return {n: sums[n] / count for n in modules}
+
+
+@torch.no_grad()
+def module_scales(model: nn.Module, tokenizer: Any, modules: dict[str, nn.Module]) -> dict[str, tuple[float, float]]:
+    """Per module, over the tokens of the package's generic text: the median norm of its output (the
+    size of what it typically writes) and the median of ``||k||^2 / d_in`` of its input (its keys'
+    typical mean square entry). Medians: a few attention-sink tokens carry activations a hundred times
+    larger."""
+    outs: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    keys: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    mask: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            real = mask["now"].to(output.device)
+            outs[name].append(torch.linalg.vector_norm(output.float(), dim=-1)[real].cpu())
+            keys[name].append(args[0].float().square().mean(-1)[real].cpu())
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    device = model.get_input_embeddings().weight.device
+    try:
+        for batch in text_batches(tokenizer, package_text("generic.txt"), max_tokens=context_length(model)):
+            mask["now"] = batch["attention_mask"].bool()
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                  use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (float(torch.cat(outs[n]).median()), float(torch.cat(keys[n]).median())) for n in modules}

@@ -29,18 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cache import cache_dir
-from ..core.anatomy import cache_kwarg
-
-
-def model_hash(model: nn.Module) -> str:
-    """SHA-256 over every parameter's name, dtype, shape and bytes (the model as it is now)."""
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        t = p.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return digest.hexdigest()
+from ..cache import cache_dir, model_hash
+from ..core.anatomy import cache_kwarg, context_length
 
 
 def source_tag(text_file: str | None, sequences: int, length: int, seed: int) -> str:
@@ -66,6 +56,9 @@ def second_moments(
     """
     import time
 
+    limit = context_length(model)
+    if limit is not None and length > limit:  # a model built for fewer positions: more, shorter sequences
+        sequences, length = -(-sequences * length // limit), limit
     tag = source_tag(text_file, sequences, length, seed)
     paths = stats_paths(model, names, tag)
     info: dict[str, Any] = {"source": tag, "cache": str(next(iter(paths.values())).parent), "cached": True,

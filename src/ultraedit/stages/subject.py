@@ -23,14 +23,14 @@ readers set it), the row at the subject's last token (its key and output gradien
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.anatomy import frozen, hidden_size, layer_index, num_layers
+from ..core.anatomy import frozen, hidden_size, layer_index, num_layers, writes_residual
 from ..core.batching import SUBJECT_INDEX
 from ..core.tail import Tail
 from ..core.weights import module_shape
@@ -84,21 +84,40 @@ class SubjectStage(Stage):
         self.below: list[str] = []
 
     def check(self, model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
-        """The search writes a change of the residual stream, so it needs modules below the split that
-        write it (output width = the hidden size); the split needs a module below it."""
+        """The split needs a module below it; the search writes a change of the residual stream, so it
+        needs modules below the split whose output joins the residual stream as it is."""
+        return self._placement(model, modules) or self._search_problem(model, modules)
+
+    def adapt(self, model: nn.Module, modules: dict[str, nn.Module]) -> tuple[SubjectConfig | None, str | None]:
+        """Without the search where only the search cannot apply (subject rows still help there)."""
+        placement = self._placement(model, modules)
+        if placement is not None:
+            return None, f"left out the subject stage: {placement}"
+        problem = self._search_problem(model, modules)
+        if problem is None:
+            return self.config, None
+        return replace(self.config, search=None), f"left out subject.search: {problem}"
+
+    def _placement(self, model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
         self.split = self.config.depth * num_layers(model)
         self.below = [n for n in modules if layer_index(n) < self.split]
-        if self.config.depth <= 0:
-            return None
-        if not self.below:
+        if self.config.depth > 0 and not self.below:
             return f"no edit module lies below subject.depth {self.config.depth} ({self.split:g} of {num_layers(model)} layers)"
-        if self.config.search is not None:
-            width = hidden_size(model)
-            for name in self.below:
-                if module_shape(modules[name])[1] != width:
-                    return (f"edit module {name!r} lies below subject.depth {self.config.depth} but writes "
-                            f"{module_shape(modules[name])[1]} features, not the residual stream's {width}: the search "
-                            "needs modules that write it (MLP down/output or attention output projections)")
+        return None
+
+    def _search_problem(self, model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
+        if self.config.search is None or self.config.depth <= 0:
+            return None
+        width = hidden_size(model)
+        for name in self.below:
+            if module_shape(modules[name])[1] != width:
+                return (f"edit module {name!r} lies below subject.depth {self.config.depth} but writes "
+                        f"{module_shape(modules[name])[1]} features, not the residual stream's {width}: the search "
+                        "needs modules that write it (MLP down/output or attention output projections)")
+            if writes_residual(model, name) is False:
+                return (f"edit module {name!r} lies below subject.depth {self.config.depth} but its output passes "
+                        "through a norm before it joins the residual stream (as in Gemma-2/3): the search's "
+                        "residual-stream change cannot be written as its value")
         return None
 
     def lower(self, group: Sequence[str]) -> torch.Tensor:
