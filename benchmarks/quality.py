@@ -36,7 +36,7 @@ from ultraedit import UltraEditor, configuration  # noqa: E402
 from ultraedit.datasets import read_requests  # noqa: E402
 from ultraedit.evaluation import MetricTotals, perplexity, score_requests  # noqa: E402
 from ultraedit.models import load_model  # noqa: E402
-from ultraedit.stages.common import package_text  # noqa: E402
+from ultraedit.texts import package_text  # noqa: E402
 
 FILES = {"zsre": "zsre-500.json", "counterfact": "counterfact-20k.json.gz"}
 TURN = 100
@@ -81,11 +81,14 @@ def run_config(model, tok, saved, reqs, ref, ppl, config, eval_every) -> dict:
     model.load_state_dict(saved)
     editor = UltraEditor(model, config, tokenizer=tok)
     first, first_ref = reqs[:TURN], ref[:TURN]
-    curve, seconds, steps = [], 0.0, []
+    curve, seconds, steps, guarded = [], 0.0, [], []
     for turn, start in enumerate(range(0, len(reqs), TURN), 1):
         t = time.perf_counter()
-        steps.append(editor.edit(reqs[start : start + TURN]).steps)
+        report = editor.edit(reqs[start : start + TURN])
         seconds += time.perf_counter() - t
+        steps.append(report.steps)
+        if "guard" in report.stages:
+            guarded.append({"turn": turn, **report.stages["guard"]})
         last = start + TURN >= len(reqs)
         if eval_every and not last and (turn == 1 or turn % eval_every == 0):
             point = scores(model, tok, first, first_ref)
@@ -101,7 +104,19 @@ def run_config(model, tok, saved, reqs, ref, ppl, config, eval_every) -> dict:
         "locality_vs_unedited": m["locality_vs_unedited"], "specificity": m.get("specificity"),
         "perplexity_before": ppl["before"], "perplexity_after": after, "perplexity_rise": after / ppl["before"] - 1,
         "seconds_per_edit": seconds / len(reqs), "mean_steps": sum(steps) / len(steps), "forgetting_curve": curve,
+        "guard": guard_summary(guarded, seconds),
     }
+
+
+def guard_summary(verdicts: list[dict], seconds: float) -> dict | None:
+    """What the damage guard did over a run: turns shrunk and refused, its time and share of the edit
+    time, and each turn's verdict."""
+    if not verdicts:
+        return None
+    spent = sum(v["seconds"] for v in verdicts)
+    return {"turns": len(verdicts), "shrunk": sum(0 < v["scale"] < 1 for v in verdicts),
+            "refused": sum(v["scale"] == 0 for v in verdicts), "seconds": spent, "share_of_edit_time": spent / seconds,
+            "verdicts": verdicts}
 
 
 def main(argv=None) -> int:
@@ -159,19 +174,25 @@ def main(argv=None) -> int:
 
 def table(results: dict) -> str:
     """One line per row and configuration (the README's and docs/results.md's table)."""
-    lines = ["| set | edits | configuration | ES | GS | retention | agreement | perplexity rise | s/edit | steps/turn |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| set | edits | configuration | ES | GS | retention | agreement | perplexity rise | s/edit | steps/turn | guard |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for key, row in results["rows"].items():
         dataset, edits = key.split(":")
         base = row["unedited"]
-        lines.append(f"| {dataset} | {edits} | unedited | {base['efficacy']:.3f} | {base['generalization']:.3f} | 1 | 1 | 0 | | |")
+        lines.append(f"| {dataset} | {edits} | unedited | {base['efficacy']:.3f} | {base['generalization']:.3f} | 1 | 1 | 0 | | | |")
         for label, r in row.items():
             if label != "unedited":
                 lines.append(
                     f"| {dataset} | {edits} | {label} | {r['efficacy']:.3f} | {r['generalization']:.3f} | {r['retention']:.3f} | "
                     f"{r['locality_vs_unedited']:.3f} | {100 * r['perplexity_rise']:+.1f}% | {r['seconds_per_edit']:.2f} | "
-                    f"{r['mean_steps']:.1f} |")
+                    f"{r['mean_steps']:.1f} | {guard_cell(r.get('guard'))} |")
     return "\n".join(lines)
+
+
+def guard_cell(guard: dict | None) -> str:
+    if not guard:
+        return "off"
+    return f"{guard['shrunk']} shrunk, {guard['refused']} refused / {guard['turns']}; {100 * guard['share_of_edit_time']:.0f}% of time"
 
 
 def plot_forgetting(path: Path) -> None:

@@ -16,7 +16,7 @@ from ultraedit import EditConfig, UltraEditor, configuration
 from ultraedit.configs import ConfigError, apply_sets, check, load_spec, names, parse_set
 from ultraedit.core.presets import resolve_modules
 
-from tiny import random_turn, tiny_model
+from tiny import random_turn, tiny_model, tiny_text_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -55,13 +55,22 @@ def test_set_overrides_nest_turn_stages_on_and_off():
         parse_set("refine")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma3"])
 def test_the_recommended_configuration_comes_from_rules_for_any_supported_family(arch):
+    """Gemma-3 normalises the MLP's output before the residual stream: no subject search there, said."""
     model = tiny_model(arch)
     resolved = configuration("recommended", model)
-    suffix = {"llama": "mlp.down_proj", "qwen2": "mlp.down_proj", "gpt2": "mlp.c_proj"}[arch]
+    suffix = {"gpt2": "mlp.c_proj"}.get(arch, "mlp.down_proj")
     assert resolved.config.modules and all(name.endswith(suffix) for name in resolved.config.modules)
-    assert resolved.config.lr_scale == "width" and resolved.config.refine.steps > 1 and resolved.notes == []
+    assert (resolved.config.lr_scale, resolved.config.ridge_scale) == ("output", "keys")
+    assert resolved.config.refine.steps > 1 and resolved.config.guard is not None
+    if arch == "gemma3":
+        assert resolved.config.subject.search is None and len(resolved.notes) == 1
+        assert resolved.notes[0].startswith("left out subject.search:") and "passes through a norm" in resolved.notes[0]
+        with pytest.raises(Exception, match="passes through a norm"):
+            UltraEditor(model, EditConfig(modules=resolved.config.modules, subject={"depth": 0.5}))
+    else:
+        assert resolved.config.subject.search is not None and resolved.notes == []
     assert configuration("recommended", model, sets=["refine.steps=2"]).config.refine.steps == 2
 
 
@@ -82,7 +91,7 @@ def test_the_recommended_modules_fall_back_to_the_family_preset_when_their_stati
     assert mine.config.modules == [f"model.layers.{i}.mlp.down_proj" for i in range(4, 26)] and mine.notes == []
     assert 14 * 2 * 4 * 14336**2 > load_spec("recommended")["select"]["max_statistics_bytes"]
     assert theirs.config.modules is None and resolve_modules(large, theirs.config.preset) == resolve_modules(large)
-    assert (mine.config.lr, theirs.config.lr) == (1e-5, 5e-6)
+    assert (mine.config.lr, theirs.config.lr) == (0.107, 0.083)
     assert mine.config.subject is not None and theirs.config.subject is None
     assert "the family's preset modules" in theirs.notes[0]
     for config in (mine.config, theirs.config):  # the pull-back and the generated text apply to any modules
@@ -101,8 +110,10 @@ def test_user_modules_keep_every_stage_that_applies_and_say_which_are_left_out()
     assert resolved.config.refine is not None and resolved.config.memory is not None
     lower = ["model.layers.0.mlp.gate_proj", "model.layers.3.mlp.up_proj"]
     resolved = configuration("recommended", model, modules=lower)
-    assert resolved.config.subject is None and "residual stream" in resolved.notes[0]
-    UltraEditor(model, configuration("recommended", model, modules=upper, sets=["generic=null"]).config).edit_tokens(
+    assert resolved.config.subject is not None and resolved.config.subject.search is None
+    assert resolved.notes[0].startswith("left out subject.search:") and "residual stream" in resolved.notes[0]
+    model, tok = tiny_text_model("llama")
+    UltraEditor(model, configuration("recommended", model, modules=upper, sets=["generic=null"]).config, tok).edit_tokens(
         random_turn(1))
 
 
@@ -145,8 +156,8 @@ OLD_RECOMMENDED = {
 
 
 def test_an_earlier_versions_flat_configuration_maps_to_the_nested_one():
-    old = EditConfig.from_dict(OLD_RECOMMENDED)
-    new = check("recommended")
+    old = EditConfig.from_dict(OLD_RECOMMENDED)  # the recommended configuration before measured scales and the guard
+    new = check("recommended", sets=["lr=1e-5", "lr_scale=width", "ridge=1", "ridge_scale=none", "guard=null"])
     assert {**old.to_dict(), "modules": None} == new.to_dict()
     flat_faithful = {k: v for k, v in OLD_RECOMMENDED.items() if k in ("modules", "lr")}
     flat_faithful.update(refine_steps=1, preserve=0.0, memory=0.0, neighbours=0, subject_keys=0.0, subject_depth=0.0,

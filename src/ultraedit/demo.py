@@ -23,15 +23,16 @@ from .config import EditConfig
 from .configs import default_for, resolve
 from .core.batching import EditRequest
 from .editor import UltraEditor
-from .evaluation import complete
+from .evaluation import complete, perplexity
 from .showcase import pick, print_answers, questions, score
+from .texts import package_text
 
 __all__ = ["DEMO_MODEL", "TESTBED_EDITS", "demo_requests", "demo_requests_path", "edit_and_score", "run_demo"]
 
 #: The model ``ultraedit demo`` edits unless told otherwise.
 DEMO_MODEL = "smollm2-135m"
 #: Edits the testbed demo applies by default: as many as the toy holds (its keys span about 300
-#: directions per module; docs/results.md, "The built-in testbed").
+#: directions per module; docs/research-log.md, "The testbed's capacity limit").
 TESTBED_EDITS = 100
 
 
@@ -75,7 +76,8 @@ def edit_and_score(model: Any, tokenizer: Any, requests: Sequence[EditRequest], 
         if on_turn is not None:
             on_turn(editor.turns, report)
     seconds = time.perf_counter() - started
-    after = score(model, tokenizer, requests)
+    after = score(model, tokenizer, requests, known=before.pop("known"))
+    after.pop("known")
     return {"edits": len(requests), "turns": len(turns), "turn_size": turn_size, **after,
             **{f"{k}_before": v for k, v in before.items()}, "edit_seconds": round(seconds, 2),
             "seconds_per_edit": round(seconds / len(requests), 5), "config": config.to_dict()}
@@ -115,6 +117,8 @@ def run_demo(model: str = DEMO_MODEL, edits: int | None = None, turn_size: int =
     rows = questions(pick(requests, show))
     answers_before = complete(lm, tokenizer, [p for _, p, _ in rows], max_new_tokens=6)
     before = score(lm, tokenizer, requests)
+    lines = package_text("heldout.txt")
+    perplexity_before = perplexity(lm, tokenizer, lines)
 
     t0 = time.perf_counter()
     editor = UltraEditor(lm, resolved.config, tokenizer=tokenizer)  # builds or reads any generic-text statistics
@@ -125,10 +129,12 @@ def run_demo(model: str = DEMO_MODEL, edits: int | None = None, turn_size: int =
         f"({len(editor.modules)} modules, lr {resolved.config.lr:g}; stages: {stages}).")
     turns = [requests[i : i + turn_size] for i in range(0, len(requests), turn_size)]
     t0 = time.perf_counter()
-    for turn in tqdm(turns, desc="editing", unit="turn", disable=not progress):
-        editor.edit(turn)
+    bar = tqdm(turns, desc="editing", unit="turn", disable=not progress)
+    verdicts = [editor.edit(turn).stages.get("guard") for turn in bar]
     edit_seconds = time.perf_counter() - t0
-    after = score(lm, tokenizer, requests)
+    after = score(lm, tokenizer, requests, known=before.pop("known"))
+    after.pop("known")
+    rise = perplexity(lm, tokenizer, lines) / perplexity_before - 1
     answers_after = complete(lm, tokenizer, [p for _, p, _ in rows], max_new_tokens=6)
 
     out("")
@@ -138,12 +144,32 @@ def run_demo(model: str = DEMO_MODEL, edits: int | None = None, turn_size: int =
     out(f"  Efficacy (ES)       {after['efficacy']:.3f}   (before editing {before['efficacy']:.3f})")
     out(f"  Generalization (GS) {after['generalization']:.3f}   (paraphrases; before {before['generalization']:.3f})")
     out(f"  Locality (LS)       {after['locality']:.3f}   (untouched facts; unedited model {before['locality']:.3f})")
+    out(f"  Retention           {after['retention']:.3f}   (of the untouched facts the unedited model answered right)")
+    out(f"  Perplexity          {100 * rise:+.1f}%   (held-out text, against the unedited model's {perplexity_before:.1f})")
+    guard = guard_line([v for v in verdicts if v is not None])
+    if guard:
+        out(guard)
     out(f"Edit time {edit_seconds:.1f} s ({1000 * edit_seconds / len(requests):.0f} ms/edit); "
         f"total {time.perf_counter() - start:.1f} s.")
     return {"model": model, **placed, "edits": len(requests), "turns": len(turns), "turn_size": turn_size,
-            **after, **{f"{k}_before": v for k, v in before.items()}, "prepare_seconds": round(prepare_seconds, 2),
+            **after, **{f"{k}_before": v for k, v in before.items()}, "perplexity_before": perplexity_before,
+            "perplexity_rise": rise, "guard": [v for v in verdicts if v is not None] or None,
+            "prepare_seconds": round(prepare_seconds, 2),
             "edit_seconds": round(edit_seconds, 2), "seconds_per_edit": round(edit_seconds / len(requests), 4),
             "configuration": resolved.name, "notes": resolved.notes, "config": resolved.config.to_dict()}
+
+
+def guard_line(verdicts: Sequence[dict[str, Any]]) -> str | None:
+    """One line on what the damage guard did over the turns (``None`` when it was off)."""
+    if not verdicts:
+        return None
+    shrunk = sum(0 < v["scale"] < 1 for v in verdicts)
+    refused = sum(v["scale"] == 0 for v in verdicts)
+    spent = sum(v["seconds"] for v in verdicts)
+    if not shrunk and not refused:
+        return f"Damage guard: every turn within its budget ({spent:.1f} s of checks)."
+    return (f"Damage guard: {shrunk} turn(s) shrunk and {refused} refused to stay within its budget "
+            f"({spent:.1f} s of checks; see the warnings above).")
 
 
 def _requests(model: str, edits: int | None) -> list[EditRequest]:

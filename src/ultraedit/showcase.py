@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from .core.batching import EditRequest
-from .evaluation import score_pairs
+from .evaluation import teacher_forced
 
 
 def pick(requests: Sequence[EditRequest], show: int) -> list[EditRequest]:
@@ -49,18 +49,27 @@ def mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
-def score(model: Any, tokenizer: Any, requests: Sequence[EditRequest], batch_size: int = 64) -> dict[str, float]:
+def score(model: Any, tokenizer: Any, requests: Sequence[EditRequest], batch_size: int = 64,
+          known: Sequence[int] | None = None) -> dict[str, Any]:
     """Mean teacher-forced token accuracy of the edits, their rephrasings and the (distinct) locality
-    pairs (all scored in one batched pass)."""
+    pairs (all scored in one batched pass), and ``known``: the locality pairs answered right (every
+    token the argmax). Given the unedited model's ``known``, also ``retention``: the share of those
+    still answered right."""
     groups = {
         "efficacy": [(r.prompt, r.target) for r in requests],
         "generalization": [(p, r.target) for r in requests for p in r.rephrases],
         "locality": list(dict.fromkeys(pair for r in requests for pair in r.locality)),
     }
     pairs = [pair for group in groups.values() for pair in group]
-    accuracy = score_pairs(model, tokenizer, pairs, batch_size=batch_size)["accuracy"] if pairs else []
-    out, start = {}, 0
+    scored = teacher_forced(model, tokenizer, pairs, batch_size=batch_size) if pairs else None
+    accuracy, exact = (scored.accuracy, scored.exact) if scored else ([], [])
+    out: dict[str, Any] = {}
+    start = 0
     for name, group in groups.items():
         out[name] = mean(accuracy[start : start + len(group)])
         start += len(group)
+    right = exact[len(pairs) - len(groups["locality"]):]
+    out["known"] = [i for i, r in enumerate(right) if r == 1.0]
+    if known is not None:
+        out["retention"] = sum(right[i] == 1.0 for i in known) / len(known) if known else 1.0
     return out

@@ -48,6 +48,12 @@ def markdown(results: dict[str, Any]) -> str:
     if ppl:
         lines += ["", f"Perplexity on the held-out text (`{ppl['text']}`): {ppl['before']:.3f} before, "
                       f"{ppl['after']:.3f} after editing ({100 * ppl['rise']:+.2f}%)."]
+    guard = [t["guard"] for t in results.get("turn_log", []) if "guard" in t]
+    if guard:
+        shrunk, refused = sum(0 < g["scale"] < 1 for g in guard), sum(g["scale"] == 0 for g in guard)
+        spent = sum(g["seconds"] for g in guard)
+        lines += ["", f"Damage guard: {shrunk} of {len(guard)} turns shrunk, {refused} refused to stay within its "
+                      f"budget; {spent:.1f} s of checks ({100 * spent / max(timings['edit_seconds'], 1e-9):.0f}% of the edit time)."]
     eps = results["edits_per_second"]
     lines += [
         "",

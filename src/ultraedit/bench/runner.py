@@ -47,7 +47,7 @@ from ..evaluation import MetricTotals, perplexity, score_requests
 from ..methods import METHODS
 from ..models import load_model, resolve_device
 from ..session import fingerprint as state_fingerprint
-from ..stages.common import package_text
+from ..texts import package_text
 from .config import BenchConfig, BenchError, paper_reference
 from .report import markdown, plot_curve
 
@@ -269,6 +269,9 @@ def run(
         loss = getattr(report, "loss", None)
         if isinstance(loss, (int, float)):
             entry["loss"] = float(loss)
+        guard = (getattr(report, "stages", None) or {}).get("guard")
+        if guard is not None:  # the damage guard's verdict: the scale committed, what it measured
+            entry["guard"] = guard
         per_turn.append(entry)
         bar.update(1)
         if config.eval_every and turn % config.eval_every == 0 and turn != config.turns:

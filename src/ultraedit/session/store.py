@@ -395,7 +395,7 @@ class Layout:
 
     modules: dict[str, nn.Module]
     normalizer_shapes: list[tuple[int, int]]
-    stages: dict[str, dict[str, tuple[int, ...]]]  # stateful stage -> {key: shape}
+    stages: dict[str, dict[str, tuple[int, ...] | None]]  # stateful stage -> {key: shape (None: any)}
     accumulating: set[str]  # modules that keep a float32 delta
     base: dict[str, torch.Tensor]
 
@@ -453,8 +453,9 @@ def _read_statistics(handle: Any, path: Path, prefix: str, shape: tuple[int, int
     return state
 
 
-def _read_stage(handle: Any, path: Path, prefix: str, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
-    """A stage's state stored under ``prefix<key>``: every key of ``shapes``, or none (an empty state)."""
+def _read_stage(handle: Any, path: Path, prefix: str, shapes: Mapping[str, Sequence[int] | None]) -> dict[str, torch.Tensor]:
+    """A stage's state stored under ``prefix<key>``: every key of ``shapes`` (a ``None`` shape: any), or
+    none (an empty state)."""
     if handle is None or not any(k.startswith(prefix) and k[len(prefix):] in shapes for k in handle.keys()):
         return {}
     return {k: read_tensor(handle, path, f"{prefix}{k}", shape) for k, shape in shapes.items()}

@@ -13,6 +13,7 @@ from typing import Any
 
 from .base import Rows, Stage, Turn
 from .generic import GenericConfig, GenericStage
+from .guard import GuardConfig, GuardStage
 from .memory import MemoryConfig, MemoryStage
 from .neighbours import NeighboursConfig, NeighboursStage
 from .outliers import OutliersConfig, OutliersStage
@@ -28,6 +29,7 @@ ORDER: tuple[tuple[str, type, type[Stage]], ...] = (
     ("neighbours", NeighboursConfig, NeighboursStage),
     ("subject", SubjectConfig, SubjectStage),
     ("outliers", OutliersConfig, OutliersStage),
+    ("guard", GuardConfig, GuardStage),
 )
 
 #: Sub-config classes by ``EditConfig`` field (refinement included).
@@ -40,6 +42,6 @@ def build(config: Any) -> list[Stage]:
 
 
 __all__ = [
-    "ORDER", "SUB_CONFIGS", "GenericConfig", "MemoryConfig", "NeighboursConfig", "OutliersConfig",
+    "ORDER", "SUB_CONFIGS", "GenericConfig", "GuardConfig", "MemoryConfig", "NeighboursConfig", "OutliersConfig",
     "ParaphraseConfig", "RefineConfig", "Rows", "SearchConfig", "Stage", "SubjectConfig", "Turn", "build",
 ]
