@@ -3,7 +3,8 @@ a core that imports nothing else of ours, stages independent of each other) and 
 
 from __future__ import annotations
 
-import shutil
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,14 @@ SOURCE = ROOT / "src" / "ultraedit"
 
 def test_the_import_contract_holds():
     """``lint-imports`` (import-linter, installed with the test extras) over ``.importlinter``: a new
-    import circle, an upward import or a stage importing another fails here, and so in CI."""
-    command = shutil.which("lint-imports")
-    if command is None:
-        pytest.fail("lint-imports is missing: install the test extras (pip install -e '.[test]')")
-    done = subprocess.run([command, "--config", str(ROOT / ".importlinter")], cwd=ROOT, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": str(Path(sys.executable).parent)})
+    import circle, an upward import or a stage importing another fails here, and so in CI. Run with
+    this interpreter (``importlinter.cli``), so that a ``lint-imports`` script of another environment
+    on ``PATH`` cannot stand in for it."""
+    if importlib.util.find_spec("importlinter") is None:
+        pytest.fail("import-linter is missing: install the test extras (pip install -e '.[test]')")
+    run = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    done = subprocess.run([sys.executable, "-c", run, "--config", str(ROOT / ".importlinter")], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout
 
