@@ -197,25 +197,28 @@ def guard_cell(guard: dict | None) -> str:
 
 def plot_forgetting(path: Path) -> None:
     """``forgetting.png`` beside ``path``: ES and GS of the first turn's requests against edits applied."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     results = json.loads(path.read_text())
-    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    fig = Figure(figsize=(11, 5.0), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    colors = iter(colormaps["tab20"].colors[::2] + colormaps["tab20"].colors[1::2])
     for key, row in results["rows"].items():
         for label, r in row.items():
             curve = r.get("forgetting_curve") if isinstance(r, dict) else None
             if curve:
-                edits = [c["edits"] for c in curve]
-                ax.plot(edits, [c["efficacy"] for c in curve], marker="o", label=f"{key} {label}: ES")
-                ax.plot(edits, [c["generalization"] for c in curve], marker="x", linestyle="--", label=f"{key} {label}: GS")
+                edits, color = [c["edits"] for c in curve], next(colors)
+                ax.plot(edits, [c["efficacy"] for c in curve], marker="o", color=color, label=f"{key} {label}: ES")
+                ax.plot(edits, [c["generalization"] for c in curve], marker="x", linestyle="--", color=color,
+                        label=f"{key} {label}: GS")
     ax.set_xlabel("edits applied")
     ax.set_ylabel("first turn's requests: token accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="x-small")
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path.with_name("forgetting.png"))
 

@@ -24,7 +24,7 @@ def test_the_import_contract_holds():
         pytest.fail("import-linter is missing: install the test extras (pip install -e '.[test]')")
     run = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
     done = subprocess.run([sys.executable, "-c", run, "--config", str(ROOT / ".importlinter")], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                          capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout
 
