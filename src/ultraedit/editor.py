@@ -201,20 +201,20 @@ class UltraEditor:
         self._record(pending, before)
         self._warn_if_lost(pending.report)
 
-    def _scales(self) -> tuple[dict[str, float] | None, float]:
-        """Each module's step size (``config.lr_scale``) and the ridge (``config.ridge_scale``), on the
-        unedited model; no step sizes where they need the tokenizer and there is none (a turn is then
-        refused)."""
+    def _scales(self) -> tuple[dict[tuple[int, int], float] | None, float]:
+        """The step size per module shape (``config.lr_scale``; it depends on the shape and on scales
+        measured over all edit modules, so modules of one shape share it) and the ridge
+        (``config.ridge_scale``), on the unedited model; no step sizes where they need the tokenizer
+        and there is none (a turn is then refused)."""
         config = self.config
         if not config.measured():
-            return {n: config.module_lr(module_shape(m)) for n, m in self.modules.items()}, config.ridge
+            return {shape: config.module_lr(shape) for shape in self.groups}, config.ridge
         if self.tokenizer is None:
             return None, config.ridge
         measured = module_scales(self.model, self.tokenizer, self.modules).values()
         output = sum(out for out, _ in measured) / len(measured)
         keys = sum(key for _, key in measured) / len(measured)
-        lrs = {n: config.module_lr(module_shape(m), output if config.lr_scale == "output" else None)
-               for n, m in self.modules.items()}
+        lrs = {shape: config.module_lr(shape, output if config.lr_scale == "output" else None) for shape in self.groups}
         return lrs, config.ridge * (keys if config.ridge_scale == "keys" else 1.0)
 
     # ------------------------------------------------------------------ the solve
@@ -267,7 +267,7 @@ class UltraEditor:
             if selected is not None:
                 sel = selected.to(keys.device)
                 keys, grads, kept = keys[:, sel], grads[:, sel], keys[:, ~sel]
-            values = self._values(group, keys, grads, norm)
+            values = target_values(keys, grads, norm, self.lrs[shape])
             for stage in self.stages:
                 values = stage.values(turn, rows, values)
             if kept is not None and kept.shape[-2] > 0:  # rows already right: preserved, value 0
@@ -277,14 +277,6 @@ class UltraEditor:
             target = dtypes.pop() if out_dtype and len(dtypes) == 1 else None
             shifts.update(zip(group, self._ridge_solve(turn, group, keys, values, preserved[shape], target)))
         return shifts
-
-    def _values(self, group: list[str], keys: torch.Tensor, grads: torch.Tensor, norm: Any) -> torch.Tensor:
-        """Steps 4-5 for modules of one shape, each at its own step size."""
-        lrs = [self.lrs[n] for n in group]
-        if len(set(lrs)) == 1:
-            return target_values(keys, grads, norm, lrs[0])
-        scale = torch.tensor(lrs, dtype=keys.dtype, device=keys.device)[:, None, None]
-        return target_values(keys, grads, norm, 1.0) * scale
 
     def _ridge_solve(self, turn: Turn, group: list[str], keys: torch.Tensor, values: torch.Tensor,
                      terms: Preserved | None, target: torch.dtype | None) -> torch.Tensor:
