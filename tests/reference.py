@@ -135,3 +135,27 @@ def reference_turn(model, names, batches, normalizers, lr=1e-6, ridge=1.0, formu
     for n, m in modules.items():
         add_shift(m, shifts[n])
     return shifts
+
+
+def reference_answer(model, tokenizer, ids, stops, max_new_tokens=50):
+    """Greedy answer the plain way: one full forward per new token, no cache, no batch; stops at a stop
+    token, or once the new text holds a sentence end (``.``/``!``/``?`` then white space) or a newline,
+    and is cut there (what ``ultraedit.generation.generate_answers`` must agree with)."""
+    import re
+
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=torch.tensor([ids + new]), use_cache=False).logits[0, -1].argmax())
+            if token in stops:
+                break
+            new.append(token)
+            if re.search(r"[.!?]\s|\n", tokenizer.decode(new, skip_special_tokens=True)):
+                break
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    for i, ch in enumerate(text):
+        if ch == "\n":
+            return text[:i].strip()
+        if ch in ".!?" and i + 1 < len(text) and text[i + 1].isspace():
+            return text[: i + 1].strip()
+    return text.strip()
