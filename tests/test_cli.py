@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ultraedit import EditConfig, EditRequest, UltraEditor
 from ultraedit import session as st
 from ultraedit.cli import main
-from ultraedit.evaluation import complete
+from ultraedit.generation import generate_answers
 
 from tiny import VOCAB, tiny_model
 
@@ -123,8 +123,8 @@ def test_edit_info_ask_merge_end_to_end(tmp_path, ckpt, records, capsys):
                  "--max-new-tokens", "6", *prompts]) == 0
     out = capsys.readouterr().out
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    before = complete(load_base(ckpt), tokenizer, prompts, 6)
-    after = complete(reference.model, tokenizer, prompts, 6)
+    before = generate_answers(load_base(ckpt), tokenizer, prompts, max_new_tokens=6)
+    after = generate_answers(reference.model, tokenizer, prompts, max_new_tokens=6)
     for p, b, a in zip(prompts, before, after):
         assert f"prompt: {p}\n  before: {b}\n  after:  {a}" in out
     assert before != after

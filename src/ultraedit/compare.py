@@ -12,6 +12,8 @@ from typing import Any
 __all__ = ["CompareError", "load_runs", "markdown_table", "plot_runs"]
 
 METRICS = (("efficacy", "ES"), ("generalization", "GS"), ("specificity", "LS"))
+#: Generation-based columns: ``(results["generation"][context] key, header)``, per context.
+SAID = (("efficacy", "ES"), ("generalization", "GS"), ("locality_unchanged", "loc."))
 
 
 class CompareError(ValueError):
@@ -80,27 +82,39 @@ def row(run: dict[str, Any]) -> dict[str, Any]:
         "peak_mib": run.get("peak_memory", {}).get("bytes", 0) / 2**20,
         "memory_kind": run.get("peak_memory", {}).get("kind", "?"),
         "dir": run["_dir"],
+        "generation": run.get("generation") or {},
     }
 
 
+def _said(r: dict[str, Any], contexts: Sequence[str]) -> str:
+    return " | ".join(_pct((r["generation"].get(c) or {}).get(k)) for c in contexts for k, _ in SAID)
+
+
 def markdown_table(runs: Sequence[dict[str, Any]]) -> str:
-    """Markdown: one row per run (metrics in %, time per edit, edits/s, peak memory)."""
+    """Markdown: one row per run (metrics in %: teacher forced, then by generation per context; time per
+    edit, edits/s, peak memory)."""
+    contexts = [c for c in ("plain", "qa", "chat") if any(c in row(r)["generation"] for r in runs)]
+    said_head = "".join(f" {c} {h} |" for c in contexts for _, h in SAID)
     lines = [
-        "| method | model | dataset | edits (turn) | ES | GS | LS | retention | loc. vs unedited | ppl rise "
-        "| s/edit | edits/s | editing s | key stats s | peak MiB | run dir |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | model | dataset | edits (turn) | ES | GS | LS | retention | loc. vs unedited |" + said_head +
+        " ppl rise | s/edit | edits/s | editing s | key stats s | peak MiB | run dir |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(contexts) * len(SAID) +
+        "---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in map(row, runs):
+        said = _said(r, contexts) + " | " if contexts else ""
         cov = "" if r["covariance_seconds"] is None else f"{r['covariance_seconds']:.0f}"
         lines.append(
             f"| {r['method']} | {r['model']} | {r['dataset']} | {r['edits']} ({r['turn_size']}) | "
             f"{_pct(r['efficacy'])} | {_pct(r['generalization'])} | {_pct(r['specificity'])} | "
-            f"{_pct(r['retention'])} | {_pct(r['locality_vs_unedited'])} | "
+            f"{_pct(r['retention'])} | {_pct(r['locality_vs_unedited'])} | {said}"
             f"{_rise(r['perplexity_rise'])} | {r['seconds_per_edit']:.3f} | {r['edits_per_second']:.2f} | "
             f"{r['edit_seconds']:.0f} | {cov} | {r['peak_mib']:.0f} | `{r['dir']}` |"
         )
     kinds = sorted({row(r)["memory_kind"] for r in runs})
-    lines += ["", f"Metrics in % (teacher-forced token accuracy); peak memory: {', '.join(kinds)}; "
+    lines += ["", f"Metrics in %: ES/GS/LS teacher-forced token accuracy; '<context> ES/GS/loc.' by greedy "
+              "generation in that context (the context's headline rule; loc.: locality prompts generated as by "
+              "the unedited model); peak memory: {', '.join(kinds)}; "
               "retention: of the locality tokens the unedited model got right, the share still right; "
               "ppl rise: held-out perplexity after / before - 1; "
               "'key stats s': building MEMIT/AlphaEdit's key statistics (0 when read from the cache), "
@@ -118,11 +132,16 @@ def plot_runs(runs: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> N
     fig = Figure(figsize=(max(7.0, 1.6 * len(rows) + 4), 3.8), dpi=120)
     FigureCanvasAgg(fig)
     ax1, ax2, ax3 = fig.subplots(1, 3, gridspec_kw={"width_ratios": [2, 1, 1]})
-    width = 0.8 / len(METRICS)
-    for i, (key, name) in enumerate(METRICS):
-        xs = [j + (i - 1) * width for j in range(len(rows))]
-        ax1.bar(xs, [100 * r[key] if isinstance(r[key], (int, float)) else math.nan for r in rows], width, label=name)
-    ax1.set_ylabel("token accuracy (%)")
+    bars = [(name, [r[key] for r in rows], None) for key, name in METRICS]
+    for context in [c for c in ("plain", "chat") if any(c in r["generation"] for r in rows)]:
+        bars += [(f"{context} {name} (said)", [(r["generation"].get(context) or {}).get(key) for r in rows], "//")
+                 for key, name in SAID[:2]]
+    width = 0.8 / len(bars)
+    for i, (name, values, hatch) in enumerate(bars):
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(rows))]
+        ax1.bar(xs, [100 * v if isinstance(v, (int, float)) else math.nan for v in values], width, label=name,
+                hatch=hatch)
+    ax1.set_ylabel("% (teacher forced; hatched: by generation)")
     ax1.set_ylim(0, 100)
     ax1.legend(fontsize="small")
     ax2.bar(range(len(rows)), [r["seconds_per_edit"] for r in rows], color="tab:gray")

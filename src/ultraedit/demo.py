@@ -6,8 +6,9 @@ model answers correctly under greedy decoding, each with a counterfactual new an
 paraphrase, and an unrelated fact it also answers correctly). The demo shows a few of them before
 and after (greedy generation: the edit, its paraphrase, an untouched fact), applies all the edits
 in lifelong turns with the model's configuration (``recommended``; ``--config`` another), and prints
-efficacy, generalization and locality (teacher-forced token accuracy, the authors' metrics) and
-the time per edit. ``--model testbed`` runs the fully offline toy on its own edit requests.
+efficacy, generalization and locality twice: teacher-forced token accuracy (the authors' metrics)
+and by what greedy generation says (:mod:`ultraedit.generation`: plain, and through the chat
+template where the model has one), and the time per edit. ``--model testbed`` runs the fully offline toy on its own edit requests.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from .config import EditConfig
 from .configs import default_for, resolve
 from .core.batching import EditRequest
 from .editor import UltraEditor
-from .evaluation import complete, perplexity
-from .showcase import pick, print_answers, questions, score
+from .contexts import default_contexts
+from .evaluation import perplexity
+from .generation import evaluate_generation, generate_answers
+from .showcase import generation_lines, pick, print_answers, questions, score
 from .texts import package_text
 
 __all__ = ["DEMO_MODEL", "TESTBED_EDITS", "demo_requests", "demo_requests_path", "edit_and_score", "run_demo"]
@@ -115,8 +118,10 @@ def run_demo(model: str = DEMO_MODEL, edits: int | None = None, turn_size: int =
     placed = {"device": _device_name(weights.device), "dtype": str(weights.dtype).removeprefix("torch.")}
     out(_model_line(model, lm, placed, time.perf_counter() - start))
     rows = questions(pick(requests, show))
-    answers_before = complete(lm, tokenizer, [p for _, p, _ in rows], max_new_tokens=6)
+    answers_before = generate_answers(lm, tokenizer, [p for _, p, _ in rows])
     before = score(lm, tokenizer, requests)
+    contexts = default_contexts(tokenizer)
+    said_before, reference = evaluate_generation(lm, tokenizer, requests, contexts)
     lines = package_text("heldout.txt")
     perplexity_before = perplexity(lm, tokenizer, lines)
 
@@ -135,7 +140,10 @@ def run_demo(model: str = DEMO_MODEL, edits: int | None = None, turn_size: int =
     after = score(lm, tokenizer, requests, known=before.pop("known"))
     after.pop("known")
     rise = perplexity(lm, tokenizer, lines) / perplexity_before - 1
-    answers_after = complete(lm, tokenizer, [p for _, p, _ in rows], max_new_tokens=6)
+    answers_after = generate_answers(lm, tokenizer, [p for _, p, _ in rows])
+    said_after, _ = evaluate_generation(lm, tokenizer, requests, contexts, reference=reference)
+    generation = {c: t.as_dict() for c, t in said_after.items()}
+    generation_unedited = {c: t.as_dict() for c, t in said_before.items()}
 
     out("")
     print_answers(rows, answers_before, answers_after, out)
@@ -146,6 +154,8 @@ def run_demo(model: str = DEMO_MODEL, edits: int | None = None, turn_size: int =
     out(f"  Locality (LS)       {after['locality']:.3f}   (untouched facts; unedited model {before['locality']:.3f})")
     out(f"  Retention           {after['retention']:.3f}   (of the untouched facts the unedited model answered right)")
     out(f"  Perplexity          {100 * rise:+.1f}%   (held-out text, against the unedited model's {perplexity_before:.1f})")
+    for line in generation_lines(generation, generation_unedited):
+        out(line)
     guard = guard_line([v for v in verdicts if v is not None])
     if guard:
         out(guard)
@@ -153,7 +163,8 @@ def run_demo(model: str = DEMO_MODEL, edits: int | None = None, turn_size: int =
         f"total {time.perf_counter() - start:.1f} s.")
     return {"model": model, **placed, "edits": len(requests), "turns": len(turns), "turn_size": turn_size,
             **after, **{f"{k}_before": v for k, v in before.items()}, "perplexity_before": perplexity_before,
-            "perplexity_rise": rise, "guard": [v for v in verdicts if v is not None] or None,
+            "perplexity_rise": rise, "generation": generation, "generation_unedited": generation_unedited,
+            "guard": [v for v in verdicts if v is not None] or None,
             "prepare_seconds": round(prepare_seconds, 2),
             "edit_seconds": round(edit_seconds, 2), "seconds_per_edit": round(edit_seconds / len(requests), 4),
             "configuration": resolved.name, "notes": resolved.notes, "config": resolved.config.to_dict()}

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 from .core.batching import EditRequest
 from .evaluation import teacher_forced
+from .generation import match
 
 
 def pick(requests: Sequence[EditRequest], show: int) -> list[EditRequest]:
@@ -32,12 +33,33 @@ def questions(examples: Sequence[EditRequest]) -> list[tuple[str, str, str]]:
 
 def print_answers(rows: Sequence[tuple[str, str, str]], before: Sequence[str], after: Sequence[str],
                   out: Callable[[str], None]) -> None:
-    """The before/after table; a row is ``ok`` when the answer after editing starts with the wanted one."""
+    """The before/after table of greedy answers; a row is ``ok`` when the answer after editing starts with
+    the wanted one (the first-span rule of :mod:`ultraedit.generation`)."""
     width = max((len(p) for _, p, _ in rows), default=10)
     out(f"{'':10s} {'question':{width}s}  {'before':>22s} -> {'after':22s} (wanted)")
     for (kind, prompt, wanted), a, b in zip(rows, before, after):
-        mark = "ok" if b.lower().startswith(wanted.lower()) else "--"
+        mark = "ok" if match(b, wanted, "first_span") else "--"
         out(f"{kind:10s} {prompt:{width}s}  {short(a):>22s} -> {short(b):22s} ({wanted}) {mark}")
+
+
+def generation_lines(after: dict[str, Any], before: dict[str, Any]) -> list[str]:
+    """The demo's lines on what the model says, one block per context."""
+    lines = []
+    for context, now in after.items():
+        was = before[context]
+        rule = "the target starts the answer" if now["rule"] == "first_span" else "the target is in the reply"
+        lines.append(f"By greedy generation, asked {'through the chat template' if context == 'chat' else context} "
+                     f"({rule}; exact match in brackets):")
+        for key, label in (("efficacy", "Efficacy (ES)      "), ("generalization", "Generalization (GS)")):
+            lines.append(f"  {label} {_fmt(now[key])}   (exact {_fmt(now['exact'][key])}; before editing "
+                         f"{_fmt(was[key])})")
+        lines.append(f"  Locality           {_fmt(now['locality_unchanged'])}   (untouched facts generated as "
+                     f"before; still right {_fmt(now['locality_kept'])})")
+    return lines
+
+
+def _fmt(value: float | None) -> str:
+    return "  n/a" if value is None else f"{value:.3f}"
 
 
 def short(text: str, limit: int = 22) -> str:

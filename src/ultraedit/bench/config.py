@@ -12,6 +12,7 @@ from typing import Any, Callable, Protocol, Sequence
 from torch import nn
 
 from ..configs import ConfigError, default_for, resolve
+from ..contexts import ContextError, check_contexts
 from ..core.batching import EditRequest
 from ..editor import UltraEditor
 from ..methods import METHODS, MethodError, register_method
@@ -25,15 +26,31 @@ METRIC_NAMES: dict[str, str] = {
     "efficacy": "Efficacy (token acc.)",
     "generalization": "Generalization (token acc.)",
     "specificity": "Specificity (token acc.)",
-    "efficacy_exact": "Efficacy (generation exact match)",
-    "generalization_exact": "Generalization (generation exact match)",
-    "specificity_exact": "Specificity (generation exact match)",
+    "efficacy_exact": "Efficacy (every answer token right, teacher forced)",
+    "generalization_exact": "Generalization (every answer token right, teacher forced)",
+    "specificity_exact": "Specificity (every answer token right, teacher forced)",
     "locality_vs_unedited": "Locality vs unedited model's predictions",
     "retention": "Retention (locality tokens the unedited model got right, still right)",
     "personas": "Personas (token acc.)",
-    "personas_exact": "Personas (generation exact match)",
+    "personas_exact": "Personas (every answer token right, teacher forced)",
     "multi_hop": "Multi-hop (token acc.)",
-    "multi_hop_exact": "Multi-hop (generation exact match)",
+    "multi_hop_exact": "Multi-hop (every answer token right, teacher forced)",
+}
+
+#: Generation-based metrics of one context (``results["generation"][context]``), with display names.
+GENERATION_NAMES: dict[str, str] = {
+    "efficacy": "Efficacy (headline rule)",
+    "generalization": "Generalization (headline rule)",
+    "exact.efficacy": "Efficacy (exact match)",
+    "exact.generalization": "Generalization (exact match)",
+    "first_span.efficacy": "Efficacy (target starts the answer)",
+    "first_span.generalization": "Generalization (target starts the answer)",
+    "contains.efficacy": "Efficacy (target in the answer)",
+    "contains.generalization": "Generalization (target in the answer)",
+    "judge.efficacy": "Efficacy (judge)",
+    "judge.generalization": "Generalization (judge)",
+    "locality_unchanged": "Locality: generation unchanged",
+    "locality_kept": "Locality: right before, still right",
 }
 
 #: The paper's reported results (arXiv 2505.14679, as cited on the method page), for comparison:
@@ -91,6 +108,10 @@ class BenchConfig:
         forward_batch_size: UltraEdit's forward/backward size in requests (speed knob only).
         progress: show progress bars (stderr).
         method_options: a baseline's hyperparameters by name (``--method-option KEY=VALUE``).
+        generation: also judge the edits by greedy generation (:mod:`ultraedit.generation`) before
+            and after editing; ``contexts``: the contexts asked in (``None``: ``plain``, and ``chat``
+            where the model has a chat template); ``judge``: an OpenAI-compatible endpoint that
+            grades each generation (:mod:`ultraedit.judge`; ``None``: no judge).
     """
 
     model: str
@@ -116,6 +137,9 @@ class BenchConfig:
     forward_batch_size: int | None = 100
     progress: bool = True
     method_options: dict[str, Any] | None = None
+    generation: bool = True
+    contexts: list[str] | None = None
+    judge: str | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -134,6 +158,13 @@ class BenchConfig:
             raise BenchError(f"lr must be a positive finite number, got {self.lr}")
         if self.dtype not in DTYPES:
             raise BenchError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.contexts is not None:
+            try:
+                self.contexts = check_contexts(list(self.contexts))
+            except ContextError as err:
+                raise BenchError(str(err)) from None
+        if self.judge is not None and not self.generation:
+            raise BenchError("--judge grades generations; it cannot be used with generation scoring off")
         if self.method not in METHODS:
             raise BenchError(f"unknown method {self.method!r}; registered: {', '.join(sorted(METHODS))}")
 

@@ -6,7 +6,35 @@ import math
 import os
 from typing import Any
 
-from .config import METRIC_NAMES
+from .config import GENERATION_NAMES, METRIC_NAMES
+
+
+def _lookup(values: dict[str, Any] | None, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(values, dict):
+            return None
+        values = values.get(part)
+    return values
+
+
+def generation_table(results: dict[str, Any]) -> list[str]:
+    """Markdown lines: what the model says, per context, before and after editing."""
+    after, before = results.get("generation") or {}, results.get("generation_unedited") or {}
+    if not after:
+        return []
+    contexts = list(after)
+    settings = results.get("generation_settings", {})
+    lines = ["", "## What the model says (greedy generation, first sentence)", "",
+             f"Headline rule per context: {', '.join(f'{c} {r}' for c, r in settings.get('headline', {}).items())}; answers normalised "
+             f"({settings.get('normalisation', 'n/a')}).", "",
+             "| Metric (%) | " + " | ".join(f"{c} unedited | {c} edited" for c in contexts) + " |",
+             "|---|" + "---:|---:|" * len(contexts)]
+    for key, label in GENERATION_NAMES.items():
+        cells = [(_lookup(before.get(c), key), _lookup(after.get(c), key)) for c in contexts]
+        if all(a is None and b is None for a, b in cells):
+            continue
+        lines.append(f"| {label} | " + " | ".join(f"{_pct(a)} | {_pct(b)}" for a, b in cells) + " |")
+    return lines
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
@@ -36,6 +64,7 @@ def markdown(results: dict[str, Any]) -> str:
     for key, label in METRIC_NAMES.items():
         if key in results["metrics"] or key in results["unedited"]:
             lines.append(f"| {label} | {_pct(results['unedited'].get(key))} | {_pct(results['metrics'].get(key))} |")
+    lines += generation_table(results)
     paper = results.get("paper")
     if paper:
         lines += [
@@ -90,7 +119,14 @@ def plot_curve(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
         if base is not None:
             ax.axhline(100 * base, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
     ax.set_xlabel("number of edits")
-    ax.set_ylabel("token accuracy (%)")
+    for context, style in (("plain", "s"), ("chat", "^")):
+        said = (results.get("generation") or {}).get(context)
+        if said:
+            for key, color in (("efficacy", "tab:blue"), ("generalization", "tab:orange")):
+                if said.get(key) is not None:
+                    ax.plot([edits[-1]], [100 * said[key]], marker=style, color=color, linestyle="none",
+                            label=f"{key.capitalize()}, said ({context})")
+    ax.set_ylabel("token accuracy (%); single marks: by greedy generation")
     ax.set_ylim(-2, 102)
     ax.set_xlim(0, max(edits) * 1.05)
     ax.grid(alpha=0.3)

@@ -9,11 +9,14 @@ the reference predictions of "locality vs unedited").
 
 Metrics (``evaluation``): token-level teacher-forced accuracy for efficacy (edit prompts, new
 targets), generalization (rephrases, new targets) and specificity (locality prompts with the
-dataset's answers), averaged per request then over requests; plus generation exact match of each
-and the agreement of locality predictions with the unedited model's.
+dataset's answers), averaged per request then over requests; whether every answer token is right,
+and the agreement of locality predictions with the unedited model's. Beside them, by default, what
+the model says (:mod:`ultraedit.generation`): greedy answers in each context (``plain``, and
+``chat`` where the model has a chat template), before editing and after the whole sequence,
+matched to the targets, and the locality prompts' answers compared with the unedited model's.
 
 Outputs in ``out``: ``results.json`` (top-level ``efficacy``, ``generalization``,
-``specificity`` in [0, 1], and the config, model fingerprint, all metrics, the curve, timings,
+``specificity`` in [0, 1] (teacher forced), ``generation`` (per context), and the config, model fingerprint, all metrics, the curve, timings,
 peak memory and edits/s), ``results.md`` (tables) and ``curve.png`` (metrics vs edits).
 
 Editing methods are plug-ins (:data:`ultraedit.methods.METHODS`, :func:`ultraedit.methods.register_method`):
@@ -23,6 +26,7 @@ a factory gets the model, the tokenizer and the :class:`BenchConfig` and returns
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import random
@@ -43,13 +47,20 @@ from torch import nn
 from .. import testbed
 from ..core.batching import EditRequest
 from ..datasets import read_requests
+from ..contexts import check_contexts, default_contexts
 from ..evaluation import MetricTotals, perplexity, score_requests
+from ..cache import cache_dir, cached_json, model_hash
+from ..generation import (MAX_NEW_TOKENS, GenerationTotals, evaluate_generation, generate_answers, request_prompts,
+                          score_generations)
 from ..methods import METHODS
 from ..models import load_model, resolve_device
 from ..session import fingerprint as state_fingerprint
 from ..texts import package_text
 from .config import BenchConfig, BenchError, paper_reference
 from .report import markdown, plot_curve
+
+#: Requests whose generations (edit prompt, rephrases, locality prompts) are kept in the results.
+EXAMPLES = 10
 
 #: The held-out text whose perplexity is reported before and after editing (ships with the package).
 PERPLEXITY_TEXT = "heldout.txt"
@@ -232,6 +243,7 @@ def run(
     fingerprint = model_fingerprint(model, description.get("modules") or [], config.model)
     eval_kw = dict(batch_size=config.eval_batch_size, max_tokens=config.eval_max_tokens)
     chunk = max(config.eval_batch_size * 16, config.turn_size)
+    said = _Said(config, tokenizer)
 
     # 1. The unedited model on every request of the run: its scores and reference predictions.
     t = time.perf_counter()
@@ -243,6 +255,7 @@ def run(
         scores = score_requests(model, tokenizer, requests_, **eval_kw)
         unedited.add(scores)
         reference.extend(scores.locality_predictions)
+        said.before(model, tokenizer, requests_)
         total += len(requests_)
         bar.update(len(requests_))
     bar.close()
@@ -286,6 +299,10 @@ def run(
     t = time.perf_counter()
     final = _evaluate(model, tokenizer, source, reference, config.edits, chunk, eval_kw, config.progress)
     timings["final_eval_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for index, requests_ in enumerate(_chunks(source.take(config.edits), chunk)):
+        said.after(model, tokenizer, requests_, index)
+    timings["generation_eval_seconds"] = time.perf_counter() - t + said.seconds_before
     ppl_after = perplexity(model, tokenizer, ppl_text)
     metrics = final.means()
     curve.append({"turns": config.turns, "edits": config.edits, **metrics})
@@ -297,6 +314,7 @@ def run(
         "efficacy": metrics.get("efficacy"),
         "generalization": metrics.get("generalization"),
         "specificity": metrics.get("specificity"),
+        **said.results(),
         "metrics": metrics,
         "counts": final.counts,
         "unedited": unedited.means(),
@@ -322,6 +340,88 @@ def run(
     (out / "results.md").write_text(markdown(results))
     plot_curve(results, out / "curve.png")
     return results
+
+
+class _Said:
+    """Generation-based scores (:mod:`ultraedit.generation`): the unedited model's answers (kept as
+    the locality reference) and the edited model's, per context."""
+
+    def __init__(self, config: BenchConfig, tokenizer: Any) -> None:
+        self.on = config.generation
+        self.contexts = check_contexts(config.contexts or default_contexts(tokenizer), tokenizer) if self.on else []
+        self.batch_size = config.eval_batch_size
+        self.judge = None
+        if config.judge:
+            from ..judge import Judge
+
+            self.judge = Judge(config.judge)
+        self.unedited = {c: GenerationTotals(c) for c in self.contexts}
+        self.edited = {c: GenerationTotals(c) for c in self.contexts}
+        self.reference: list[dict[str, list[str]]] = []  # per chunk of requests, per context
+        self.examples: dict[str, list[dict[str, Any]]] = {c: [] for c in self.contexts}
+        self.model_key: str | None = None
+        self.seconds_before = 0.0
+
+    def before(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest]) -> None:
+        """Score the unedited model on a chunk of requests and keep its answers (read from the cache
+        when this model was asked these prompts before: they depend on nothing else)."""
+        if not self.on:
+            return
+        t = time.perf_counter()
+        if self.judge is not None:
+            totals, texts = evaluate_generation(model, tokenizer, requests, self.contexts, batch_size=self.batch_size,
+                                                judge=self.judge)
+        else:
+            texts = {c: self._unedited_answers(model, tokenizer, requests, c) for c in self.contexts}
+            totals = {c: GenerationTotals(c) for c in self.contexts}
+            for c in self.contexts:
+                score_generations(totals[c], requests, texts[c])
+        for c in self.contexts:
+            self.unedited[c].merge(totals[c])
+        self.reference.append(texts)
+        self.seconds_before += time.perf_counter() - t
+
+    def _unedited_answers(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], context: str) -> list[str]:
+        prompts, _ = request_prompts(requests)
+        if self.model_key is None:
+            self.model_key = model_hash(model)
+        key = hashlib.sha256(json.dumps([self.model_key, context, getattr(tokenizer, "chat_template", None),
+                                         MAX_NEW_TOKENS, prompts]).encode()).hexdigest()
+        return cached_json(cache_dir() / "generations" / f"{key}.json",
+                           lambda: generate_answers(model, tokenizer, prompts, context, batch_size=self.batch_size))
+
+    def after(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], chunk: int) -> None:
+        """Score the edited model on the ``chunk``-th chunk of requests (the same chunks as :meth:`before`)."""
+        if not self.on:
+            return
+        totals, texts = evaluate_generation(model, tokenizer, requests, self.contexts, reference=self.reference[chunk],
+                                            batch_size=self.batch_size, judge=self.judge)
+        prompts, _ = request_prompts(requests)
+        owners = [r for r, request in enumerate(requests) for _ in range(1 + len(request.rephrases) + len(request.locality))]
+        for c in self.contexts:
+            self.edited[c].merge(totals[c])
+            for i, prompt in enumerate(prompts[: 3 * EXAMPLES]):
+                if len(self.examples[c]) < 3 * EXAMPLES:
+                    request = requests[owners[i]]
+                    wanted = request.target if i - owners.index(owners[i]) <= len(request.rephrases) else None
+                    self.examples[c].append({"prompt": prompt, "wanted": wanted, "before": self.reference[chunk][c][i],
+                                             "after": texts[c][i]})
+
+    def results(self) -> dict[str, Any]:
+        if not self.on:
+            return {}
+        settings: dict[str, Any] = {
+            "contexts": self.contexts, "decoding": "greedy", "max_new_tokens": MAX_NEW_TOKENS,
+            "stop": "first sentence end (. ! ? then a space), newline, end of sequence or turn",
+            "normalisation": "lower case, punctuation and articles removed, spaces collapsed",
+            "headline": {c: GenerationTotals(c).as_dict()["rule"] for c in self.contexts},
+        }
+        if self.judge is not None:
+            settings["judge"] = self.judge.describe()
+        return {"generation": {c: t.as_dict() for c, t in self.edited.items()},
+                "generation_examples": self.examples,
+                "generation_unedited": {c: t.as_dict() for c, t in self.unedited.items()},
+                "generation_settings": settings}
 
 
 def _check_count(source: _Source, config: BenchConfig) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 
 from ..bench import DATASETS, METHODS, RUN_ERRORS, BenchConfig, BenchError, markdown, run
 from ..configs import ConfigError
+from ..contexts import CONTEXTS, ContextError
+from ..judge import JudgeError
 from ..core.batching import EditError
 from ..datasets import DatasetError
 from ..models import DTYPES, ModelError
@@ -55,6 +57,13 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
                    help="padded tokens per evaluation forward, bounds logits memory (default 16384)")
     p.add_argument("--forward-batch-size", type=int, default=100,
                    help="requests per UltraEdit forward/backward; speed/memory only, same results (default 100)")
+    p.add_argument("--eval-context", action="append", choices=CONTEXTS, metavar="CONTEXT",
+                   help="ask the generation-based evaluation in this context (repeatable): plain, qa or chat "
+                   "(default: plain, and chat where the model has a chat template)")
+    p.add_argument("--no-generation", action="store_true",
+                   help="teacher-forced scores only (no greedy generation before and after editing)")
+    p.add_argument("--judge", metavar="URL",
+                   help="also grade each generation CORRECT/INCORRECT through this OpenAI-compatible endpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_command)
@@ -71,10 +80,11 @@ def _command(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype, seed=args.seed, method=args.method, skip_invalid=args.skip_invalid,
             eval_batch_size=args.eval_batch_size, eval_max_tokens=args.eval_max_tokens,
             forward_batch_size=args.forward_batch_size, progress=not args.quiet,
-            method_options=_options_arg(args.method_option),
+            method_options=_options_arg(args.method_option), generation=not args.no_generation,
+            contexts=args.eval_context, judge=args.judge,
         )
         results = run(config)
-    except (*RUN_ERRORS, CliError, ConfigError, DatasetError, EditError, ModelError, OSError) as err:  # user errors
+    except (*RUN_ERRORS, CliError, ConfigError, ContextError, JudgeError, DatasetError, EditError, ModelError, OSError) as err:  # user errors
         print(f"ultraedit bench: error: {err}", file=sys.stderr)
         return 2
     print(markdown(results), end="")

@@ -19,6 +19,7 @@ def reporting(func: Any) -> Any:
 
     def run(args: argparse.Namespace) -> int:
         from ..configs import ConfigError
+        from ..contexts import ContextError
         from ..core.batching import EditError
         from ..datasets import DatasetError
         from ..models import ModelError
@@ -26,7 +27,7 @@ def reporting(func: Any) -> Any:
 
         try:
             return int(func(args) or 0)
-        except (CliError, ConfigError, StateError, DatasetError, EditError, ModelError) as err:
+        except (CliError, ConfigError, ContextError, StateError, DatasetError, EditError, ModelError) as err:
             print(f"ultraedit {args.command}: error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
 

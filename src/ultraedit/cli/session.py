@@ -302,14 +302,20 @@ def _main_thread() -> bool:
 
 @reporting
 def _ask_command(args: argparse.Namespace) -> int:
-    from ..evaluation import complete
+    from ..contexts import check_contexts
+    from ..generation import generate_answers
     from ..session import apply_delta
 
     dtype = args.dtype if args.dtype != "auto" else (state_dtype(args.state) or "auto")
     model, tokenizer = load_model(args.model, args.device, dtype)
-    before = complete(model, tokenizer, args.prompt, args.max_new_tokens) if args.compare else None
+    check_contexts([args.context], tokenizer)
+
+    def answers() -> list[str]:
+        return generate_answers(model, tokenizer, args.prompt, args.context, max_new_tokens=args.max_new_tokens)
+
+    before = answers() if args.compare else None
     apply_delta(model, args.state)
-    after = complete(model, tokenizer, args.prompt, args.max_new_tokens)
+    after = answers()
     for i, prompt in enumerate(args.prompt):
         if before is None:
             print(after[i] if len(args.prompt) == 1 else f"{prompt} -> {after[i]}")
@@ -421,12 +427,16 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_edit_command)
 
-    p = sub.add_parser("ask", help="greedy answer of the edited model (before/after with --compare)")
+    p = sub.add_parser("ask", help="greedy answer of the edited model (before/after with --compare)",
+                       description="The edited model's greedy answer to each prompt, cut at its first sentence end or "
+                       "newline (what the benchmark's generation scores read).")
     model_args(p)
     p.add_argument("--state", required=True, metavar="DIR", help="saved state to apply to --model")
     p.add_argument("prompt", nargs="+", help="prompt(s) to continue")
     p.add_argument("--compare", action="store_true", help="also show the base model's answer")
-    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--context", default="plain", choices=["plain", "qa", "chat"],
+                   help="how the prompt is asked: as written (default), as a QA instruction, or through the chat template")
     p.set_defaults(func=_ask_command)
 
     p = sub.add_parser("info", help="edits, turns, modules, sizes and base-model fingerprint of a state")
