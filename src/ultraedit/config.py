@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .stages import (
+    ChatConfig,
     SUB_CONFIGS,
     GenericConfig,
     GuardConfig,
@@ -86,7 +87,7 @@ class EditConfig:
             ``K^T K`` on any model: with ``"output"``, rescaling a layer's neurons (``up_proj`` rows
             times ``c``, ``down_proj`` columns divided by ``c``) rescales the edit the same way.
         runtime: :class:`Runtime` (speed and memory only).
-        refine, generic, memory, neighbours, subject, outliers, paraphrases, guard: the stages beyond
+        refine, generic, memory, neighbours, subject, outliers, paraphrases, chat, guard: the stages beyond
             the paper (:mod:`ultraedit.stages`), ``None`` = off.
     """
 
@@ -106,6 +107,7 @@ class EditConfig:
     subject: SubjectConfig | None = None
     outliers: OutliersConfig | None = None
     paraphrases: ParaphraseConfig | None = None
+    chat: ChatConfig | None = None
     guard: GuardConfig | None = None
 
     def __post_init__(self) -> None:
@@ -180,5 +182,5 @@ class EditConfig:
         return cls(**data)
 
 
-__all__ = ["DTYPES", "EditConfig", "GenericConfig", "GuardConfig", "MemoryConfig", "NeighboursConfig", "OutliersConfig",
+__all__ = ["ChatConfig", "DTYPES", "EditConfig", "GenericConfig", "GuardConfig", "MemoryConfig", "NeighboursConfig", "OutliersConfig",
            "ParaphraseConfig", "RefineConfig", "Runtime", "SubjectConfig"]

@@ -122,6 +122,10 @@ class UltraEditor:
             if extra is not None:
                 prompts = [mine + more for mine, more in zip(prompts, extra)]
         sequences, owners = with_copies(requests, prompts)
+        for stage in self.stages:
+            rendered = stage.contexts(self.tokenizer, sequences)
+            if rendered is not None:
+                sequences, owners = rendered[0], [owners[i] for i in rendered[1]]
         subjects = any(stage.marks_subjects for stage in self.stages)
         batches, order = minibatches(self.tokenizer, sequences, self.config.capture_batch_size, subjects=subjects)
         return batches, [owners[i] for i in order], len(sequences) - len(requests)

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -106,6 +107,7 @@ class Builtin:
     parts: tuple[Part, ...]
     license: str
     gguf_sha256: str | None = None
+    chat_template: str | None = None
 
     @property
     def requirement(self) -> str:
@@ -137,12 +139,12 @@ BUILTINS: dict[str, Builtin] = {
         ),
         Builtin(
             name="gemma3-270m", family="gemma3_text", parameters=268_098_176,
-            description="Gemma-3-270M (Google), 18 layers, hidden 640, vocabulary 262k; Q4_K_M GGUF dequantized to float32",
+            description="Gemma-3-270M (Google), 18 layers, hidden 640, vocabulary 262k; Q4_K_M GGUF dequantized to float32; Gemma 3's chat template",
             parts=(_gemma3_part(1, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf", 56_634_990),
                    _gemma3_part(2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3", 60_953_371),
                    _gemma3_part(3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72", 59_882_045),
                    _gemma3_part(4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38", 60_704_618)),
-            license="Gemma Terms of Use",
+            license="Gemma Terms of Use", chat_template="gemma3_chat_template.jinja",
             gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     ]
@@ -430,6 +432,10 @@ def load_model(
             model = model.to(torch_dtype)
     elif spec in BUILTINS:
         model, tok = _from_pretrained(str(pull(spec, say=say)), torch_dtype, tokenizer)
+        template = BUILTINS[spec].chat_template
+        if tok is not None and template and not getattr(tok, "chat_template", None):
+            # the GGUF carries none; the family's published template (Gemma 3's, as in Google's repository)
+            tok.chat_template = (resources.files("ultraedit") / "data" / template).read_text(encoding="utf-8")
     elif spec.lower().endswith(".gguf"):
         model, tok = load_gguf(spec, dtype)
     else:

@@ -17,6 +17,9 @@ import torch
 IGNORE = -100
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 SUBJECT_INDEX = "subject_index"  # optional batch entry, (B,): each sequence's subject position, -1 for none
+#: ``EditRequest.extra`` key: the prompt is already rendered with its special tokens (e.g. through a
+#: chat template) and the target follows it as written (no space, no special tokens added).
+RENDERED = "rendered"
 
 
 class EditError(ValueError):
@@ -43,15 +46,20 @@ class EditRequest:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
-def tokenize_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+def tokenize_pair(tokenizer: Any, prompt: str, answer: str, rendered: bool = False) -> tuple[list[int], list[int]]:
     """Teacher-forced ``(input_ids, labels)`` for one prompt/answer pair (equal lengths).
 
     The prompt is tokenized with the tokenizer's special tokens (e.g. BOS), the answer as
-    ``" " + answer`` without them. Raises :class:`EditError` if either is empty.
+    ``" " + answer`` without them; a ``rendered`` prompt (see :data:`RENDERED`) gets no special
+    tokens added and its answer no space. Raises :class:`EditError` if either is empty.
     """
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
-    answer_ids = list(tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=not rendered)["input_ids"])
+    answer_ids = list(tokenizer(answer if rendered else " " + answer, add_special_tokens=False)["input_ids"])
     return teacher_forced_ids(prompt_ids, answer_ids, prompt, answer)
+
+
+def is_rendered(request: EditRequest) -> bool:
+    return bool(request.extra.get(RENDERED)) if request.extra else False
 
 
 def teacher_forced_ids(
@@ -75,7 +83,7 @@ def subject_of(request: EditRequest) -> str | None:
     return None
 
 
-def subject_position(tokenizer: Any, prompt: str, subject: str) -> int:
+def subject_position(tokenizer: Any, prompt: str, subject: str, rendered: bool = False) -> int:
     """Index of the last token of ``subject``'s first occurrence in the tokenized ``prompt`` (as
     :func:`tokenize_pair` tokenizes it: special tokens included), or -1 when it is the prompt's
     last token (already a captured position) or cannot be located. ROME/MEMIT's key position."""
@@ -84,14 +92,14 @@ def subject_position(tokenizer: Any, prompt: str, subject: str) -> int:
         return -1
     end = start + len(subject)
     try:
-        encoded = tokenizer(prompt, return_offsets_mapping=True)
+        encoded = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=not rendered)
         spans = encoded["offset_mapping"]
         inside = [i for i, (a, b) in enumerate(spans) if b > a and a < end]
         position = inside[-1] if inside else -1
         count = len(encoded["input_ids"])
     except (NotImplementedError, TypeError, ValueError, KeyError):  # a slow tokenizer has no offsets
-        count = len(tokenizer(prompt)["input_ids"])
-        position = len(tokenizer(prompt[:end])["input_ids"]) - 1
+        count = len(tokenizer(prompt, add_special_tokens=not rendered)["input_ids"])
+        position = len(tokenizer(prompt[:end], add_special_tokens=not rendered)["input_ids"]) - 1
     return position if 0 <= position < count - 1 else -1
 
 
@@ -137,7 +145,7 @@ def minibatches(
         if not isinstance(request, EditRequest):
             raise EditError(f"request {index}: expected an EditRequest, got {type(request).__name__}")
         try:
-            encoded.append(tokenize_pair(tokenizer, request.prompt, request.target))
+            encoded.append(tokenize_pair(tokenizer, request.prompt, request.target, is_rendered(request)))
         except EditError as err:
             raise EditError(f"request {index} (id={request.id!r}): {err}") from None
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + 1, reverse=True)
@@ -148,7 +156,8 @@ def minibatches(
     ]
     if subjects:
         positions = [
-            subject_position(tokenizer, r.prompt, subject) if (subject := subject_of(r)) else -1 for r in requests
+            subject_position(tokenizer, r.prompt, subject, is_rendered(r)) if (subject := subject_of(r)) else -1
+            for r in requests
         ]
         for start, batch in zip(range(0, len(order), batch_size), batches):
             batch[SUBJECT_INDEX] = torch.tensor([positions[i] for i in order[start : start + batch_size]])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Rows, Stage, Turn
+from .chat import ChatConfig, ChatStage
 from .generic import GenericConfig, GenericStage
 from .guard import GuardConfig, GuardStage
 from .memory import MemoryConfig, MemoryStage
@@ -24,6 +25,7 @@ from .subject import SearchConfig, SubjectConfig, SubjectStage
 #: The stages in the order the editor calls them: ``(EditConfig field, sub-config, stage)``.
 ORDER: tuple[tuple[str, type, type[Stage]], ...] = (
     ("paraphrases", ParaphraseConfig, ParaphraseStage),
+    ("chat", ChatConfig, ChatStage),
     ("generic", GenericConfig, GenericStage),
     ("memory", MemoryConfig, MemoryStage),
     ("neighbours", NeighboursConfig, NeighboursStage),
@@ -42,6 +44,6 @@ def build(config: Any) -> list[Stage]:
 
 
 __all__ = [
-    "ORDER", "SUB_CONFIGS", "GenericConfig", "GuardConfig", "MemoryConfig", "NeighboursConfig", "OutliersConfig",
+    "ORDER", "SUB_CONFIGS", "ChatConfig", "GenericConfig", "GuardConfig", "MemoryConfig", "NeighboursConfig", "OutliersConfig",
     "ParaphraseConfig", "RefineConfig", "Rows", "SearchConfig", "Stage", "SubjectConfig", "Turn", "build",
 ]

@@ -11,6 +11,7 @@ hook                when, and what it may change
 ``setup``           at construction, on the unedited model (statistics it needs for every turn)
 ``ready``           before a turn does any work: raise :class:`EditError` if the stage cannot run
 ``expand``          a text turn's requests -> more prompts to edit with each (same target)
+``contexts``        the turn's text sequences -> the sequences it edits (e.g. also through a template)
 ``begin``           after the turn's capture, before any solve (per-turn terms, searches)
 ``ridge``           a ``(modules, d_in, d_in)`` term added to the ridge ``lambda I``
 ``values``          the target values ``V`` of the rows edited at this step
@@ -115,6 +116,11 @@ class Stage:
         return None
 
     def expand(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest]) -> list[list[str]] | None:
+        return None
+
+    def contexts(self, tokenizer: Any, sequences: Sequence[EditRequest]) -> tuple[list[EditRequest], list[int]] | None:
+        """``(sequences, source)``: what the turn edits instead (``source[j]``: the index in ``sequences``
+        the j-th comes from), or ``None`` to leave them."""
         return None
 
     def begin(self, turn: Turn) -> None:
