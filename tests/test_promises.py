@@ -29,6 +29,7 @@ STAGE_ALONE = {
     "subject": {"subject": {"depth": 0.5, "search": {"steps": 3, "lr": 0.5, "clamp": 0.5}}},
     "outliers": {"outliers": {"ratio": 1.15}},
     "paraphrases": {"paraphrases": {"count": 2}},
+    "chat": {"chat": {"weight": 10.0}},
     "guard": {"guard": {"retention": 0.5, "perplexity": 1.0, "lines": 8}},
 }
 CASES = [f"config:{n}" for n in names()] + [f"stage:{s}" for s in STAGE_ALONE]
@@ -84,10 +85,23 @@ def assert_same(a: dict, b: dict) -> None:
                 assert torch.equal(a[part][k][key], b[part][k][key]), f"{part} {k} {key}"
 
 
+#: A chat template in plain words (the tiny tokenizer has no special tokens to spare).
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} END\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def tokenizer_for(case, base):
+    """The case's tokenizer: the chat stage's has a chat template (a copy; the fixture is shared)."""
+    if case != "stage:chat":
+        return base[1]
+    tok = copy.deepcopy(base[1])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def editor_for(case, base, dtype=torch.float32, **kw):
-    model, tok = base
-    model = copy.deepcopy(model).to(dtype)
-    return UltraEditor(model, config_of(case, model), tok, **kw)
+    model = copy.deepcopy(base[0]).to(dtype)
+    return UltraEditor(model, config_of(case, model), tokenizer_for(case, base), **kw)
 
 
 def test_the_table_covers_every_named_configuration_and_stage():
@@ -105,7 +119,7 @@ def test_a_resumed_session_equals_one_process(case, base, tmp_path):
     first = editor_for(case, base)
     first.edit(TURNS[0])
     first.save(tmp_path / "s")
-    resumed = UltraEditor.load(copy.deepcopy(base[0]), tmp_path / "s", base[1])
+    resumed = UltraEditor.load(copy.deepcopy(base[0]), tmp_path / "s", tokenizer_for(case, base))
     assert resumed.config.to_dict() == {**first.config.to_dict(), "modules": list(first.modules)}
     resumed.edit(TURNS[1])
     assert_same(state(resumed), state(one))
@@ -121,7 +135,7 @@ def test_a_revert_is_exact_in_memory_and_after_a_resume(case, base, tmp_path):
     editor.save(tmp_path / "s")
     editor.revert_last(1)
     assert_same(state(editor), after_first)
-    resumed = UltraEditor.load(copy.deepcopy(base[0]), tmp_path / "s", base[1])
+    resumed = UltraEditor.load(copy.deepcopy(base[0]), tmp_path / "s", tokenizer_for(case, base))
     resumed.revert_last(1)
     assert_same(state(resumed), after_first)
 
