@@ -127,6 +127,13 @@ def test_method_plugins_get_the_lifelong_sequence(model_dir, tmp_path):
     assert {k: results["metrics"][k] for k in results["unedited"]} == results["unedited"]
     assert results["counts"]["efficacy"] == 15
     assert results["counts"]["generalization"] == sum(1 for r in requests[:15] if r.rephrases)
+    # and by generation: the same answers as before editing, every locality answer unchanged
+    assert list(results["generation"]) == ["plain"]
+    said, before = results["generation"]["plain"], results["generation_unedited"]["plain"]
+    for key in ("efficacy", "generalization", "exact", "first_span", "contains"):
+        assert said[key] == before[key], key
+    assert said["locality_unchanged"] == 1.0 and before["locality_unchanged"] is None
+    assert all(e["before"] == e["after"] for e in results["generation_examples"]["plain"])
     assert results["method"] == {"name": "recorder", "modules": ["model.layers.0.mlp.up_proj"], "note": "records only"}
 
 
