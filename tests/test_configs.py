@@ -157,7 +157,8 @@ OLD_RECOMMENDED = {
 
 def test_an_earlier_versions_flat_configuration_maps_to_the_nested_one():
     old = EditConfig.from_dict(OLD_RECOMMENDED)  # the recommended configuration before measured scales and the guard
-    new = check("recommended", sets=["lr=1e-5", "lr_scale=width", "ridge=1", "ridge_scale=none", "guard=null"])
+    new = check("recommended", sets=["lr=1e-5", "lr_scale=width", "ridge=1", "ridge_scale=none", "guard=null",
+                                     "chat=null"])
     assert {**old.to_dict(), "modules": None} == new.to_dict()
     flat_faithful = {k: v for k, v in OLD_RECOMMENDED.items() if k in ("modules", "lr")}
     flat_faithful.update(refine_steps=1, preserve=0.0, memory=0.0, neighbours=0, subject_keys=0.0, subject_depth=0.0,
