@@ -43,13 +43,15 @@ def sequences(batches):
 
 
 @pytest.mark.parametrize("plain", [True, False])
-def test_a_turn_edits_each_request_through_the_template_with_its_end_of_turn(plain):
+@pytest.mark.parametrize("with_end", [True, False])
+def test_a_turn_edits_each_request_through_the_template(plain, with_end):
     model, tok = chat_model()
-    editor = UltraEditor(model, EditConfig(chat={"plain": plain, "weight": 0.0}), tokenizer=tok)
+    editor = UltraEditor(model, EditConfig(chat={"plain": plain, "end": with_end, "weight": 0.0}), tokenizer=tok)
     batches, owners, extra = editor.tokenize(REQUESTS)
     got = sequences(batches)
     end = tok(end_of_answer(tok, "chat"), add_special_tokens=False)["input_ids"]
     assert end == [tok.convert_tokens_to_ids("<|im_end|>")]
+    end = end if with_end else []
     wanted = []
     for request in REQUESTS:
         answer = tok(request.target, add_special_tokens=False)["input_ids"] + end

@@ -7,7 +7,9 @@ only on the bare prompt barely shows there (SmolLM2-135M-Instruct, ZsRE: teacher
 the target in the chat reply 0.14). With this stage each sequence of a turn (the request, and
 whatever a stage derived from it, such as the model's own rewordings) is also edited through the
 template: the prompt as the user turn, the target as the start of the assistant turn, and with
-``end`` the template's end of turn after it (so that the reply is the answer and stops).
+``end`` the template's end of turn after it (the reply is then the answer alone, but the turn end
+taught after the answers also ends unrelated replies early: off by default, see
+docs/research-log.md).
 
 Every reply of the template starts at the same few tokens (the assistant turn's opening), so the
 keys there share a large common part, and a shift fitted to the edited replies moves every reply
@@ -44,7 +46,7 @@ class ChatConfig:
     replies' keys ``C`` in the ridge (0: none)."""
 
     plain: bool = True
-    end: bool = True
+    end: bool = False
     weight: float = 1000.0
 
     def __post_init__(self) -> None:
