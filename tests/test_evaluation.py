@@ -254,19 +254,3 @@ def test_perplexity_is_exp_of_the_mean_token_nll():
     nll = [-float(logp[ID[x], ID[y]]) for line in lines for x, y in zip(line.split(), line.split()[1:])]
     # one sequence per line: no cross-line tokens
     assert perplexity(model, tok, lines, lines_per_sequence=1) == pytest.approx(math.exp(float(sum(nll)) / len(nll)))
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batched_completion_equals_one_prompt_at_a_time(arch):
-    """``complete`` decodes prompts of different lengths together (left-padded); each answer must be
-    what decoding that prompt alone gives, with the plain full-forward greedy loop."""
-    from tiny import tiny_text_model
-
-    from ultraedit.evaluation import complete
-
-    model, tok = tiny_text_model(arch, seed=1)
-    prompts = ["The capital of France is", "Danielle Darrieux speaks", "What", "Paris is located in the country of"]
-    together = complete(model, tok, prompts, max_new_tokens=5, batch_size=3)
-    for prompt, text in zip(prompts, together):
-        alone = tok.decode(greedy_decode(model, tok, prompt, 5), skip_special_tokens=True).strip()
-        assert text == alone, prompt

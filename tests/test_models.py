@@ -251,15 +251,15 @@ def real_model(request):
 
 def test_real_model_answers_and_one_turn_changes_the_answer(real_model):
     from ultraedit import EditRequest, UltraEditor, configuration
-    from ultraedit.evaluation import complete
+    from ultraedit.generation import generate_answers
 
     model, tokenizer = real_model
     state = {k: v.clone() for k, v in model.state_dict().items() if "mlp" in k}
     try:
         prompt = "The Eiffel Tower is in the city of"
-        assert complete(model, tokenizer, [prompt])[0].startswith("Paris")
+        assert generate_answers(model, tokenizer, [prompt])[0].startswith("Paris")
         requests = [EditRequest(prompt, "Rome", ("The Eiffel Tower stands in the city of",))]
         UltraEditor(model, configuration("recommended", model).config, tokenizer).edit(requests)
-        assert complete(model, tokenizer, [prompt])[0].startswith("Rome")
+        assert generate_answers(model, tokenizer, [prompt])[0].startswith("Rome")
     finally:
         model.load_state_dict(state, strict=False)

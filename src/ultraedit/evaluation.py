@@ -194,42 +194,6 @@ def greedy_decode(model: nn.Module, tokenizer: Any, prompt: str, n_tokens: int) 
     return out
 
 
-@torch.no_grad()
-def complete(
-    model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 4, batch_size: int = 16
-) -> list[str]:
-    """Greedy continuation of each prompt, for display: the new text only (stops at end of
-    sequence, special tokens dropped, stripped). Prompts are decoded together, left-padded
-    (positions follow the attention mask): decoding is memory-bound, one batched step costs
-    about what one prompt's step does."""
-    device = model.get_input_embeddings().weight.device
-    pad = pad_id_of(tokenizer)
-    stop = _eos_ids(model, tokenizer)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [list(tokenizer(p)["input_ids"]) for p in prompts[start : start + batch_size]]
-        width = max(map(len, encoded))
-        ids = torch.tensor([[pad] * (width - len(x)) + x for x in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded], device=device)
-        generated = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-            temperature=None, top_p=None, top_k=None,
-        )
-        for row in generated[:, width:].tolist():
-            cut = next((i for i, token in enumerate(row) if token in stop), len(row))
-            out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return out
-
-
-def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    """Token ids that end a generation (the generation config's and the tokenizer's EOS)."""
-    ids: set[int] = set()
-    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                  getattr(tokenizer, "eos_token_id", None)):
-        ids.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
-    return ids
-
-
 def agreement(before: Sequence[int], after: Sequence[int]) -> float:
     """Fraction of positions where two argmax sequences (same pair, before/after editing) agree."""
     if len(before) != len(after) or not before:
@@ -404,7 +368,6 @@ __all__ = [
     "PairScores",
     "RequestScores",
     "agreement",
-    "complete",
     "greedy_decode",
     "length_batches",
     "perplexity",
