@@ -524,7 +524,9 @@ def test_compare_writes_one_table_and_plot(tmp_path, capsys):
     results = json.loads((tmp_path / "grace" / "results.json").read_text())
     ppl = results["perplexity"]
     assert grace[7] == f"{100 * results['metrics']['retention']:.1f}"  # the retention column
-    assert grace[9] == f"{100 * (ppl['after'] / ppl['before'] - 1):+.1f}%"
+    said = results["generation"]["plain"]  # what the model says, plain context: ES, GS, loc.
+    assert grace[9:12] == [f"{100 * said[k]:.1f}" for k in ("efficacy", "generalization", "locality_unchanged")]
+    assert grace[12] == f"{100 * (ppl['after'] / ppl['before'] - 1):+.1f}%"
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
     assert main(["compare", str(tmp_path / "cmp")]) == 2
     assert "no results.json" in capsys.readouterr().err
