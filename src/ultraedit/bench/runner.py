@@ -396,16 +396,14 @@ class _Said:
             return
         totals, texts = evaluate_generation(model, tokenizer, requests, self.contexts, reference=self.reference[chunk],
                                             batch_size=self.batch_size, judge=self.judge)
-        prompts, _ = request_prompts(requests)
-        owners = [r for r, request in enumerate(requests) for _ in range(1 + len(request.rephrases) + len(request.locality))]
+        prompts, spans = request_prompts(requests)
+        wanted = [requests[k // 3].target if group != "locality" else None
+                  for k, (group, a, b) in enumerate(spans) for _ in range(a, b)]
         for c in self.contexts:
             self.edited[c].merge(totals[c])
-            for i, prompt in enumerate(prompts[: 3 * EXAMPLES]):
-                if len(self.examples[c]) < 3 * EXAMPLES:
-                    request = requests[owners[i]]
-                    wanted = request.target if i - owners.index(owners[i]) <= len(request.rephrases) else None
-                    self.examples[c].append({"prompt": prompt, "wanted": wanted, "before": self.reference[chunk][c][i],
-                                             "after": texts[c][i]})
+            for i in range(min(len(prompts), 3 * EXAMPLES - len(self.examples[c]))):
+                self.examples[c].append({"prompt": prompts[i], "wanted": wanted[i],
+                                         "before": self.reference[chunk][c][i], "after": texts[c][i]})
 
     def results(self) -> dict[str, Any]:
         if not self.on:
