@@ -23,13 +23,19 @@ def text_batches(
     """Right-padded ``input_ids``/``attention_mask`` batches, ``lines_per_sequence`` lines joined per
     sequence, each cut to ``max_tokens`` (the model's context) when given."""
     texts = [" ".join(lines[i : i + lines_per_sequence]) for i in range(0, len(lines), lines_per_sequence)]
-    pad = pad_id_of(tokenizer)
+    rows = [list(tokenizer(t)["input_ids"])[:max_tokens] for t in texts]
+    return right_padded(rows, pad_id_of(tokenizer), batch_size)
+
+
+def right_padded(rows: list[list[int]], pad: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """``rows`` of token ids in batches of ``batch_size``, each right-padded to its longest row with
+    ``pad``: ``input_ids`` and ``attention_mask``."""
     out = []
-    for start in range(0, len(texts), batch_size):
-        ids = [list(tokenizer(t)["input_ids"])[:max_tokens] for t in texts[start : start + batch_size]]
-        width = max(map(len, ids))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(map(len, chunk))
         out.append({
-            "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
-            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in chunk]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk]),
         })
     return out

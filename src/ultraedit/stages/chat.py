@@ -34,7 +34,7 @@ from torch import nn
 
 from ..contexts import end_of_answer, has_chat_template, prompt_ids, render
 from ..core.batching import RENDERED, EditRequest, is_rendered, pad_id_of
-from ..texts import package_text
+from ..texts import package_text, right_padded
 from .base import Stage, Turn, positive
 from .common import key_grams
 
@@ -109,12 +109,5 @@ def conversation_batches(tokenizer: Any, lines: Sequence[str], batch_size: int =
         chat = [{"role": "user", "content": line}, {"role": "assistant", "content": lines[(i + 1) % len(lines)]}]
         encoded.append(list(tokenizer(tokenizer.apply_chat_template(chat, tokenize=False),
                                       add_special_tokens=False)["input_ids"]))
-    pad = pad_id_of(tokenizer)
-    out = []
-    for start in range(0, len(encoded), batch_size):
-        rows = encoded[start : start + batch_size]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        out.append({"input_ids": ids, "attention_mask": mask, "positions": mask.bool()})
-    return out
+    batches = right_padded(encoded, pad_id_of(tokenizer), batch_size)
+    return [dict(b, positions=b["attention_mask"].bool()) for b in batches]
