@@ -29,6 +29,7 @@ STAGE_ALONE = {
     "subject": {"subject": {"depth": 0.5, "search": {"steps": 3, "lr": 0.5, "clamp": 0.5}}},
     "outliers": {"outliers": {"ratio": 1.15}},
     "paraphrases": {"paraphrases": {"count": 2}},
+    "ending": {"ending": {}},
     "chat": {"chat": {"weight": 10.0}},
     "guard": {"guard": {"retention": 0.5, "perplexity": 1.0, "lines": 8}},
 }

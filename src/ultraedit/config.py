@@ -17,6 +17,7 @@ import torch
 
 from .stages import (
     ChatConfig,
+    EndingConfig,
     SUB_CONFIGS,
     GenericConfig,
     GuardConfig,
@@ -87,7 +88,7 @@ class EditConfig:
             ``K^T K`` on any model: with ``"output"``, rescaling a layer's neurons (``up_proj`` rows
             times ``c``, ``down_proj`` columns divided by ``c``) rescales the edit the same way.
         runtime: :class:`Runtime` (speed and memory only).
-        refine, generic, memory, neighbours, subject, outliers, paraphrases, chat, guard: the stages beyond
+        refine, generic, memory, neighbours, subject, outliers, paraphrases, ending, chat, guard: the stages beyond
             the paper (:mod:`ultraedit.stages`), ``None`` = off.
     """
 
@@ -107,6 +108,7 @@ class EditConfig:
     subject: SubjectConfig | None = None
     outliers: OutliersConfig | None = None
     paraphrases: ParaphraseConfig | None = None
+    ending: EndingConfig | None = None
     chat: ChatConfig | None = None
     guard: GuardConfig | None = None
 
@@ -182,5 +184,5 @@ class EditConfig:
         return cls(**data)
 
 
-__all__ = ["ChatConfig", "DTYPES", "EditConfig", "GenericConfig", "GuardConfig", "MemoryConfig", "NeighboursConfig", "OutliersConfig",
+__all__ = ["ChatConfig", "DTYPES", "EditConfig", "EndingConfig", "GenericConfig", "GuardConfig", "MemoryConfig", "NeighboursConfig", "OutliersConfig",
            "ParaphraseConfig", "RefineConfig", "Runtime", "SubjectConfig"]

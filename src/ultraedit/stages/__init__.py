@@ -13,6 +13,7 @@ from typing import Any
 
 from .base import Rows, Stage, Turn
 from .chat import ChatConfig, ChatStage
+from .ending import EndingConfig, EndingStage
 from .generic import GenericConfig, GenericStage
 from .guard import GuardConfig, GuardStage
 from .memory import MemoryConfig, MemoryStage
@@ -25,6 +26,7 @@ from .subject import SearchConfig, SubjectConfig, SubjectStage
 #: The stages in the order the editor calls them: ``(EditConfig field, sub-config, stage)``.
 ORDER: tuple[tuple[str, type, type[Stage]], ...] = (
     ("paraphrases", ParaphraseConfig, ParaphraseStage),
+    ("ending", EndingConfig, EndingStage),
     ("chat", ChatConfig, ChatStage),
     ("generic", GenericConfig, GenericStage),
     ("memory", MemoryConfig, MemoryStage),
@@ -44,6 +46,6 @@ def build(config: Any) -> list[Stage]:
 
 
 __all__ = [
-    "ORDER", "SUB_CONFIGS", "ChatConfig", "GenericConfig", "GuardConfig", "MemoryConfig", "NeighboursConfig", "OutliersConfig",
+    "ORDER", "SUB_CONFIGS", "ChatConfig", "EndingConfig", "GenericConfig", "GuardConfig", "MemoryConfig", "NeighboursConfig", "OutliersConfig",
     "ParaphraseConfig", "RefineConfig", "Rows", "SearchConfig", "Stage", "SubjectConfig", "Turn", "build",
 ]
