@@ -26,6 +26,8 @@ def test_the_named_configurations_are_data_that_build():
     assert load_spec("faithful")["config"] == {} and check("faithful") == EditConfig()
     both = load_spec("recommended+paraphrases")
     assert both["config"] == {**load_spec("recommended")["config"], "paraphrases": {"count": 2}}
+    ending = check("recommended+ending")
+    assert ending.ending.text == "." and ending.chat.weight == 10000.0 and check("recommended").ending is None
     for name in names():
         assert load_spec(name)["description"] and isinstance(check(name), EditConfig)
 
