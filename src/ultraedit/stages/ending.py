@@ -5,7 +5,7 @@ of an edited model says the new answer and then runs on: "Virgo, Virgo, Virgo, .
 "unmanned aircraft systems (UAS) and ...". Judged by what the model says (the first sentence of
 its reply, matched exactly), such an edit is wrong although every target token is right. With
 this stage each sequence of a turn is edited with ``text`` (a full stop by default) after its
-target: the end is one more target token, so refinement counts a request done only when the
+target: the end becomes part of the target, so refinement counts a request done only when the
 model also stops there. A target that already ends with ``text`` is left as it is.
 
 It runs before the chat stage, so the templated copies end the same way (the chat stage's own
